@@ -1,0 +1,21 @@
+"""vmoba_compile: VMoBA sparse attention for video diffusion transformers, as a compiler pass."""
+
+from .attention import vmoba_attention
+from .config import Granularity, Partition, Scope, Selection, VMoBAConfig
+from .layout import TextPosition, VideoLayout
+from .reference import reference_mask, vmoba_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Granularity",
+    "Partition",
+    "Scope",
+    "Selection",
+    "TextPosition",
+    "VMoBAConfig",
+    "VideoLayout",
+    "reference_mask",
+    "vmoba_attention",
+    "vmoba_reference",
+]

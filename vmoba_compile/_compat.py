@@ -1,0 +1,57 @@
+"""Every version gate and private torch access of the package lives here."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["TORCH_VERSION", "compiled_flex_attention", "is_compiling"]
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def is_compiling() -> bool:
+    """True while Dynamo traces (or AOTAutograd/make_fx traces) the caller."""
+    if torch.compiler.is_compiling():
+        return True
+    # make_fx tracing (inductor's compile_fx re-traces our rewritten graph) is not Dynamo.
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process, for eager callers on GPU.
+
+    Eager flex on GPU would materialize the full ``S x S`` score matrix; compiling it (as
+    attention-gym and PyTorch's docs do) gives the fused kernel. ``dynamic=False`` keeps one
+    specialization per shape, so callers with many shapes should compile their whole model.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@torch.library.custom_op("vmoba_compile::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
+    """Make a tensor that ``mask_mod`` captures a real buffer under inductor on CPU.
+
+    Inductor's CPU flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize the
+    buffers a ``mask_mod`` reads, unlike the GPU lowering, and fails with ``NoValidChoicesError``
+    (or reads wrong values) when one is still an unfused computation. Passing it through an opaque
+    op forces a buffer. On GPU the lowering realizes captures itself, so this is a no-op there.
+    """
+    if x.device.type != "cpu" or not is_compiling():
+        return x
+    return _materialize(x)

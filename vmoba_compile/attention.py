@@ -1,0 +1,174 @@
+"""``vmoba_attention``: permute -> select -> BlockMask -> flex_attention -> unpermute.
+
+The only caller of ``flex_attention`` in the package. Shape legend: B batch, H query heads, Hkv
+key/value heads (GQA when ``Hkv < H``), S tokens in the call, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from . import _compat
+from .config import Granularity, Selection, VMoBAConfig
+from .layout import ChunkPlan, VideoLayout, make_plan, resolve_chunk
+from .masks import build_block_mask
+from .selection import chunk_keys, gates, select
+
+__all__ = ["plan_for", "vmoba_attention"]
+
+
+def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> ChunkPlan:
+    """The chunk plan that layer ``layer_index`` uses on ``layout``."""
+    partition = config.partition_for(layer_index)
+    return make_plan(layout, resolve_chunk(config, partition, layout), config.block_size)
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    text_key_mask: torch.Tensor | None,
+) -> None:
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a VideoLayout; got {type(layout).__name__}.")
+    if not isinstance(config, VMoBAConfig):
+        raise TypeError(f"config must be a VMoBAConfig; got {type(config).__name__}.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be [B, H, S, D] (4 dims); got shape {tuple(t.shape)}. "
+                f"Models that hold [B, S, H, D] should pass x.transpose(1, 2)."
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor; got {t.dtype}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    bq, h, s, d = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != bq:
+        raise ValueError(
+            f"k and v must be [B, Hkv, S, *] with q's B={bq}; got k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}."
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have q's head dim {d}; got {k.shape[-1]}.")
+    if k.shape[2] != s:
+        raise ValueError(
+            f"VMoBA is self-attention: q and k must have the same length; got S_q={s}, "
+            f"S_kv={k.shape[2]}. Leave cross-attention dense."
+        )
+    if h % k.shape[1]:
+        raise ValueError(
+            f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]}) for GQA."
+        )
+    layout.check_seq_len(s)
+    if text_key_mask is not None:
+        want = (bq, layout.text_tokens)
+        if text_key_mask.dtype != torch.bool or tuple(text_key_mask.shape) != want:
+            raise ValueError(
+                f"text_key_mask must be a bool tensor of shape [B, L] = {want} (True = attend); "
+                f"got {text_key_mask.dtype} {tuple(text_key_mask.shape)}."
+            )
+
+
+def _dense(q, k, v, layout, scale, text_key_mask):
+    mask = None
+    if text_key_mask is not None:
+        b, s = q.shape[0], q.shape[2]
+        ones = torch.ones(b, layout.video_tokens, dtype=torch.bool, device=q.device)
+        parts = [text_key_mask, ones] if layout.video_start else [ones, text_key_mask]
+        mask = torch.cat(parts, dim=1).reshape(b, 1, 1, s)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _run_flex(q, k, v, block_mask, scale):
+    gqa = q.shape[1] != k.shape[1]
+    if not _compat.is_compiling() and q.device.type == "cuda":
+        return _compat.compiled_flex_attention()(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa
+        )
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def vmoba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    layer_index: int,
+    scale: float | None = None,
+    text_key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """VMoBA self-attention over a video (plus text) sequence.
+
+    Args:
+        q: ``[B, H, S, D]`` queries.
+        k: ``[B, Hkv, S, D]`` keys (``H % Hkv == 0``; GQA shares one KV head among ``H/Hkv``).
+        v: ``[B, Hkv, S, Dv]`` values.
+        layout: the token grid; ``layout.seq_len`` must equal ``S``.
+        config: VMoBA configuration.
+        layer_index: index of this layer among the rewritten layers; picks the partition
+            ``config.schedule[layer_index % len(config.schedule)]``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        text_key_mask: optional ``[B, L]`` bool, False for text keys that no query may attend
+            (text padding, HunyuanVideo style).
+
+    Returns:
+        ``[B, H, S, Dv]`` in the input dtype.
+    """
+    _check_inputs(q, k, v, layout, config, text_key_mask)
+    plan = plan_for(layout, config, layer_index)
+    c = plan.num_chunks
+    if c == 1 or config.keeps_everything() or (
+        config.selection is Selection.TOPK and config.topk >= c
+    ):
+        # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
+        return _dense(q, k, v, layout, scale, text_key_mask)
+
+    device, bs = q.device, plan.block_size
+    token, real = plan.slot_tokens(device)
+
+    def permute(x: torch.Tensor) -> torch.Tensor:
+        g = torch.index_select(x, 2, token)
+        return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=device))
+
+    qp, kp, vp = permute(q), permute(k), permute(v)
+    block_chunk, block_count = plan.block_tables(device)
+    nvb = plan.num_video_blocks
+    vchunk = block_chunk[:nvb]
+    onehot = (vchunk[:, None] == torch.arange(c, device=device)[None, :]).float()
+    sizes = torch.tensor(plan.chunk_sizes, device=device)
+    kbar = chunk_keys(kp, onehot, sizes, bs)
+
+    nv = plan.video_padded
+    if config.granularity is Granularity.BLOCK:
+        b, h, _, d = qp.shape
+        qsum = qp[:, :, :nv].float().reshape(b, h, nvb, bs, d).sum(3)
+        q_units = qsum / block_count[:nvb].to(torch.float32)[:, None]
+        is_self = onehot.bool()
+        unit_real = torch.ones(nvb, dtype=torch.bool, device=device)
+    else:
+        q_units = qp[:, :, :nv]
+        is_self = onehot.bool().repeat_interleave(bs, dim=0)
+        unit_real = real[:nv]
+    sel = select(gates(q_units, kbar), is_self, unit_real, config)
+    bm = build_block_mask(
+        plan,
+        sel,
+        token_level=config.granularity is Granularity.TOKEN,
+        unit_real=unit_real,
+        text_key_mask=text_key_mask,
+    )
+    out = _run_flex(qp, kp, vp, bm, scale)
+    return torch.index_select(out, 2, plan.token_slots(device))

@@ -1,0 +1,168 @@
+"""Every knob of VMoBA, validated once, in one frozen dataclass.
+
+Shape legend used across the package: B batch, H query heads, S tokens in one attention call,
+D head dim; the video grid is frames x height x width in tokens (never "H" for height).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from enum import Enum
+
+__all__ = ["Granularity", "Partition", "Scope", "Selection", "VMoBAConfig"]
+
+
+class Partition(str, Enum):
+    """How the video grid is cut into chunks (spec section 1)."""
+
+    D1 = "1d"  # temporal: ct consecutive frames
+    D2 = "2d"  # spatial: a cy x cx tile through all frames
+    D3 = "3d"  # spatio-temporal: a ct x cy x cx cube
+
+
+class Selection(str, Enum):
+    """How each query unit picks chunks (spec section 3)."""
+
+    TOPK = "topk"
+    THRESHOLD = "threshold"
+
+
+class Scope(str, Enum):
+    """Over what the THRESHOLD budget is shared (spec section 3)."""
+
+    QUERY = "query"  # each query unit of each head on its own (reference `query_head`)
+    HEAD = "head"  # all (query unit, chunk) pairs of one head: the paper's global selection
+
+
+class Granularity(str, Enum):
+    """What one query unit is (spec section 2)."""
+
+    BLOCK = "block"  # one query block of `block_size` tokens inside one chunk: the fast mode
+    TOKEN = "token"  # one query token: exactly the paper's semantics
+
+
+def _enum(cls: type[Enum], field: str, value: object) -> Enum:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value.lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+    raise ValueError(f"VMoBAConfig.{field} must be one of {allowed}; got {value!r}.")
+
+
+def _chunk(field: str, value: object, n: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and n == 1:
+        value = (value,)
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != n
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(
+            f"VMoBAConfig.{field} must be None (automatic from the grid) or a tuple of {n} ints; "
+            f"got {value!r}."
+        )
+    if any(v < 1 for v in value):
+        raise ValueError(f"VMoBAConfig.{field} entries must be >= 1; got {tuple(value)!r}.")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class VMoBAConfig:
+    """VMoBA configuration (frozen; strings are accepted for every enum field).
+
+    Attributes:
+        schedule: partitions cycled over the rewritten self-attention layers: layer ``l`` uses
+            ``schedule[l % len(schedule)]``. The paper's recurrent schedule is 1D, 2D, 3D.
+        chunk_1d: ``(ct,)`` frames per temporal chunk; None picks one from the grid.
+        chunk_2d: ``(cy, cx)`` spatial tile in tokens; None picks one from the grid.
+        chunk_3d: ``(ct, cy, cx)`` cube in tokens; None picks one from the grid.
+        selection: ``"threshold"`` (cumulative similarity, the paper's) or ``"topk"`` (MoBA's).
+        topk: chunks kept per query unit in TOPK mode, self chunk included.
+        threshold: share of the normalized gate mass to keep in THRESHOLD mode, in (0, 1];
+            ``>= 1`` keeps every chunk.
+        scope: THRESHOLD budget per query unit (``"query"``) or per head (``"head"``, global).
+        granularity: ``"block"`` (fast: one selection per query block) or ``"token"`` (paper).
+        block_size: tokens per attention block, for both queries and keys. 128 on GPU (smaller
+            blocks break the H100 backward kernel); tests on CPU use small blocks.
+        target_chunk_blocks: when a chunk shape is automatic, chunks aim at about this many
+            blocks of ``block_size`` tokens (and at a whole number of blocks, to avoid padding).
+    """
+
+    schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
+    chunk_1d: tuple[int] | None = None
+    chunk_2d: tuple[int, int] | None = None
+    chunk_3d: tuple[int, int, int] | None = None
+    selection: Selection = Selection.THRESHOLD
+    topk: int = 4
+    threshold: float = 0.25
+    scope: Scope = Scope.HEAD
+    granularity: Granularity = Granularity.BLOCK
+    block_size: int = 128
+    target_chunk_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        sched = self.schedule
+        if isinstance(sched, (str, Partition)):
+            sched = (sched,)
+        if not isinstance(sched, Sequence) or len(sched) == 0:
+            raise ValueError(
+                f"VMoBAConfig.schedule must be a non-empty sequence of partitions such as "
+                f"('1d', '2d', '3d'); got {self.schedule!r}."
+            )
+        object.__setattr__(
+            self, "schedule", tuple(_enum(Partition, "schedule", p) for p in sched)
+        )
+        object.__setattr__(self, "chunk_1d", _chunk("chunk_1d", self.chunk_1d, 1))
+        object.__setattr__(self, "chunk_2d", _chunk("chunk_2d", self.chunk_2d, 2))
+        object.__setattr__(self, "chunk_3d", _chunk("chunk_3d", self.chunk_3d, 3))
+        for name, cls in (
+            ("selection", Selection),
+            ("scope", Scope),
+            ("granularity", Granularity),
+        ):
+            object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
+            raise ValueError(
+                f"VMoBAConfig.topk must be an int >= 1 (chunks kept per query, self chunk "
+                f"included); got {self.topk!r}."
+            )
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+            or self.threshold <= 0
+        ):
+            raise ValueError(
+                f"VMoBAConfig.threshold must be a finite number > 0 (share of gate mass to keep; "
+                f">= 1 keeps every chunk); got {self.threshold!r}."
+            )
+        object.__setattr__(self, "threshold", float(self.threshold))
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 16 or bs & (bs - 1):
+            raise ValueError(
+                f"VMoBAConfig.block_size must be a power of two >= 16 (128 on GPU); got {bs!r}."
+            )
+        tcb = self.target_chunk_blocks
+        if not isinstance(tcb, int) or isinstance(tcb, bool) or tcb < 1:
+            raise ValueError(
+                f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}."
+            )
+
+    def partition_for(self, layer_index: int) -> Partition:
+        """The partition of rewritten layer ``layer_index`` on the recurrent schedule."""
+        if not isinstance(layer_index, int) or isinstance(layer_index, bool) or layer_index < 0:
+            raise ValueError(f"layer_index must be an int >= 0; got {layer_index!r}.")
+        return self.schedule[layer_index % len(self.schedule)]
+
+    def keeps_everything(self) -> bool:
+        """True when the selection keeps every chunk whatever the grid (THRESHOLD >= 1)."""
+        return self.selection is Selection.THRESHOLD and self.threshold >= 1.0

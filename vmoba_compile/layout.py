@@ -1,0 +1,351 @@
+"""The video token grid of an attention call, and the 1D/2D/3D chunk permutation.
+
+Shape legend: B batch, H heads, S tokens in the call, D head dim. The video grid is
+``frames x height x width`` in tokens (after patchify), flattened frame-major, then height, then
+width, as every diffusers video model does. ``N = frames*height*width`` video tokens and ``L`` text
+tokens make ``S = N + L``.
+
+The permuted ("padded") sequence used by the kernel holds every chunk contiguously, each chunk
+padded to a whole number of blocks, then the text tokens, padded to whole blocks too::
+
+    [chunk 0 | pad][chunk 1 | pad] ... [chunk C-1 | pad][text | pad]
+
+so that a block never spans two chunks and every block of real tokens is a *full* block for the
+kernel. Padding slots are never attended. All per-token index tensors are built with arithmetic on
+``arange`` (no scatter, no host sync), so they trace into one static graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from enum import Enum
+
+import torch
+
+from .config import Partition, VMoBAConfig
+
+__all__ = ["ChunkPlan", "TextPosition", "VideoLayout", "make_plan", "resolve_chunk"]
+
+
+class TextPosition(str, Enum):
+    """Where text tokens sit in a self-attention sequence."""
+
+    PREFIX = "prefix"  # [text, video]: CogVideoX, EasyAnimate
+    SUFFIX = "suffix"  # [video, text]: HunyuanVideo, Mochi
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"VideoLayout.{name} must be an int >= {minimum}; got {value!r}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLayout:
+    """The token grid of one attention call.
+
+    Attributes:
+        frames: latent frames in tokens (after temporal patchify).
+        height: latent height in tokens (after spatial patchify).
+        width: latent width in tokens.
+        text_tokens: text (or other non-video, e.g. CLS) tokens in the same sequence.
+        text_position: ``"prefix"`` (text first) or ``"suffix"`` (text last).
+    """
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int = 0
+    text_position: TextPosition = TextPosition.SUFFIX
+
+    def __post_init__(self) -> None:
+        _positive_int("frames", self.frames)
+        _positive_int("height", self.height)
+        _positive_int("width", self.width)
+        _positive_int("text_tokens", self.text_tokens, minimum=0)
+        pos = self.text_position
+        if not isinstance(pos, TextPosition):
+            try:
+                pos = TextPosition(str(pos).lower() if isinstance(pos, str) else pos)
+            except ValueError:
+                raise ValueError(
+                    f"VideoLayout.text_position must be 'prefix' or 'suffix'; got {pos!r}."
+                ) from None
+            object.__setattr__(self, "text_position", pos)
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def seq_len(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def video_start(self) -> int:
+        """Index of the first video token in the call's sequence."""
+        return self.text_tokens if self.text_position is TextPosition.PREFIX else 0
+
+    @property
+    def text_start(self) -> int:
+        return 0 if self.text_position is TextPosition.PREFIX else self.video_tokens
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raise a ValueError that explains a mismatch between the layout and ``S``."""
+        if seq_len == self.seq_len:
+            return
+        hint = ""
+        extra = seq_len - self.video_tokens
+        if extra > 0:
+            hint = (
+                f"; if the model puts {extra} text tokens in the sequence, pass "
+                f"VideoLayout(frames={self.frames}, height={self.height}, width={self.width}, "
+                f"text_tokens={extra}, text_position='suffix' or 'prefix')"
+            )
+        raise ValueError(
+            f"{self} has {self.seq_len} tokens ({self.video_tokens} video + {self.text_tokens} "
+            f"text) but this attention call has S={seq_len}{hint}."
+        )
+
+    def __str__(self) -> str:
+        text = (
+            f", text_tokens={self.text_tokens}, text_position='{self.text_position.value}'"
+            if self.text_tokens
+            else ""
+        )
+        return f"VideoLayout(frames={self.frames}, height={self.height}, width={self.width}{text})"
+
+
+def _axis_sizes(n: int, c: int) -> list[int]:
+    """Sizes of the chunks along one axis of length n cut every c (the last may be smaller)."""
+    return [c] * (n // c) + ([n % c] if n % c else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """Static (host-side) description of one partition of one layout into chunks and blocks.
+
+    Everything here is Python ints: it is a pure function of the layout, the chunk shape and the
+    block size, computed once and cached. Tensors derived from it are built per call by
+    :meth:`token_slots`, :meth:`slot_tokens` and :meth:`block_tables`.
+    """
+
+    layout: VideoLayout
+    chunk: tuple[int, int, int]  # (ct, cy, cx), clamped to the grid
+    block_size: int
+    chunk_sizes: tuple[int, ...]  # real tokens per chunk
+    chunk_offsets: tuple[int, ...]  # first padded slot of each chunk
+    block_chunk: tuple[int, ...]  # per block: chunk id; text blocks get num_chunks
+    block_count: tuple[int, ...]  # per block: real tokens in it
+    num_video_blocks: int
+    num_text_blocks: int
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_sizes)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_video_blocks + self.num_text_blocks
+
+    @property
+    def video_padded(self) -> int:
+        return self.num_video_blocks * self.block_size
+
+    @property
+    def padded_len(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def chunk_grid(self) -> tuple[int, int, int]:
+        lay, (ct, cy, cx) = self.layout, self.chunk
+        return (-(-lay.frames // ct), -(-lay.height // cy), -(-lay.width // cx))
+
+    # ---- per-token index tensors (pure arithmetic on arange; trace into the graph) ----
+
+    def _video_token_slots(self, device: torch.device) -> torch.Tensor:
+        lay, (ct, cy, cx) = self.layout, self.chunk
+        _, ny, nx = self.chunk_grid
+        n = torch.arange(lay.video_tokens, device=device)
+        t = n // (lay.height * lay.width)
+        y = (n // lay.width) % lay.height
+        x = n % lay.width
+        it, iy, ix = t // ct, y // cy, x // cx
+        sy = torch.clamp(lay.height - iy * cy, max=cy)  # this chunk's height (ragged edge)
+        sx = torch.clamp(lay.width - ix * cx, max=cx)
+        local = ((t - it * ct) * sy + (y - iy * cy)) * sx + (x - ix * cx)
+        cid = (it * ny + iy) * nx + ix
+        offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
+        return offsets[cid] + local
+
+    def token_slots(self, device: torch.device) -> torch.Tensor:
+        """``[S]`` int64: the padded slot of each token of the call, in the call's order."""
+        video = self._video_token_slots(device)
+        lay = self.layout
+        if not lay.text_tokens:
+            return video
+        text = self.video_padded + torch.arange(lay.text_tokens, device=device)
+        if lay.text_position is TextPosition.PREFIX:
+            return torch.cat([text, video])
+        return torch.cat([video, text])
+
+    def slot_tokens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse map, computed analytically (no scatter).
+
+        Returns:
+            ``(token, real)``: ``[S_pad]`` int64 token index of each padded slot (0 where the slot
+            is padding) and ``[S_pad]`` bool, True where the slot holds a real token.
+        """
+        lay, (ct, cy, cx), bs = self.layout, self.chunk, self.block_size
+        _, ny, nx = self.chunk_grid
+        s = torch.arange(self.padded_len, device=device)
+        blk = s // bs
+        block_chunk = torch.tensor(self.block_chunk, device=device, dtype=torch.long)
+        c = block_chunk[blk]
+        is_text = c >= self.num_chunks
+        cv = torch.clamp(c, max=self.num_chunks - 1)
+        offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
+        sizes = torch.tensor(self.chunk_sizes, device=device, dtype=torch.long)
+        local = s - offsets[cv]
+        it, iy, ix = cv // (ny * nx), (cv // nx) % ny, cv % nx
+        sy = torch.clamp(lay.height - iy * cy, max=cy)
+        sx = torch.clamp(lay.width - ix * cx, max=cx)
+        t = it * ct + local // (sy * sx)
+        y = iy * cy + (local // sx) % sy
+        x = ix * cx + local % sx
+        video_tok = (t * lay.height + y) * lay.width + x + lay.video_start
+        text_local = s - self.video_padded
+        text_tok = text_local + lay.text_start
+        real = torch.where(is_text, text_local < lay.text_tokens, local < sizes[cv])
+        token = torch.where(is_text, text_tok, video_tok)
+        return torch.where(real, token, torch.zeros_like(token)), real
+
+    def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[num_blocks]`` int64 chunk id of each block (text: num_chunks) and real-token count."""
+        return (
+            torch.tensor(self.block_chunk, device=device, dtype=torch.long),
+            torch.tensor(self.block_count, device=device, dtype=torch.long),
+        )
+
+
+def chunk_dims(partition: Partition, chunk: tuple[int, ...], layout: VideoLayout) -> tuple[int, ...]:
+    """A partition's chunk shape as a 3D ``(ct, cy, cx)`` clamped to the grid."""
+    lay = layout
+    if partition is Partition.D1:
+        dims = (chunk[0], lay.height, lay.width)
+    elif partition is Partition.D2:
+        dims = (lay.frames, chunk[0], chunk[1])
+    else:
+        dims = tuple(chunk)
+    return (min(dims[0], lay.frames), min(dims[1], lay.height), min(dims[2], lay.width))
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int) -> ChunkPlan:
+    """Cut ``layout`` into chunks of ``chunk = (ct, cy, cx)`` tokens (ragged edges allowed)."""
+    ct, cy, cx = chunk
+    ts, ys, xs = (
+        _axis_sizes(layout.frames, ct),
+        _axis_sizes(layout.height, cy),
+        _axis_sizes(layout.width, cx),
+    )
+    sizes = [a * b * c for a in ts for b in ys for c in xs]
+    offsets, block_chunk, block_count = [], [], []
+    pos = 0
+    for cid, size in enumerate(sizes):
+        offsets.append(pos)
+        nblk = -(-size // block_size)
+        for j in range(nblk):
+            block_chunk.append(cid)
+            block_count.append(min(block_size, size - j * block_size))
+        pos += nblk * block_size
+    n_text_blocks = -(-layout.text_tokens // block_size)
+    for j in range(n_text_blocks):
+        block_chunk.append(len(sizes))
+        block_count.append(min(block_size, layout.text_tokens - j * block_size))
+    return ChunkPlan(
+        layout=layout,
+        chunk=(ct, cy, cx),
+        block_size=block_size,
+        chunk_sizes=tuple(sizes),
+        chunk_offsets=tuple(offsets),
+        block_chunk=tuple(block_chunk),
+        block_count=tuple(block_count),
+        num_video_blocks=pos // block_size,
+        num_text_blocks=n_text_blocks,
+    )
+
+
+def _padded_tokens(n: tuple[int, int, int], c: tuple[int, int, int], bs: int) -> tuple[int, int]:
+    """(padded video tokens, number of chunks) of a grid ``n`` cut into chunks ``c``, closed form."""
+    per_axis = []
+    for length, size in zip(n, c):
+        full, rem = divmod(length, size)
+        per_axis.append([(size, full)] + ([(rem, 1)] if rem else []))
+    padded, count = 0, 0
+    for st, nt in per_axis[0]:
+        for sy, ny in per_axis[1]:
+            for sx, nx in per_axis[2]:
+                k = nt * ny * nx
+                padded += k * (-(-(st * sy * sx) // bs) * bs)
+                count += k
+    return padded, count
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_chunk(
+    partition: Partition, frames: int, height: int, width: int, block_size: int, target_blocks: int
+) -> tuple[int, ...]:
+    """Pick a chunk shape: about ``target_blocks`` blocks a chunk, little padding, square tiles.
+
+    The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 0.25 * |log2(cy / cx)|``:
+    padding costs kernel time twice (wasted slots and partial blocks), so it weighs most.
+    """
+    n = (frames, height, width)
+    target = target_blocks * block_size
+    video = frames * height * width
+    lim = 32
+
+    def score(c3: tuple[int, int, int], aspect: float) -> float:
+        padded, count = _padded_tokens(n, c3, block_size)
+        mean = video / count
+        return abs(math.log2(mean / target)) + 4.0 * (padded - video) / padded + 0.25 * aspect
+
+    if partition is Partition.D1:
+        cands = [((ct,), (ct, height, width), 0.0) for ct in range(1, frames + 1)]
+    elif partition is Partition.D2:
+        cands = [
+            ((cy, cx), (frames, cy, cx), abs(math.log2(cy / cx)))
+            for cy in range(1, min(height, lim) + 1)
+            for cx in range(1, min(width, lim) + 1)
+        ]
+    else:
+        cands = [
+            ((ct, cy, cx), (ct, cy, cx), abs(math.log2(cy / cx)))
+            for ct in range(1, min(frames, 8) + 1)
+            for cy in range(1, min(height, lim) + 1)
+            for cx in range(1, min(width, lim) + 1)
+        ]
+    # min() keeps the first of equal scores: the smallest chunk, deterministic.
+    return min(cands, key=lambda c: score(c[1], c[2]))[0]
+
+
+def resolve_chunk(config: VMoBAConfig, partition: Partition, layout: VideoLayout) -> tuple[int, int, int]:
+    """The 3D chunk shape ``(ct, cy, cx)`` that ``partition`` uses on ``layout`` under ``config``."""
+    explicit = {
+        Partition.D1: config.chunk_1d,
+        Partition.D2: config.chunk_2d,
+        Partition.D3: config.chunk_3d,
+    }[partition]
+    if explicit is None:
+        explicit = _auto_chunk(
+            partition,
+            layout.frames,
+            layout.height,
+            layout.width,
+            config.block_size,
+            config.target_chunk_blocks,
+        )
+    return chunk_dims(partition, explicit, layout)  # type: ignore[return-value]

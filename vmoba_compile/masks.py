@@ -1,0 +1,132 @@
+"""Selection -> FlexAttention ``BlockMask``: the only builder of masks in the package.
+
+The kernel sees the padded chunk order of :class:`~vmoba_compile.layout.ChunkPlan`. A query block
+attends the KV blocks of every chunk it selected plus every text block; a text query block attends
+everything. Selected blocks are *full* blocks (the kernel skips ``mask_mod`` on them) unless they
+hold padding (a chunk's or the text's last block) or masked text keys, or, in TOKEN granularity,
+unless only some query tokens of the block chose the chunk. ``mask_mod`` encodes the same
+selection exactly, because eager and CPU flex apply only ``mask_mod`` (FLEX_NOTES trap 1).
+
+Every tensor that ``mask_mod`` reads is built from comparisons, gathers and concatenation, never
+from a scatter: compiled CPU flex read scatter-built buffers wrongly (FLEX_NOTES trap 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ._compat import materialize_for_mask_mod
+from .layout import ChunkPlan
+
+__all__ = ["build_block_mask", "dense_to_indices"]
+
+
+def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., NQ, NK]`` bool block map -> (``[..., NQ]`` counts, ``[..., NQ, NK]`` indices).
+
+    The index list keeps its full width NK (FLEX_NOTES trap 2); the selected blocks come first.
+    """
+    num = dense.sum(dim=-1, dtype=torch.int32)
+    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, idx.to(torch.int32)
+
+
+def build_block_mask(
+    plan: ChunkPlan,
+    sel: torch.Tensor,
+    *,
+    token_level: bool,
+    unit_real: torch.Tensor,
+    text_key_mask: torch.Tensor | None = None,
+) -> BlockMask:
+    """Turn a chunk selection into a BlockMask over the padded sequence.
+
+    Args:
+        plan: the partition in use.
+        sel: ``[B, H, U, C]`` bool selection; ``U`` is the number of video query blocks (BLOCK
+            granularity) or of video query slots ``NB_video * block_size`` (TOKEN granularity).
+        token_level: whether ``sel`` is per token.
+        unit_real: ``[U]`` bool, units that hold real tokens.
+        text_key_mask: optional ``[B, L]`` bool, False for text keys nobody may attend
+            (key padding); ``L`` = text tokens of the layout.
+
+    Returns:
+        A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]``.
+    """
+    device = sel.device
+    b, h, _, c = sel.shape
+    bs = plan.block_size
+    nvb, nb = plan.num_video_blocks, plan.num_blocks
+    ntq = plan.num_text_blocks
+    block_chunk, block_count = plan.block_tables(device)
+    kv_clean = block_count == bs  # no padding slot in the block
+
+    # Extend the selection with a "text" column (chunk id C) and text query rows, both all True.
+    text_col = torch.ones(b, h, sel.shape[2], 1, dtype=torch.bool, device=device)
+    sel_ext = torch.cat([sel, text_col], dim=-1)  # [B, H, U, C+1]
+    rows_text = ntq if not token_level else ntq * bs
+    if rows_text:
+        sel_ext = torch.cat(
+            [sel_ext, torch.ones(b, h, rows_text, c + 1, dtype=torch.bool, device=device)], dim=2
+        )
+
+    # Block-level map over KV blocks: which chunks each query block touches, and whether every
+    # real query token of the block selected it (then the block can be full).
+    if token_level:
+        per_tok = sel_ext.reshape(b, h, nb, bs, c + 1)
+        slot_real = torch.cat(
+            [unit_real, torch.ones(ntq * bs, dtype=torch.bool, device=device)]
+        ).reshape(nb, bs, 1)
+        any_c = (per_tok & slot_real).any(dim=3)
+        all_c = (per_tok | ~slot_real).all(dim=3)
+    else:
+        any_c = all_c = sel_ext
+    touched = torch.index_select(any_c, -1, block_chunk)  # [B, H, NB, NB]
+    uniform = torch.index_select(all_c, -1, block_chunk)
+    kv_full = kv_clean
+    if text_key_mask is not None:
+        kv_full = kv_full & (block_chunk < c)  # masked text keys need mask_mod
+    full = touched & uniform & kv_full
+    partial = touched & ~full
+    kv_num, kv_idx = dense_to_indices(partial)
+    full_num, full_idx = dense_to_indices(full)
+
+    # Per-slot tables for mask_mod.
+    key_ok = None
+    if text_key_mask is not None:
+        pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
+        key_ok = torch.cat(
+            [
+                torch.ones(b, plan.video_padded, dtype=torch.bool, device=device),
+                text_key_mask.to(device=device, dtype=torch.bool),
+                torch.zeros(b, pad, dtype=torch.bool, device=device),
+            ],
+            dim=1,
+        )
+
+    sel_ext = materialize_for_mask_mod(sel_ext)
+    block_chunk = materialize_for_mask_mod(block_chunk)
+    block_count = materialize_for_mask_mod(block_count)
+    if key_ok is not None:
+        key_ok = materialize_for_mask_mod(key_ok)
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        kb = kv_idx // bs
+        kc = block_chunk[kb]
+        real = (kv_idx % bs) < block_count[kb]
+        unit = q_idx if token_level else q_idx // bs
+        ok = real & sel_ext[bi, hi, unit, kc]
+        if key_ok is not None:
+            ok = ok & key_ok[bi, kv_idx]
+        return ok
+
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=bs,
+        mask_mod=mask_mod,
+        seq_lengths=(nb * bs, nb * bs),
+    )

@@ -1,0 +1,122 @@
+"""Chunk keys, gates and block selection (spec sections 2 and 3).
+
+Pure tensor functions: static shapes, no host syncs, no scatter. A selection is a boolean tensor
+``sel[B, H, U, C]``: query unit ``u`` of head ``h`` attends chunk ``c``. Units are query blocks
+(BLOCK granularity) or query tokens (TOKEN granularity) in the padded, permuted order of
+:class:`~vmoba_compile.layout.ChunkPlan`; ``unit_real[U]`` marks units that hold real tokens and
+``is_self[U, C]`` marks each unit's own chunk. Every unit always keeps its self chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Scope, Selection, VMoBAConfig
+
+__all__ = ["chunk_keys", "gates", "select"]
+
+
+def chunk_keys(
+    k_pad: torch.Tensor, block_onehot: torch.Tensor, chunk_sizes: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Mean key of each chunk, in float32.
+
+    Args:
+        k_pad: ``[B, Hkv, S_pad, D]`` keys in padded chunk order, zeros in padding slots.
+        block_onehot: ``[NB_video, C]`` float32, 1 where video block ``j`` belongs to chunk ``c``.
+        chunk_sizes: ``[C]`` real tokens per chunk.
+        block_size: tokens per block.
+
+    Returns:
+        ``[B, Hkv, C, D]`` float32.
+    """
+    b, h, _, d = k_pad.shape
+    nvb = block_onehot.shape[0]
+    block_sum = k_pad[:, :, : nvb * block_size].float().reshape(b, h, nvb, block_size, d).sum(3)
+    chunk_sum = torch.einsum("bhnd,nc->bhcd", block_sum, block_onehot)
+    return chunk_sum / chunk_sizes.to(torch.float32)[:, None]
+
+
+def gates(q_units: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
+    """``g[b, h, u, c] = q_u . kbar_c`` in float32 (no softmax scale: nothing depends on it).
+
+    ``q_units`` is ``[B, H, U, D]``; ``kbar`` is ``[B, Hkv, C, D]`` and is shared by the
+    ``H // Hkv`` query heads of each KV head (GQA).
+    """
+    h, hkv = q_units.shape[1], kbar.shape[1]
+    if h != hkv:
+        kbar = kbar.repeat_interleave(h // hkv, dim=1)
+    return torch.matmul(q_units.float(), kbar.transpose(-1, -2))
+
+
+def _topk(g: torch.Tensor, is_self: torch.Tensor, k: int) -> torch.Tensor:
+    # Rank by a stable descending sort with the self chunk forced first, then compare ranks:
+    # exactly k per unit even with tied gates, and no scatter (FLEX_NOTES trap 4).
+    g = torch.where(is_self, torch.full_like(g, float("inf")), g)
+    order = torch.argsort(g, dim=-1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=-1)
+    return rank < k
+
+
+def _threshold(
+    g: torch.Tensor, is_self: torch.Tensor, unit_real: torch.Tensor, tau: float, scope: Scope
+) -> torch.Tensor:
+    b, h, u, c = g.shape
+    valid = unit_real[:, None].expand(u, c)
+    dims = (-1,) if scope is Scope.QUERY else (-2, -1)
+    big = torch.finfo(g.dtype).max
+    gmin = torch.where(valid, g, big).amin(dim=dims, keepdim=True)
+    gmax = torch.where(valid, g, -big).amax(dim=dims, keepdim=True)
+    span = gmax - gmin
+    span = torch.where(span <= 1e-6, torch.ones_like(span), span)
+    gn = torch.where(valid, (g - gmin) / span, torch.zeros_like(g))
+    total = gn.sum(dim=dims, keepdim=True)
+    own = torch.where(is_self, gn, torch.zeros_like(gn)).sum(dim=dims, keepdim=True)
+    has_mass = total > 0
+    safe_total = torch.where(has_mass, total, torch.ones_like(total))
+    # All normalized gates zero (every gate equal): nothing to rank by, so keep everything.
+    need = torch.clamp(tau - torch.where(has_mass, own / safe_total, torch.zeros_like(own)), min=0)
+    # Candidates are the non-self pairs of real units; the rest sort last with value -1.
+    cand = valid & ~is_self
+    flat = torch.where(cand, gn, torch.full_like(gn, -1.0))
+    if scope is Scope.HEAD:
+        flat = flat.reshape(b, h, 1, u * c)
+    vals = torch.sort(flat, dim=-1, descending=True).values
+    share = torch.clamp(vals, min=0) / safe_total
+    before = torch.cumsum(share, dim=-1) - share  # share accumulated before each position
+    # Walk: keep positions up to and including the first whose accumulated share reaches `need`,
+    # i.e. every position whose share *before* it is still short; the first is always kept (quirk
+    # of the reference kept by the spec). The cut is turned into a value threshold so that the
+    # selection is a comparison, not a scatter back through the sort order.
+    n_keep = torch.clamp((before < need).sum(dim=-1, keepdim=True), min=1)
+    cut = torch.gather(vals, -1, n_keep - 1)
+    if scope is Scope.HEAD:
+        cut = cut.reshape(b, h, 1, 1)
+    return (cand & (gn >= cut)) | is_self
+
+
+def select(
+    g: torch.Tensor, is_self: torch.Tensor, unit_real: torch.Tensor, config: VMoBAConfig
+) -> torch.Tensor:
+    """Select chunks for every query unit.
+
+    Args:
+        g: ``[B, H, U, C]`` float32 gates.
+        is_self: ``[U, C]`` bool, each unit's own chunk.
+        unit_real: ``[U]`` bool, units holding at least one real token (padding units are left
+            out of THRESHOLD budgets and select only their self chunk).
+        config: selection mode, ``topk``, ``threshold`` and ``scope``.
+
+    Returns:
+        ``[B, H, U, C]`` bool selection; the self chunk is always True.
+    """
+    c = g.shape[-1]
+    if config.selection is Selection.TOPK:
+        if config.topk >= c:
+            return torch.ones_like(g, dtype=torch.bool)
+        sel = _topk(g, is_self, config.topk)
+    else:
+        if config.threshold >= 1.0:
+            return torch.ones_like(g, dtype=torch.bool)
+        sel = _threshold(g, is_self, unit_real, config.threshold, config.scope)
+    return sel & unit_real[:, None] | is_self
