@@ -6,9 +6,11 @@ key/value heads (GQA when ``Hkv < H``), S tokens in the call, D head dim.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
 from .config import Granularity, Selection, VMoBAConfig
@@ -16,7 +18,7 @@ from .layout import ChunkPlan, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
 
-__all__ = ["plan_for", "vmoba_attention"]
+__all__ = ["BlockPlan", "permute", "plan_blocks", "plan_for", "unpermute", "vmoba_attention"]
 
 
 def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> ChunkPlan:
@@ -99,6 +101,73 @@ def _run_flex(q, k, v, block_mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
+def permute(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+    """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads)."""
+    token, real = plan.slot_tokens(x.device)
+    g = torch.index_select(x, 2, token)
+    return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def unpermute(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+    """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order."""
+    return torch.index_select(x, 2, plan.token_slots(x.device))
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    """What one call selected (for tests, benchmarks and the demo's pictures).
+
+    Attributes:
+        plan: the chunk plan of the call's partition.
+        sel: ``[B, H, U, C]`` bool selection per query unit (block or padded token slot).
+        unit_real: ``[U]`` bool, units holding real tokens.
+        is_self: ``[U, C]`` bool, each unit's own chunk.
+        block_mask: the FlexAttention mask over the padded sequence.
+    """
+
+    plan: ChunkPlan
+    sel: torch.Tensor
+    unit_real: torch.Tensor
+    is_self: torch.Tensor
+    block_mask: BlockMask
+
+
+def plan_blocks(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    plan: ChunkPlan,
+    config: VMoBAConfig,
+    text_key_mask: torch.Tensor | None = None,
+) -> BlockPlan:
+    """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``."""
+    device, bs, c = qp.device, plan.block_size, plan.num_chunks
+    _, real = plan.slot_tokens(device)
+    block_chunk, block_count = plan.block_tables(device)
+    nvb, nv = plan.num_video_blocks, plan.video_padded
+    onehot = (block_chunk[:nvb, None] == torch.arange(c, device=device)[None, :]).float()
+    sizes = torch.tensor(plan.chunk_sizes, device=device)
+    kbar = chunk_keys(kp, onehot, sizes, bs)
+    if config.granularity is Granularity.BLOCK:
+        b, h, _, d = qp.shape
+        qsum = qp[:, :, :nv].float().reshape(b, h, nvb, bs, d).sum(3)
+        q_units = qsum / block_count[:nvb].to(torch.float32)[:, None]
+        is_self = onehot.bool()
+        unit_real = torch.ones(nvb, dtype=torch.bool, device=device)
+    else:
+        q_units = qp[:, :, :nv]
+        is_self = onehot.bool().repeat_interleave(bs, dim=0)
+        unit_real = real[:nv]
+    sel = select(gates(q_units, kbar), is_self, unit_real, config)
+    bm = build_block_mask(
+        plan,
+        sel,
+        token_level=config.granularity is Granularity.TOKEN,
+        unit_real=unit_real,
+        text_key_mask=text_key_mask,
+    )
+    return BlockPlan(plan, sel, unit_real, is_self, bm)
+
+
 def vmoba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,45 +199,15 @@ def vmoba_attention(
     _check_inputs(q, k, v, layout, config, text_key_mask)
     plan = plan_for(layout, config, layer_index)
     c = plan.num_chunks
-    if c == 1 or config.keeps_everything() or (
-        config.selection is Selection.TOPK and config.topk >= c
+    if (
+        c == 1
+        or config.keeps_everything()
+        or (config.selection is Selection.TOPK and config.topk >= c)
     ):
         # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
         return _dense(q, k, v, layout, scale, text_key_mask)
 
-    device, bs = q.device, plan.block_size
-    token, real = plan.slot_tokens(device)
-
-    def permute(x: torch.Tensor) -> torch.Tensor:
-        g = torch.index_select(x, 2, token)
-        return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=device))
-
-    qp, kp, vp = permute(q), permute(k), permute(v)
-    block_chunk, block_count = plan.block_tables(device)
-    nvb = plan.num_video_blocks
-    vchunk = block_chunk[:nvb]
-    onehot = (vchunk[:, None] == torch.arange(c, device=device)[None, :]).float()
-    sizes = torch.tensor(plan.chunk_sizes, device=device)
-    kbar = chunk_keys(kp, onehot, sizes, bs)
-
-    nv = plan.video_padded
-    if config.granularity is Granularity.BLOCK:
-        b, h, _, d = qp.shape
-        qsum = qp[:, :, :nv].float().reshape(b, h, nvb, bs, d).sum(3)
-        q_units = qsum / block_count[:nvb].to(torch.float32)[:, None]
-        is_self = onehot.bool()
-        unit_real = torch.ones(nvb, dtype=torch.bool, device=device)
-    else:
-        q_units = qp[:, :, :nv]
-        is_self = onehot.bool().repeat_interleave(bs, dim=0)
-        unit_real = real[:nv]
-    sel = select(gates(q_units, kbar), is_self, unit_real, config)
-    bm = build_block_mask(
-        plan,
-        sel,
-        token_level=config.granularity is Granularity.TOKEN,
-        unit_real=unit_real,
-        text_key_mask=text_key_mask,
-    )
+    qp, kp, vp = (permute(x, plan) for x in (q, k, v))
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask).block_mask
     out = _run_flex(qp, kp, vp, bm, scale)
-    return torch.index_select(out, 2, plan.token_slots(device))
+    return torch.index_select(out, 2, plan.token_slots(q.device))

@@ -118,9 +118,7 @@ class VMoBAConfig:
                 f"VMoBAConfig.schedule must be a non-empty sequence of partitions such as "
                 f"('1d', '2d', '3d'); got {self.schedule!r}."
             )
-        object.__setattr__(
-            self, "schedule", tuple(_enum(Partition, "schedule", p) for p in sched)
-        )
+        object.__setattr__(self, "schedule", tuple(_enum(Partition, "schedule", p) for p in sched))
         object.__setattr__(self, "chunk_1d", _chunk("chunk_1d", self.chunk_1d, 1))
         object.__setattr__(self, "chunk_2d", _chunk("chunk_2d", self.chunk_2d, 2))
         object.__setattr__(self, "chunk_3d", _chunk("chunk_3d", self.chunk_3d, 3))
@@ -153,9 +151,7 @@ class VMoBAConfig:
             )
         tcb = self.target_chunk_blocks
         if not isinstance(tcb, int) or isinstance(tcb, bool) or tcb < 1:
-            raise ValueError(
-                f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}."
-            )
+            raise ValueError(f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}.")
 
     def partition_for(self, layer_index: int) -> Partition:
         """The partition of rewritten layer ``layer_index`` on the recurrent schedule."""

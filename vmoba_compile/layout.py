@@ -230,7 +230,9 @@ class ChunkPlan:
         )
 
 
-def chunk_dims(partition: Partition, chunk: tuple[int, ...], layout: VideoLayout) -> tuple[int, ...]:
+def chunk_dims(
+    partition: Partition, chunk: tuple[int, ...], layout: VideoLayout
+) -> tuple[int, ...]:
     """A partition's chunk shape as a 3D ``(ct, cy, cx)`` clamped to the grid."""
     lay = layout
     if partition is Partition.D1:
@@ -279,9 +281,9 @@ def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int)
 
 
 def _padded_tokens(n: tuple[int, int, int], c: tuple[int, int, int], bs: int) -> tuple[int, int]:
-    """(padded video tokens, number of chunks) of a grid ``n`` cut into chunks ``c``, closed form."""
+    """(padded video tokens, chunk count) of grid ``n`` cut into chunks ``c``, closed form."""
     per_axis = []
-    for length, size in zip(n, c):
+    for length, size in zip(n, c, strict=True):
         full, rem = divmod(length, size)
         per_axis.append([(size, full)] + ([(rem, 1)] if rem else []))
     padded, count = 0, 0
@@ -300,8 +302,9 @@ def _auto_chunk(
 ) -> tuple[int, ...]:
     """Pick a chunk shape: about ``target_blocks`` blocks a chunk, little padding, square tiles.
 
-    The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 0.25 * |log2(cy / cx)|``:
-    padding costs kernel time twice (wasted slots and partial blocks), so it weighs most.
+    The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 0.25 * aspect`` where the
+    aspect term is ``|log2(cy / cx)|`` (plus ``|log2(ct^2 / (cy * cx))|`` for cubes): padding costs
+    kernel time twice (wasted slots and partial blocks), so it weighs most.
     """
     n = (frames, height, width)
     target = target_blocks * block_size
@@ -323,7 +326,11 @@ def _auto_chunk(
         ]
     else:
         cands = [
-            ((ct, cy, cx), (ct, cy, cx), abs(math.log2(cy / cx)))
+            (
+                (ct, cy, cx),
+                (ct, cy, cx),
+                abs(math.log2(cy / cx)) + abs(math.log2(ct * ct / (cy * cx))),
+            )
             for ct in range(1, min(frames, 8) + 1)
             for cy in range(1, min(height, lim) + 1)
             for cx in range(1, min(width, lim) + 1)
@@ -332,8 +339,10 @@ def _auto_chunk(
     return min(cands, key=lambda c: score(c[1], c[2]))[0]
 
 
-def resolve_chunk(config: VMoBAConfig, partition: Partition, layout: VideoLayout) -> tuple[int, int, int]:
-    """The 3D chunk shape ``(ct, cy, cx)`` that ``partition`` uses on ``layout`` under ``config``."""
+def resolve_chunk(
+    config: VMoBAConfig, partition: Partition, layout: VideoLayout
+) -> tuple[int, int, int]:
+    """The 3D chunk shape ``(ct, cy, cx)`` of ``partition`` on ``layout`` under ``config``."""
     explicit = {
         Partition.D1: config.chunk_1d,
         Partition.D2: config.chunk_2d,

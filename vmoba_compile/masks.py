@@ -57,7 +57,7 @@ def build_block_mask(
     device = sel.device
     b, h, _, c = sel.shape
     bs = plan.block_size
-    nvb, nb = plan.num_video_blocks, plan.num_blocks
+    nb = plan.num_blocks
     ntq = plan.num_text_blocks
     block_chunk, block_count = plan.block_tables(device)
     kv_clean = block_count == bs  # no padding slot in the block

@@ -1,0 +1,203 @@
+"""vmoba_attention against the float64 reference, eager and compiled (CPU, inference)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ATOL_F32, max_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import configs, layouts
+
+from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention, vmoba_reference
+
+MODES = list(
+    itertools.product(["block", "token"], ["topk", "threshold"], ["query", "head"], [0, 1, 2])
+)
+
+
+def _qkv(layout, b=2, h=4, hkv=None, d=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = layout.seq_len
+    q = torch.randn(b, h, s, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv or h, s, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv or h, s, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize(("gran", "sel", "scope", "layer"), MODES)
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_matches_reference_every_mode(gran, sel, scope, layer, position):
+    # 5x6x7 is ragged for every chunk shape below; S = 222 is not a multiple of the block
+    layout = VideoLayout(5, 6, 7, text_tokens=12, text_position=position)
+    cfg = VMoBAConfig(
+        chunk_1d=(2,),
+        chunk_2d=(3, 4),
+        chunk_3d=(2, 3, 3),
+        selection=sel,
+        topk=2,
+        threshold=0.3,
+        scope=scope,
+        granularity=gran,
+        block_size=16,
+    )
+    q, k, v = _qkv(layout, seed=layer)
+    out = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
+    ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=layer)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    assert max_err(out, ref) < ATOL_F32, (max_err(out, ref), cfg)
+    assert max_err(out, dense) > 100 * ATOL_F32, "sparse config should differ from dense"
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_matches_reference_random(data):
+    layout = data.draw(layouts(max_side=6, max_text=12))
+    cfg = data.draw(configs(layout))
+    layer = data.draw(st.integers(0, 5))
+    hkv = data.draw(st.sampled_from([1, 2, 4]))
+    q, k, v = _qkv(layout, b=2, h=4, hkv=hkv, d=8, seed=data.draw(st.integers(0, 999)))
+    scale = data.draw(st.sampled_from([None, 0.3]))
+    out = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer, scale=scale)
+    ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=layer, scale=scale)
+    assert max_err(out, ref) < ATOL_F32, (layout, cfg, layer)
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_keep_everything_equals_dense(data):
+    layout = data.draw(layouts(max_side=5, max_text=8))
+    keep_all = data.draw(
+        st.sampled_from([dict(selection="threshold", threshold=1.0), dict(selection="topk")])
+    )
+    cfg = data.draw(configs(layout, **keep_all))
+    if cfg.selection.value == "topk":
+        cfg = VMoBAConfig(**{**cfg.__dict__, "topk": layout.video_tokens})
+    q, k, v = _qkv(layout, b=1, h=2, d=8, seed=data.draw(st.integers(0, 999)))
+    out = vmoba_attention(
+        q, k, v, layout=layout, config=cfg, layer_index=data.draw(st.integers(0, 2))
+    )
+    assert max_err(out, F.scaled_dot_product_attention(q, k, v)) < ATOL_F32
+
+
+def test_single_chunk_and_block_size_128_equal_dense():
+    layout = VideoLayout(3, 8, 8, text_tokens=7)  # S = 199: one 128-block chunk per partition
+    q, k, v = _qkv(layout, b=2, h=2)
+    out = vmoba_attention(q, k, v, layout=layout, config=VMoBAConfig(), layer_index=1)
+    assert max_err(out, F.scaled_dot_product_attention(q, k, v)) < ATOL_F32
+
+
+def test_block_size_128_sparse_with_odd_length():
+    layout = VideoLayout(6, 10, 12, text_tokens=31, text_position="prefix")  # S = 751
+    cfg = VMoBAConfig(chunk_1d=(2,), chunk_2d=(5, 6), chunk_3d=(3, 5, 6), topk=2, selection="topk")
+    q, k, v = _qkv(layout, b=2, h=2, hkv=1)
+    for layer in range(3):
+        out = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
+        ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=layer)
+        assert max_err(out, ref) < ATOL_F32
+
+
+def test_text_key_mask_is_honoured():
+    layout = VideoLayout(4, 5, 6, text_tokens=20, text_position="suffix")
+    cfg = VMoBAConfig(chunk_3d=(2, 3, 3), block_size=16, threshold=0.3, scope="head")
+    q, k, v = _qkv(layout, b=2, h=2)
+    tkm = torch.ones(2, 20, dtype=torch.bool)
+    tkm[0, 13:] = False
+    tkm[1, 5:] = False
+    out = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=2, text_key_mask=tkm)
+    ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=2, text_key_mask=tkm)
+    assert max_err(out, ref) < ATOL_F32
+    # masked text keys truly have no effect: changing their values changes nothing
+    v2 = v.clone()
+    v2[0, :, layout.video_tokens + 13 :] += 100.0
+    out2 = vmoba_attention(q, k, v2, layout=layout, config=cfg, layer_index=2, text_key_mask=tkm)
+    assert max_err(out2[0], out[0]) < ATOL_F32
+    # and the all-keep path honours it too
+    keep = VMoBAConfig(threshold=1.0, block_size=16)
+    dense_ref = vmoba_reference(
+        q, k, v, layout=layout, config=keep, layer_index=0, text_key_mask=tkm
+    )
+    out3 = vmoba_attention(q, k, v, layout=layout, config=keep, layer_index=0, text_key_mask=tkm)
+    assert max_err(out3, dense_ref) < ATOL_F32
+
+
+def test_batch_elements_select_independently():
+    layout = VideoLayout(4, 4, 4)
+    cfg = VMoBAConfig(chunk_3d=(2, 2, 2), block_size=16, scope="head", threshold=0.3)
+    q, k, v = _qkv(layout, b=2, h=2)
+    both = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=2)
+    for i in range(2):
+        one = vmoba_attention(
+            q[i : i + 1], k[i : i + 1], v[i : i + 1], layout=layout, config=cfg, layer_index=2
+        )
+        assert max_err(one, both[i : i + 1]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        (dict(q=torch.randn(2, 10, 4)), ValueError, r"\[B, H, S, D\]"),
+        (dict(k=torch.randn(1, 2, 50, 8), v=torch.randn(1, 2, 50, 8)), ValueError, "same length"),
+        (dict(k=torch.randn(1, 3, 64, 8), v=torch.randn(1, 3, 64, 8)), ValueError, "multiple"),
+        (dict(v=torch.randn(1, 2, 64, 8).double()), TypeError, "dtype"),
+        (dict(layout=VideoLayout(4, 4, 3)), ValueError, "S=64"),
+        (dict(layout=(4, 4, 4)), TypeError, "VideoLayout"),
+        (dict(text_key_mask=torch.ones(1, 3)), ValueError, "text_key_mask"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(kwargs, exc, pattern):
+    args = dict(
+        q=torch.randn(1, 4, 64, 8),
+        k=torch.randn(1, 2, 64, 8),
+        v=torch.randn(1, 2, 64, 8),
+        layout=VideoLayout(4, 4, 4),
+        config=VMoBAConfig(block_size=16),
+        layer_index=0,
+    )
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=pattern):
+        vmoba_attention(q, k, v, **args)
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize(
+    ("gran", "sel", "scope", "layer", "position", "hkv", "with_mask"),
+    [
+        ("block", "threshold", "head", 2, "suffix", 2, True),
+        ("token", "topk", "query", 1, "prefix", 4, False),
+    ],
+)
+def test_compiled_cpu_matches_reference(gran, sel, scope, layer, position, hkv, with_mask):
+    """Compiled CPU flex (C++ template) with the mask built inside the compiled region.
+
+    Guards the workaround in ``_compat.materialize_for_mask_mod``: without it inductor's CPU
+    lowering fails (NoValidChoicesError) or reads unrealized buffers.
+    """
+    torch._dynamo.reset()
+    layout = VideoLayout(5, 6, 7, text_tokens=10, text_position=position)
+    cfg = VMoBAConfig(
+        chunk_1d=(2,),
+        chunk_2d=(3, 4),
+        chunk_3d=(2, 3, 3),
+        selection=sel,
+        topk=3,
+        threshold=0.3,
+        scope=scope,
+        granularity=gran,
+        block_size=16,
+    )
+    q, k, v = _qkv(layout, b=2, h=4, hkv=hkv)
+    tkm = (torch.arange(10) < 6).expand(2, 10).clone() if with_mask else None
+    fn = torch.compile(vmoba_attention, fullgraph=True)
+    out = fn(q, k, v, layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
+    ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
+    assert max_err(out, ref) < ATOL_F32
+    # new data, same shapes: same compiled graph, still right
+    q2, k2, v2 = _qkv(layout, b=2, h=4, hkv=hkv, seed=7)
+    out2 = fn(q2, k2, v2, layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
+    ref2 = vmoba_reference(
+        q2, k2, v2, layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm
+    )
+    assert max_err(out2, ref2) < ATOL_F32

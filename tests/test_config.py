@@ -1,0 +1,70 @@
+import pytest
+
+from vmoba_compile import Granularity, Partition, Scope, Selection, VideoLayout, VMoBAConfig
+
+
+def test_defaults_and_string_enums():
+    cfg = VMoBAConfig(schedule=["3d", "1D"], selection="topk", scope="query", granularity="token")
+    assert cfg.schedule == (Partition.D3, Partition.D1)
+    assert cfg.selection is Selection.TOPK
+    assert cfg.scope is Scope.QUERY
+    assert cfg.granularity is Granularity.TOKEN
+    default = VMoBAConfig()
+    assert default.schedule == (Partition.D1, Partition.D2, Partition.D3)
+    assert default.scope is Scope.HEAD and default.block_size == 128
+
+
+def test_schedule_cycles_over_layers():
+    cfg = VMoBAConfig()
+    assert [cfg.partition_for(i).value for i in range(7)] == [
+        "1d",
+        "2d",
+        "3d",
+        "1d",
+        "2d",
+        "3d",
+        "1d",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"selection": "top"}, "selection"),
+        ({"scope": "global"}, "scope"),
+        ({"granularity": "row"}, "granularity"),
+        ({"schedule": ()}, "schedule"),
+        ({"schedule": ("4d",)}, "schedule"),
+        ({"topk": 0}, "topk"),
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"block_size": 100}, "block_size"),
+        ({"block_size": 8}, "block_size"),
+        ({"chunk_3d": (2, 0, 2)}, "chunk_3d"),
+        ({"target_chunk_blocks": 0}, "target_chunk_blocks"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"VMoBAConfig.{field}"):
+        VMoBAConfig(**kwargs)
+
+
+def test_chunk_wrong_type_is_type_error():
+    with pytest.raises(TypeError, match="chunk_2d"):
+        VMoBAConfig(chunk_2d=(2, 2, 2))
+    assert VMoBAConfig(chunk_1d=3).chunk_1d == (3,)
+
+
+def test_layout_mismatch_explains_text_tokens():
+    lay = VideoLayout(frames=21, height=30, width=52)
+    with pytest.raises(ValueError, match=r"has 32760 tokens.*S=32986.*text_tokens=226"):
+        lay.check_seq_len(32986)
+    VideoLayout(21, 30, 52, text_tokens=226).check_seq_len(32986)
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError, match="frames"):
+        VideoLayout(frames=0, height=2, width=2)
+    with pytest.raises(ValueError, match="text_position"):
+        VideoLayout(2, 2, 2, text_tokens=3, text_position="middle")
+    assert VideoLayout(2, 2, 2, 1, "PREFIX").video_start == 1

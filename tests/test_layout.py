@@ -1,0 +1,85 @@
+"""Permutation invariants on random and ragged grids (spec section 1)."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import configs, layouts
+
+from vmoba_compile import Partition, VideoLayout, VMoBAConfig
+from vmoba_compile.attention import permute, plan_for, unpermute
+from vmoba_compile.layout import make_plan, resolve_chunk
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_permutation_round_trip_is_identity(data):
+    layout = data.draw(layouts())
+    config = data.draw(configs(layout))
+    layer = data.draw(st.integers(0, 2))
+    plan = plan_for(layout, config, layer)
+    x = torch.randn(2, 3, layout.seq_len, 4)
+    xp = permute(x, plan)
+    assert xp.shape[2] == plan.padded_len and plan.padded_len % config.block_size == 0
+    assert torch.equal(unpermute(xp, plan), x)
+    _, real = plan.slot_tokens(x.device)
+    assert int(real.sum()) == layout.seq_len
+    assert torch.all(xp[:, :, ~real] == 0), "padding slots must hold zeros"
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_chunks_are_contiguous_boxes_in_tile_order(data):
+    layout = data.draw(layouts(max_text=0))
+    config = data.draw(configs(layout))
+    partition = data.draw(st.sampled_from(list(Partition)))
+    ct, cy, cx = resolve_chunk(config, partition, layout)
+    plan = make_plan(layout, (ct, cy, cx), config.block_size)
+    token, real = plan.slot_tokens(torch.device("cpu"))
+    t_, y_, x_ = layout.frames, layout.height, layout.width
+    boxes = itertools.product(range(0, t_, ct), range(0, y_, cy), range(0, x_, cx))
+    for cid, (t0, y0, x0) in enumerate(boxes):
+        start = plan.chunk_offsets[cid]
+        got = token[start : start + plan.chunk_sizes[cid]]
+        assert bool(real[start : start + plan.chunk_sizes[cid]].all())
+        expect = [
+            (t * y_ + y) * x_ + x
+            for t in range(t0, min(t0 + ct, t_))
+            for y in range(y0, min(y0 + cy, y_))
+            for x in range(x0, min(x0 + cx, x_))
+        ]
+        assert got.tolist() == expect, f"chunk {cid} of {layout} with chunk {(ct, cy, cx)}"
+        # a block never spans two chunks
+        assert start % config.block_size == 0
+
+
+def test_text_tokens_sit_after_video_in_padded_order():
+    layout = VideoLayout(2, 3, 3, text_tokens=5, text_position="prefix")
+    plan = make_plan(layout, (1, 3, 3), 16)
+    token, real = plan.slot_tokens(torch.device("cpu"))
+    text_slots = token[plan.video_padded : plan.video_padded + 5]
+    assert text_slots.tolist() == [0, 1, 2, 3, 4]
+    assert plan.num_text_blocks == 1 and plan.num_chunks == 2
+
+
+@pytest.mark.parametrize(
+    ("grid", "block"),
+    [((21, 30, 52), 128), ((24, 36, 64), 128), ((21, 45, 80), 128), ((4, 32, 32), 128)],
+)
+def test_automatic_chunks_fit_blocks_at_real_sizes(grid, block):
+    layout = VideoLayout(*grid)
+    cfg = VMoBAConfig(block_size=block)
+    for part in Partition:
+        plan = make_plan(layout, resolve_chunk(cfg, part, layout), block)
+        waste = plan.video_padded / layout.video_tokens - 1
+        assert plan.num_chunks >= 2, (part, plan.chunk)
+        assert waste < 0.25, f"{part} chunk {plan.chunk} pads {waste:.1%} of {grid}"
+
+
+def test_ragged_3d_grid_from_the_issue():
+    layout = VideoLayout(21, 30, 52)
+    plan = make_plan(layout, (4, 8, 8), 128)
+    assert plan.num_chunks == 6 * 4 * 7
+    assert sum(plan.chunk_sizes) == layout.video_tokens
