@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--grids", default="21x30x52,24x36x64,21x45x80")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--configs", default="")
     args = p.parse_args()
     print(header(args), flush=True)
     dev = "cuda"
@@ -62,7 +63,12 @@ def main() -> None:
         "block-thr0.25-head": VMoBAConfig(selection="threshold", threshold=0.25, scope="head"),
         "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
     }
-    flex_c = torch.compile(flex_attention, dynamic=False)
+    configs = {
+        k: v for k, v in configs.items() if not args.configs or k in args.configs.split(",")
+    }
+    def flex_c(*a, **kw):
+        return torch.compile(flex_attention, dynamic=False)(*a, **kw)
+
     rows = []
     for g in args.grids.split(","):
         t, y, x = (int(v) for v in g.split("x"))
@@ -93,6 +99,7 @@ def main() -> None:
                 rows.append(dict(grid=g, tokens=s, method=name, backward=bwd, ms=ms, density=1.0))
         for cname, cfg in configs.items():
             for layer in range(3):
+                torch._dynamo.reset()  # fresh caches: never hit the recompile limit (trap 7)
                 part = cfg.partition_for(layer).value
                 fn_c = torch.compile(
                     lambda q, k, v, cfg=cfg, layer=layer: vmoba_attention(

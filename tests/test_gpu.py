@@ -50,6 +50,7 @@ def _inputs(layout, hkv, dtype, seed):
 def test_forward_and_gradients_match_reference(case, dtype, compiled):
     layout, kw, hkv = CASES[case]
     cfg = VMoBAConfig(block_size=128, chunk_1d=(2,), chunk_2d=(4, 4), chunk_3d=(2, 4, 8), **kw)
+    torch._dynamo.reset()  # each test compiles 3 layers; stay far from the recompile limit
     fn = torch.compile(vmoba_attention, fullgraph=True) if compiled else vmoba_attention
     for layer in range(3):
         q, k, v = _inputs(layout, hkv, dtype, seed=layer)
