@@ -113,9 +113,13 @@ def main() -> None:
                     qp, kp = permute(q, plan), permute(k, plan)
                     return plan_blocks(qp, kp, plan, cfg).block_mask
 
-                sel_c = torch.compile(sel_only, dynamic=False)
+                def sel_tensors(sel_only=sel_only):
+                    bm = sel_only()
+                    return bm.kv_indices, bm.full_kv_indices, bm.q_indices, bm.full_q_indices
+
+                sel_c = torch.compile(sel_tensors, dynamic=False)
                 with torch.no_grad():
-                    bm = sel_c()
+                    bm = sel_only()  # eager (a BlockMask cannot leave a compiled region)
                     density = float(bm.to_dense().float().mean())
                     out = fn_c(q, k, v)
                     err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())

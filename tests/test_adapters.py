@@ -258,7 +258,23 @@ def test_fixed_resolution_family_at_another_size(family: str) -> None:
     true_grid = tm.expected_grid(family, model)
     assert true_grid == (3, 5, 3)
     assert (grid.frames, grid.height, grid.width) == true_grid
-    assert_bump_probe(family, model, args, kwargs, grid, true_grid, record_sdpa(model, args, kwargs))
+    assert_bump_probe(
+        family, model, args, kwargs, grid, true_grid, record_sdpa(model, args, kwargs)
+    )
+
+
+def test_skyreels_block_causal_mask_is_not_key_padding() -> None:
+    """With num_frame_per_block > 1 every attn1 gets a block-causal mask the pass must not drop."""
+    model, args, kwargs = tm.build("skyreels_v2", num_frame_per_block=2)
+    adapter = find_adapter(model)
+    grid = adapter.grid(model, args, kwargs)
+    assert (grid.frames, grid.height, grid.width) == tm.expected_grid("skyreels_v2", model)
+    assert not grid.text_key_padding
+    listed = set(adapter.self_attention_modules(model))
+    masks = [c.attn_mask for c in record_sdpa(model, args, kwargs) if c.module in listed]
+    n = grid.video_tokens
+    assert len(masks) == len(listed)
+    assert all(m is not None and m.dtype == torch.bool and m.shape == (1, 1, n, n) for m in masks)
 
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
@@ -278,6 +294,9 @@ def test_grid_reads_shapes_only(family: str) -> None:
 # ---------------------------------------------------------------------------- bad inputs
 
 
+_DROP = object()  # marks an input to remove in _kw
+
+
 def _kw(family: str, **changes: Any) -> tuple[tuple, dict]:
     """The family's default inputs as keywords, with ``changes`` applied."""
     model, args, kwargs = built(family)
@@ -289,9 +308,6 @@ def _kw(family: str, **changes: Any) -> tuple[tuple, dict]:
         else:
             merged[k] = v
     return (), merged
-
-
-_DROP = object()
 
 
 def _bad_cases() -> list:
@@ -325,7 +341,8 @@ def _bad_cases() -> list:
             "wan",
             lambda: _kw("wan", hidden_states=torch.randn(1, 4, 3, 1, 12)),
             ValueError,
-            r"needs at least 2 input height per token \(config\.patch_size\[1\]\); got height=1",
+            r"at least 2 input elements along height per token \(config\.patch_size\[1\]\); "
+            r"got height=1",
         ),
         (
             "wan_vace",
@@ -447,6 +464,9 @@ def test_registry_covers_every_family() -> None:
     assert len(families) == len(set(families))
     assert set(families) == set(tm.ADAPTER_FAMILY.values())
     assert all(isinstance(a, ModelAdapter) and a.model_classes and a.library for a in ADAPTERS)
+    from vmoba_compile.adapters import base
+
+    assert base.find_adapter is find_adapter and base.ADAPTERS is ADAPTERS
 
 
 def test_import_does_not_import_model_libraries() -> None:

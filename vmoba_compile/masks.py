@@ -92,7 +92,15 @@ def build_block_mask(
     kv_num, kv_idx = dense_to_indices(partial)
     full_num, full_idx = dense_to_indices(full)
 
-    # Per-slot tables for mask_mod.
+    # Per-slot tables for mask_mod. mask_mod reads only buffers computed here on the device, never
+    # a constant lifted from Python: a Triton flex template that read such a constant directly
+    # faulted on the H100 ("operation not supported on global/shared address space").
+    # kv_col: the selection column of each key slot: its chunk, C for text, C+1 for padding.
+    _, real = plan.slot_tokens(device)
+    slot = torch.arange(nb * bs, device=device)
+    kv_col = torch.where(real, block_chunk[slot // bs], torch.full_like(slot, c + 1))
+    never = torch.zeros(*sel_ext.shape[:-1], 1, dtype=torch.bool, device=device)
+    sel_ext = torch.cat([sel_ext, never], dim=-1)  # [B, H, U, C+2]
     key_ok = None
     if text_key_mask is not None:
         pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
@@ -104,19 +112,13 @@ def build_block_mask(
             ],
             dim=1,
         )
-
-    sel_ext = materialize_for_mask_mod(sel_ext)
-    block_chunk = materialize_for_mask_mod(block_chunk)
-    block_count = materialize_for_mask_mod(block_count)
-    if key_ok is not None:
         key_ok = materialize_for_mask_mod(key_ok)
+    sel_ext = materialize_for_mask_mod(sel_ext)
+    kv_col = materialize_for_mask_mod(kv_col)
 
     def mask_mod(bi, hi, q_idx, kv_idx):
-        kb = kv_idx // bs
-        kc = block_chunk[kb]
-        real = (kv_idx % bs) < block_count[kb]
         unit = q_idx if token_level else q_idx // bs
-        ok = real & sel_ext[bi, hi, unit, kc]
+        ok = sel_ext[bi, hi, unit, kv_col[kv_idx]]
         if key_ok is not None:
             ok = ok & key_ok[bi, kv_idx]
         return ok

@@ -10,6 +10,7 @@ Pure tensor functions: static shapes, no host syncs, no scatter. A selection is 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import Scope, Selection, VMoBAConfig
 
@@ -58,6 +59,23 @@ def _topk(g: torch.Tensor, is_self: torch.Tensor, k: int) -> torch.Tensor:
     return rank < k
 
 
+def _cumsum_last(x: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """cumsum over the last dim as two short scans.
+
+    Inductor's split scan for one long row (32K elements, TOKEN granularity with head scope)
+    failed to generate code on the H100 (torch 2.11: ``TypeError: list indices must be integers
+    or slices, not NoneType``); tiles of 1024 plus a scan over tile totals avoid it.
+    """
+    n = x.shape[-1]
+    if n <= tile:
+        return torch.cumsum(x, dim=-1)
+    pad = -n % tile
+    xt = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, tile)
+    inner = torch.cumsum(xt, dim=-1)
+    carry = torch.cumsum(inner[..., -1], dim=-1) - inner[..., -1]
+    return (inner + carry[..., None]).reshape(*x.shape[:-1], n + pad)[..., :n]
+
+
 def _threshold(
     g: torch.Tensor, is_self: torch.Tensor, unit_real: torch.Tensor, tau: float, scope: Scope
 ) -> torch.Tensor:
@@ -83,7 +101,7 @@ def _threshold(
         flat = flat.reshape(b, h, 1, u * c)
     vals = torch.sort(flat, dim=-1, descending=True).values
     share = torch.clamp(vals, min=0) / safe_total
-    before = torch.cumsum(share, dim=-1) - share  # share accumulated before each position
+    before = _cumsum_last(share) - share  # share accumulated before each position
     # Walk: keep positions up to and including the first whose accumulated share reaches `need`,
     # i.e. every position whose share *before* it is still short; the first is always kept (quirk
     # of the reference kept by the spec). The cut is turned into a value threshold so that the

@@ -5,7 +5,7 @@ forward call it says where the video tokens sit in every video self-attention of
 (:class:`VideoGrid`), and it names the modules whose SDPA calls are those self-attentions. It
 never rewrites, patches or runs the model.
 
-``grid`` reads shapes, dtypes and ``model.config`` only, never tensor values: it is cheap, makes
+``grid`` reads shapes and ``model.config`` only, never tensor values: it is cheap, makes
 no host sync, and works on meta or fake tensors.
 
 Shape legend: B batch, C channels, F frames, H height, W width of the model *input*; the token
@@ -14,6 +14,7 @@ grid is ``frames x height x width`` in tokens after patchify, flattened frame-ma
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 from collections.abc import Iterable, Sequence
@@ -121,7 +122,7 @@ class VideoGrid:
         )
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """Knowledge of one model family. Subclasses are stateless singletons.
 
     Attributes:
@@ -148,6 +149,7 @@ class ModelAdapter:
                 return True
         return False
 
+    @abc.abstractmethod
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
         """The token grid of the forward call ``model(*args, **kwargs)``.
 
@@ -163,6 +165,7 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
+    @abc.abstractmethod
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
         """Names (as in ``model.named_modules()``) of the video self-attention modules.
 
@@ -261,8 +264,8 @@ def tokens_along(
         )
     if size < patch:
         raise ValueError(
-            f"{type(model).__name__} needs at least {patch} input {axis} per token ({source}); "
-            f"got {axis}={size}, which gives no token. Use larger latents."
+            f"{type(model).__name__} needs at least {patch} input elements along {axis} per "
+            f"token ({source}); got {axis}={size}, which gives no token. Use larger inputs."
         )
     return size // patch
 
@@ -342,3 +345,13 @@ def children(
                 f"video self-attention module the VMoBA adapter expects."
             )
     return found
+
+
+def __getattr__(name: str) -> Any:
+    # find_adapter and ADAPTERS live in .registry, which imports every adapter module (and they
+    # import this one); resolve them lazily so `from .base import find_adapter` works too.
+    if name in ("ADAPTERS", "find_adapter"):
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,8 +21,9 @@ when that happens and what an adapter cannot describe):
 * **hunyuan_video**: joint ``[video, text]`` in ``transformer_blocks.*.attn`` and
   ``single_transformer_blocks.*.attn``, always with a boolean key-padding mask
   (``text_key_padding=True``; the model assumes right-padded text). The token refiner's
-  self-attention (``context_embedder.token_refiner``) is text only and not listed. HunyuanVideo
-  1.5 and FramePack are other classes (extra context tokens) and are not handled.
+  self-attention (``context_embedder.token_refiner``) is text only and not listed. The I2V
+  variants (``image_condition_type="token_replace"`` / ``"latent_concat"``) keep the same layout.
+  HunyuanVideo 1.5 and FramePack are other classes (extra context tokens) and are not handled.
 * **ltx_video**: the model takes packed tokens; the grid is the ``num_frames``, ``height``,
   ``width`` arguments (the RoPE grid), which must multiply to ``S``. The conditioning path
   (``video_coords``, used by ``LTXConditionPipeline`` and the long multi-prompt pipeline) prepends
