@@ -45,13 +45,16 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 
 def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
-    """Make a tensor that ``mask_mod`` captures a real buffer under inductor on CPU.
+    """Make a tensor that ``mask_mod`` captures a real, separately computed buffer under inductor.
 
-    Inductor's CPU flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize the
-    buffers a ``mask_mod`` reads, unlike the GPU lowering, and fails with ``NoValidChoicesError``
-    (or reads wrong values) when one is still an unfused computation. Passing it through an opaque
-    op forces a buffer. On GPU the lowering realizes captures itself, so this is a no-op there.
+    - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
+      the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
+      values) when one is still an unfused computation.
+    - GPU (H100, torch 2.11): with the tables computed in the same graph, the flex template came
+      out fused with the computation of its captured buffers (``triton_tem_fused_flex_attention_
+      lift_fresh``) and faulted (illegal memory access); the same masks passed in as inputs ran.
+    An opaque custom op forces a plain buffer on both. Outside compilation it is a no-op.
     """
-    if x.device.type != "cpu" or not is_compiling():
+    if not is_compiling():
         return x
     return _materialize(x)
