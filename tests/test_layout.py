@@ -83,21 +83,3 @@ def test_ragged_3d_grid_from_the_issue():
     plan = make_plan(layout, (4, 8, 8), 128)
     assert plan.num_chunks == 6 * 4 * 7
     assert sum(plan.chunk_sizes) == layout.video_tokens
-
-
-@settings(max_examples=200)
-@given(data=st.data())
-def test_device_tables_equal_the_host_plan(data):
-    """The arithmetic (table-free) index tensors agree with the plan's Python bookkeeping."""
-    layout = data.draw(layouts())
-    config = data.draw(configs(layout))
-    plan = plan_for(layout, config, data.draw(st.integers(0, 2)))
-    cpu = torch.device("cpu")
-    chunk, count = plan.block_tables(cpu)
-    assert chunk.tolist() == list(plan.block_chunk)
-    assert count.tolist() == list(plan.block_count)
-    assert plan.chunk_size_tensor(cpu).tolist() == list(plan.chunk_sizes)
-    slots = plan.token_slots(cpu)
-    starts = torch.tensor(plan.chunk_offsets)
-    video = slots[layout.video_start : layout.video_start + layout.video_tokens]
-    assert bool(torch.isin(starts, video).all()), "every chunk starts at its recorded offset"

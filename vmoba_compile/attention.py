@@ -145,7 +145,7 @@ def plan_blocks(
     block_chunk, block_count = plan.block_tables(device)
     nvb, nv = plan.num_video_blocks, plan.video_padded
     onehot = (block_chunk[:nvb, None] == torch.arange(c, device=device)[None, :]).float()
-    sizes = plan.chunk_size_tensor(device)
+    sizes = torch.tensor(plan.chunk_sizes, device=device)
     kbar = chunk_keys(kp, onehot, sizes, bs)
     if config.granularity is Granularity.BLOCK:
         b, h, _, d = qp.shape

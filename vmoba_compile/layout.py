@@ -163,64 +163,26 @@ class ChunkPlan:
         lay, (ct, cy, cx) = self.layout, self.chunk
         return (-(-lay.frames // ct), -(-lay.height // cy), -(-lay.width // cx))
 
-    # ---- per-token index tensors: pure arithmetic on arange, no constant tables ----
-    # Every index tensor below is computed from ``arange`` and Python ints. An earlier version
-    # indexed small constant tensors (``torch.tensor(self.chunk_offsets)``); compiled on the H100
-    # (torch 2.11) the kernels reading them faulted ("illegal memory access" / "operation not
-    # supported on global/shared address space"), while the same code ran on CPU.
-
-    def _axis_size(self, i, axis: int):
-        """Size along ``axis`` (0 frames, 1 height, 2 width) of chunk row ``i`` (ragged last)."""
-        n = (self.layout.frames, self.layout.height, self.layout.width)[axis]
-        c = self.chunk[axis]
-        return torch.clamp(n - i * c, max=c) if isinstance(i, torch.Tensor) else min(c, n - i * c)
-
-    def _padded(self, a, b, c):
-        """Padded size of a chunk of ``a x b x c`` tokens: whole blocks."""
-        bs = self.block_size
-        return (a * b * c + bs - 1) // bs * bs
-
-    def _row(self, a, b):
-        """Padded size of one row of chunks (all x tiles) with frame size a and height b."""
-        width, cx = self.layout.width, self.chunk[2]
-        full = (width // cx) * self._padded(a, b, cx)
-        return full + (self._padded(a, b, width % cx) if width % cx else 0)
-
-    def _slab_full(self) -> int:
-        """Padded size of one full slab of chunks (all y rows, all x tiles) of ``ct`` frames."""
-        height, cy, ct = self.layout.height, self.chunk[1], self.chunk[0]
-        full = (height // cy) * self._row(ct, cy)
-        return full + (self._row(ct, height % cy) if height % cy else 0)
-
-    def _locate(self, s: torch.Tensor):
-        """Chunk coordinates of padded video slots ``s`` (clamped in range for text slots)."""
-        nt, ny, nx = self.chunk_grid
-        slab = self._slab_full()
-        it = torch.clamp(s // slab, max=nt - 1)
-        st = self._axis_size(it, 0)
-        r = s - it * slab
-        row = self._row(st, self.chunk[1])
-        iy = torch.clamp(r // row, max=ny - 1)
-        sy = self._axis_size(iy, 1)
-        r = r - iy * row
-        cell = self._padded(st, sy, self.chunk[2])
-        ix = torch.clamp(r // cell, max=nx - 1)
-        sx = self._axis_size(ix, 2)
-        local = r - ix * cell
-        return it, iy, ix, st, sy, sx, local
+    # ---- per-token index tensors (pure arithmetic on arange; trace into the graph) ----
 
     def _video_token_slots(self, device: torch.device) -> torch.Tensor:
         lay, (ct, cy, cx) = self.layout, self.chunk
+        _, ny, nx = self.chunk_grid
         n = torch.arange(lay.video_tokens, device=device)
         t = n // (lay.height * lay.width)
         y = (n // lay.width) % lay.height
         x = n % lay.width
         it, iy, ix = t // ct, y // cy, x // cx
-        st, sy, sx = self._axis_size(it, 0), self._axis_size(iy, 1), self._axis_size(ix, 2)
+        sy = torch.clamp(lay.height - iy * cy, max=cy)  # this chunk's height (ragged edge)
+        sx = torch.clamp(lay.width - ix * cx, max=cx)
         local = ((t - it * ct) * sy + (y - iy * cy)) * sx + (x - ix * cx)
-        # every earlier slab is full; within the slab every earlier row has this chunk's frames
-        offset = it * self._slab_full() + iy * self._row(st, cy) + ix * self._padded(st, sy, cx)
-        return offset + local
+        # The clamp is a no-op for real tokens. It is there because inductor, fusing the ``cat``
+        # in token_slots, evaluated this indirect load for the text positions too, with an
+        # out-of-range chunk id, which faulted on the H100 ("operation not supported on
+        # global/shared address space").
+        cid = torch.clamp((it * ny + iy) * nx + ix, 0, self.num_chunks - 1)
+        offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
+        return offsets[cid] + local
 
     def token_slots(self, device: torch.device) -> torch.Tensor:
         """``[S]`` int64: the padded slot of each token of the call, in the call's order."""
@@ -234,50 +196,42 @@ class ChunkPlan:
         return torch.cat([video, text])
 
     def slot_tokens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inverse map, computed analytically (no scatter, no tables).
+        """The inverse map, computed analytically (no scatter).
 
         Returns:
             ``(token, real)``: ``[S_pad]`` int64 token index of each padded slot (0 where the slot
             is padding) and ``[S_pad]`` bool, True where the slot holds a real token.
         """
-        lay, (ct, cy, cx) = self.layout, self.chunk
+        lay, (ct, cy, cx), bs = self.layout, self.chunk, self.block_size
+        _, ny, nx = self.chunk_grid
         s = torch.arange(self.padded_len, device=device)
-        it, iy, ix, _, sy, sx, local = self._locate(s)
+        blk = s // bs
+        block_chunk = torch.tensor(self.block_chunk, device=device, dtype=torch.long)
+        c = block_chunk[blk]
+        is_text = c >= self.num_chunks
+        cv = torch.clamp(c, max=self.num_chunks - 1)
+        offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
+        sizes = torch.tensor(self.chunk_sizes, device=device, dtype=torch.long)
+        local = s - offsets[cv]
+        it, iy, ix = cv // (ny * nx), (cv // nx) % ny, cv % nx
+        sy = torch.clamp(lay.height - iy * cy, max=cy)
+        sx = torch.clamp(lay.width - ix * cx, max=cx)
         t = it * ct + local // (sy * sx)
         y = iy * cy + (local // sx) % sy
         x = ix * cx + local % sx
         video_tok = (t * lay.height + y) * lay.width + x + lay.video_start
         text_local = s - self.video_padded
-        is_text = text_local >= 0
         text_tok = text_local + lay.text_start
-        real = torch.where(
-            is_text, text_local < lay.text_tokens, local < self._axis_size(it, 0) * sy * sx
-        )
+        real = torch.where(is_text, text_local < lay.text_tokens, local < sizes[cv])
         token = torch.where(is_text, text_tok, video_tok)
         return torch.where(real, token, torch.zeros_like(token)), real
 
     def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks]`` int64 chunk id of each block (text: num_chunks) and real-token count."""
-        _, ny, nx = self.chunk_grid
-        bs = self.block_size
-        s = torch.arange(self.num_blocks, device=device) * bs
-        it, iy, ix, st, sy, sx, local = self._locate(s)
-        text_local = s - self.video_padded
-        is_text = text_local >= 0
-        chunk = torch.where(is_text, self.num_chunks, (it * ny + iy) * nx + ix)
-        count = torch.where(
-            is_text,
-            torch.clamp(self.layout.text_tokens - text_local, max=bs),
-            torch.clamp(st * sy * sx - local, max=bs),
+        return (
+            torch.tensor(self.block_chunk, device=device, dtype=torch.long),
+            torch.tensor(self.block_count, device=device, dtype=torch.long),
         )
-        return chunk, count
-
-    def chunk_size_tensor(self, device: torch.device) -> torch.Tensor:
-        """``[C]`` int64 real tokens per chunk."""
-        _, ny, nx = self.chunk_grid
-        c = torch.arange(self.num_chunks, device=device)
-        it, iy, ix = c // (ny * nx), (c // nx) % ny, c % nx
-        return self._axis_size(it, 0) * self._axis_size(iy, 1) * self._axis_size(ix, 2)
 
 
 def chunk_dims(
