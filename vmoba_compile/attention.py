@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
 from .config import Granularity, Selection, VMoBAConfig
-from .layout import ChunkPlan, VideoLayout, make_plan, resolve_chunk
+from .layout import ChunkPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
 
@@ -101,16 +101,20 @@ def _run_flex(q, k, v, block_mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
-def permute(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
-    """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads)."""
-    token, real = plan.slot_tokens(x.device)
-    g = torch.index_select(x, 2, token)
-    return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
+def permute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
+    """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads).
+
+    ``idx`` (``plan.index(device)``) lets one call share the index tensors across q, k and v.
+    """
+    idx = idx if idx is not None else plan.index(x.device)
+    g = torch.index_select(x, 2, idx.token)
+    return torch.where(idx.real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def unpermute(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+def unpermute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
     """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order."""
-    return torch.index_select(x, 2, plan.token_slots(x.device))
+    idx = idx if idx is not None else plan.index(x.device)
+    return torch.index_select(x, 2, idx.slots)
 
 
 @dataclasses.dataclass
@@ -138,11 +142,12 @@ def plan_blocks(
     plan: ChunkPlan,
     config: VMoBAConfig,
     text_key_mask: torch.Tensor | None = None,
+    idx: PlanIndex | None = None,
 ) -> BlockPlan:
     """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``."""
     device, bs, c = qp.device, plan.block_size, plan.num_chunks
-    _, real = plan.slot_tokens(device)
-    block_chunk, block_count = plan.block_tables(device)
+    idx = idx if idx is not None else plan.index(device)
+    block_chunk, block_count = idx.block_chunk, idx.block_count
     nvb, nv = plan.num_video_blocks, plan.video_padded
     onehot = (block_chunk[:nvb, None] == torch.arange(c, device=device)[None, :]).float()
     sizes = torch.tensor(plan.chunk_sizes, device=device)
@@ -156,15 +161,10 @@ def plan_blocks(
     else:
         q_units = qp[:, :, :nv]
         is_self = onehot.bool().repeat_interleave(bs, dim=0)
-        unit_real = real[:nv]
+        unit_real = idx.real[:nv]
     sel = select(gates(q_units, kbar), is_self, unit_real, config)
-    bm = build_block_mask(
-        plan,
-        sel,
-        token_level=config.granularity is Granularity.TOKEN,
-        unit_real=unit_real,
-        text_key_mask=text_key_mask,
-    )
+    token_level = config.granularity is Granularity.TOKEN
+    bm = build_block_mask(plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask)
     return BlockPlan(plan, sel, unit_real, is_self, bm)
 
 
@@ -207,7 +207,7 @@ def vmoba_attention(
         # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
         return _dense(q, k, v, layout, scale, text_key_mask)
 
-    qp, kp, vp = (permute(x, plan) for x in (q, k, v))
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask).block_mask
-    out = _run_flex(qp, kp, vp, bm, scale)
-    return torch.index_select(out, 2, plan.token_slots(q.device))
+    idx = plan.index(q.device)
+    qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
+    return unpermute(_run_flex(qp, kp, vp, bm, scale), plan, idx)

@@ -21,12 +21,20 @@ import dataclasses
 import functools
 import math
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
 from .config import Partition, VMoBAConfig
 
-__all__ = ["ChunkPlan", "TextPosition", "VideoLayout", "make_plan", "resolve_chunk"]
+__all__ = [
+    "ChunkPlan",
+    "PlanIndex",
+    "TextPosition",
+    "VideoLayout",
+    "make_plan",
+    "resolve_chunk",
+]
 
 
 class TextPosition(str, Enum):
@@ -121,6 +129,16 @@ class VideoLayout:
 def _axis_sizes(n: int, c: int) -> list[int]:
     """Sizes of the chunks along one axis of length n cut every c (the last may be smaller)."""
     return [c] * (n // c) + ([n % c] if n % c else [])
+
+
+class PlanIndex(NamedTuple):
+    """The device index tensors of one :class:`ChunkPlan`, built once per attention call."""
+
+    token: torch.Tensor  # [S_pad] int64: token of each padded slot (0 for padding)
+    real: torch.Tensor  # [S_pad] bool: slot holds a real token
+    slots: torch.Tensor  # [S] int64: padded slot of each token, in call order
+    block_chunk: torch.Tensor  # [NB] int64: chunk of each block (text: num_chunks)
+    block_count: torch.Tensor  # [NB] int64: real tokens in each block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +243,11 @@ class ChunkPlan:
         real = torch.where(is_text, text_local < lay.text_tokens, local < sizes[cv])
         token = torch.where(is_text, text_tok, video_tok)
         return torch.where(real, token, torch.zeros_like(token)), real
+
+    def index(self, device: torch.device) -> PlanIndex:
+        """All index tensors of the plan on ``device`` (each computed once)."""
+        token, real = self.slot_tokens(device)
+        return PlanIndex(token, real, self.token_slots(device), *self.block_tables(device))
 
     def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks]`` int64 chunk id of each block (text: num_chunks) and real-token count."""

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._compat import materialize_for_mask_mod
-from .layout import ChunkPlan
+from .layout import ChunkPlan, PlanIndex
 
 __all__ = ["build_block_mask", "dense_to_indices"]
 
@@ -34,20 +34,20 @@ def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_block_mask(
     plan: ChunkPlan,
+    idx: PlanIndex,
     sel: torch.Tensor,
     *,
     token_level: bool,
-    unit_real: torch.Tensor,
     text_key_mask: torch.Tensor | None = None,
 ) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
 
     Args:
         plan: the partition in use.
+        idx: ``plan.index(device)``.
         sel: ``[B, H, U, C]`` bool selection; ``U`` is the number of video query blocks (BLOCK
             granularity) or of video query slots ``NB_video * block_size`` (TOKEN granularity).
-        token_level: whether ``sel`` is per token.
-        unit_real: ``[U]`` bool, units that hold real tokens.
+        token_level: whether ``sel`` is per token (padding slots' selections are ignored).
         text_key_mask: optional ``[B, L]`` bool, False for text keys nobody may attend
             (key padding); ``L`` = text tokens of the layout.
 
@@ -55,36 +55,32 @@ def build_block_mask(
         A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]``.
     """
     device = sel.device
-    b, h, _, c = sel.shape
-    bs = plan.block_size
-    nb = plan.num_blocks
-    ntq = plan.num_text_blocks
-    block_chunk, block_count = plan.block_tables(device)
-    kv_clean = block_count == bs  # no padding slot in the block
+    b, h, u, c = sel.shape
+    bs, nb = plan.block_size, plan.num_blocks
+    block_chunk, real = idx.block_chunk, idx.real
 
-    # Extend the selection with a "text" column (chunk id C) and text query rows, both all True.
-    text_col = torch.ones(b, h, sel.shape[2], 1, dtype=torch.bool, device=device)
-    sel_ext = torch.cat([sel, text_col], dim=-1)  # [B, H, U, C+1]
-    rows_text = ntq if not token_level else ntq * bs
+    # The selection extended to every padded query row and to two more columns, built in one
+    # place: text query rows select everything; column C (text keys) is always selected; column
+    # C+1 (padding keys) never is.
+    rows_text = nb * (bs if token_level else 1) - u
     if rows_text:
-        sel_ext = torch.cat(
-            [sel_ext, torch.ones(b, h, rows_text, c + 1, dtype=torch.bool, device=device)], dim=2
-        )
+        sel = torch.cat([sel, sel.new_ones(b, h, rows_text, c)], dim=2)
+    sel_ext = torch.cat(
+        [sel, sel.new_ones(*sel.shape[:-1], 1), sel.new_zeros(*sel.shape[:-1], 1)], dim=-1
+    )  # [B, H, rows, C+2]
 
     # Block-level map over KV blocks: which chunks each query block touches, and whether every
     # real query token of the block selected it (then the block can be full).
     if token_level:
-        per_tok = sel_ext.reshape(b, h, nb, bs, c + 1)
-        slot_real = torch.cat(
-            [unit_real, torch.ones(ntq * bs, dtype=torch.bool, device=device)]
-        ).reshape(nb, bs, 1)
+        per_tok = sel_ext.reshape(b, h, nb, bs, c + 2)
+        slot_real = real.reshape(nb, bs, 1)
         any_c = (per_tok & slot_real).any(dim=3)
         all_c = (per_tok | ~slot_real).all(dim=3)
     else:
         any_c = all_c = sel_ext
     touched = torch.index_select(any_c, -1, block_chunk)  # [B, H, NB, NB]
     uniform = torch.index_select(all_c, -1, block_chunk)
-    kv_full = kv_clean
+    kv_full = idx.block_count == bs  # no padding slot in the block
     if text_key_mask is not None:
         kv_full = kv_full & (block_chunk < c)  # masked text keys need mask_mod
     full = touched & uniform & kv_full
@@ -92,15 +88,11 @@ def build_block_mask(
     kv_num, kv_idx = dense_to_indices(partial)
     full_num, full_idx = dense_to_indices(full)
 
-    # Per-slot tables for mask_mod. mask_mod reads only buffers computed here on the device, never
-    # a constant lifted from Python: a Triton flex template that read such a constant directly
-    # faulted on the H100 ("operation not supported on global/shared address space").
+    # mask_mod reads buffers computed here, not the plan's index tables directly (a flex template
+    # that read a lifted constant table faulted on the H100: docs/gpu_status.md).
     # kv_col: the selection column of each key slot: its chunk, C for text, C+1 for padding.
-    _, real = plan.slot_tokens(device)
     slot = torch.arange(nb * bs, device=device)
     kv_col = torch.where(real, block_chunk[slot // bs], torch.full_like(slot, c + 1))
-    never = torch.zeros(*sel_ext.shape[:-1], 1, dtype=torch.bool, device=device)
-    sel_ext = torch.cat([sel_ext, never], dim=-1)  # [B, H, U, C+2]
     key_ok = None
     if text_key_mask is not None:
         pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
