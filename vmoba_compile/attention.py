@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
-from .config import Granularity, Selection, VMoBAConfig
+from .config import Granularity, VMoBAConfig
 from .layout import ChunkPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
@@ -198,12 +198,7 @@ def vmoba_attention(
     """
     _check_inputs(q, k, v, layout, config, text_key_mask)
     plan = plan_for(layout, config, layer_index)
-    c = plan.num_chunks
-    if (
-        c == 1
-        or config.keeps_everything()
-        or (config.selection is Selection.TOPK and config.topk >= c)
-    ):
+    if config.keeps_all_chunks(plan.num_chunks):
         # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
         return _dense(q, k, v, layout, scale, text_key_mask)
 

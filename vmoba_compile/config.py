@@ -159,6 +159,13 @@ class VMoBAConfig:
             raise ValueError(f"layer_index must be an int >= 0; got {layer_index!r}.")
         return self.schedule[layer_index % len(self.schedule)]
 
-    def keeps_everything(self) -> bool:
-        """True when the selection keeps every chunk whatever the grid (THRESHOLD >= 1)."""
-        return self.selection is Selection.THRESHOLD and self.threshold >= 1.0
+    def keeps_all_chunks(self, num_chunks: int) -> bool:
+        """True when every query keeps every one of ``num_chunks`` chunks: the result is dense.
+
+        One chunk, THRESHOLD with ``threshold >= 1``, or TOPK with ``topk >= num_chunks``.
+        """
+        if num_chunks <= 1:
+            return True
+        if self.selection is Selection.TOPK:
+            return self.topk >= num_chunks
+        return self.threshold >= 1.0

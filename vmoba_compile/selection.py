@@ -128,13 +128,10 @@ def select(
     Returns:
         ``[B, H, U, C]`` bool selection; the self chunk is always True.
     """
-    c = g.shape[-1]
+    if config.keeps_all_chunks(g.shape[-1]):
+        return torch.ones_like(g, dtype=torch.bool)
     if config.selection is Selection.TOPK:
-        if config.topk >= c:
-            return torch.ones_like(g, dtype=torch.bool)
         sel = _topk(g, is_self, config.topk)
     else:
-        if config.threshold >= 1.0:
-            return torch.ones_like(g, dtype=torch.bool)
         sel = _threshold(g, is_self, unit_real, config.threshold, config.scope)
     return sel & unit_real[:, None] | is_self
