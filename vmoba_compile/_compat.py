@@ -50,9 +50,10 @@ def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
     - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
       the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
       values) when one is still an unfused computation.
-    - GPU (H100, torch 2.11): with the tables computed in the same graph, the flex template came
-      out fused with the computation of its captured buffers (``triton_tem_fused_flex_attention_
-      lift_fresh``) and faulted (illegal memory access); the same masks passed in as inputs ran.
+    - GPU: the lowering realizes captures itself; the op is applied there too because the
+      first H100 fault was in a flex template fused with the computation of a captured table
+      (``triton_tem_fused_flex_attention_lift_fresh``). Whether it is needed on GPU is not
+      established: later runs faulted elsewhere first (docs/gpu_status.md).
     An opaque custom op forces a plain buffer on both. Outside compilation it is a no-op.
     """
     if not is_compiling():

@@ -194,10 +194,9 @@ class ChunkPlan:
         sy = torch.clamp(lay.height - iy * cy, max=cy)  # this chunk's height (ragged edge)
         sx = torch.clamp(lay.width - ix * cx, max=cx)
         local = ((t - it * ct) * sy + (y - iy * cy)) * sx + (x - ix * cx)
-        # The clamp is a no-op for real tokens. It is there because inductor, fusing the ``cat``
-        # in token_slots, evaluated this indirect load for the text positions too, with an
-        # out-of-range chunk id, which faulted on the H100 ("operation not supported on
-        # global/shared address space").
+        # No-op for real tokens; keeps the indirect load in range if inductor evaluates it for
+        # the text positions of token_slots' fused ``cat``. Added while chasing an H100 fault in
+        # that fused kernel; the fault remained (docs/gpu_status.md).
         cid = torch.clamp((it * ny + iy) * nx + ix, 0, self.num_chunks - 1)
         offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
         return offsets[cid] + local
