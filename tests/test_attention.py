@@ -26,22 +26,17 @@ def _qkv(layout, b=2, h=4, hkv=None, d=16, seed=0, dtype=torch.float32):
     return q, k, v
 
 
+def _ragged_config(**kwargs) -> VMoBAConfig:
+    """Chunk shapes that leave ragged edges on the 5x6x7 grid of the tests below."""
+    return VMoBAConfig(chunk_1d=(2,), chunk_2d=(3, 4), chunk_3d=(2, 3, 3), block_size=16, **kwargs)
+
+
 @pytest.mark.parametrize(("gran", "sel", "scope", "layer"), MODES)
 @pytest.mark.parametrize("position", ["prefix", "suffix"])
 def test_matches_reference_every_mode(gran, sel, scope, layer, position):
     # 5x6x7 is ragged for every chunk shape below; S = 222 is not a multiple of the block
     layout = VideoLayout(5, 6, 7, text_tokens=12, text_position=position)
-    cfg = VMoBAConfig(
-        chunk_1d=(2,),
-        chunk_2d=(3, 4),
-        chunk_3d=(2, 3, 3),
-        selection=sel,
-        topk=2,
-        threshold=0.3,
-        scope=scope,
-        granularity=gran,
-        block_size=16,
-    )
+    cfg = _ragged_config(selection=sel, topk=2, threshold=0.3, scope=scope, granularity=gran)
     q, k, v = _qkv(layout, seed=layer)
     out = vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
     ref = vmoba_reference(q, k, v, layout=layout, config=cfg, layer_index=layer)
@@ -177,17 +172,7 @@ def test_compiled_cpu_matches_reference(gran, sel, scope, layer, position, hkv, 
     """
     torch._dynamo.reset()
     layout = VideoLayout(5, 6, 7, text_tokens=10, text_position=position)
-    cfg = VMoBAConfig(
-        chunk_1d=(2,),
-        chunk_2d=(3, 4),
-        chunk_3d=(2, 3, 3),
-        selection=sel,
-        topk=3,
-        threshold=0.3,
-        scope=scope,
-        granularity=gran,
-        block_size=16,
-    )
+    cfg = _ragged_config(selection=sel, topk=3, threshold=0.3, scope=scope, granularity=gran)
     q, k, v = _qkv(layout, b=2, h=4, hkv=hkv)
     tkm = (torch.arange(10) < 6).expand(2, 10).clone() if with_mask else None
     fn = torch.compile(vmoba_attention, fullgraph=True)

@@ -272,6 +272,22 @@ _VIVIT = dict(
 # Second grids change every axis (and swap the height/width aspect) so a stale grid cannot pass.
 _G0, _G1 = (3, 4, 6), (2, 6, 4)
 
+_HUNYUAN = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=10,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=True,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 4, 4),
+)
+
 _SPECS: tuple[TinyFamily, ...] = (
     TinyFamily(
         name="wan",
@@ -379,21 +395,7 @@ _SPECS: tuple[TinyFamily, ...] = (
         name="hunyuan_video",
         adapter_family="hunyuan_video",
         make=_diffusers("HunyuanVideoTransformer3DModel"),
-        config=dict(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=10,
-            num_layers=1,
-            num_single_layers=1,
-            num_refiner_layers=1,
-            patch_size=2,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=16,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 4, 4),
-        ),
+        config=_HUNYUAN,
         grids=(_G0, _G1),
         patch=(1, 2, 2),
         layout="BCFHW",
@@ -405,22 +407,7 @@ _SPECS: tuple[TinyFamily, ...] = (
         name="hunyuan_video_token_replace",
         adapter_family="hunyuan_video",
         make=_diffusers("HunyuanVideoTransformer3DModel"),
-        config=dict(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=10,
-            num_layers=1,
-            num_single_layers=1,
-            num_refiner_layers=1,
-            patch_size=2,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=16,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 4, 4),
-            image_condition_type="token_replace",  # I2V: other block classes, same attention
-        ),
+        config=dict(_HUNYUAN, image_condition_type="token_replace"),  # I2V: other block classes
         grids=(_G0, _G1),
         patch=(1, 2, 2),
         layout="BCFHW",

@@ -110,6 +110,20 @@ def _latent_grid(
 
 
 _PATCH3 = ("config.patch_size[0]", "config.patch_size[1]", "config.patch_size[2]")
+_FRAMEWISE = ("frames are not patched", "config.patch_size", "config.patch_size")
+
+
+def _framewise_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, int, int]:
+    """``(F, H // p, W // p)``: models whose patch embedding is a per-frame Conv2d with kernel =
+    stride = ``config.patch_size`` (Mochi, Allegro, EasyAnimate)."""
+    x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
+    p = int(config_value(model, "patch_size"))
+    return _latent_grid(model, x, (1, p, p), _FRAMEWISE, exact=False)
+
+
+def _transformer_blocks_attn1(model: torch.nn.Module) -> list[str]:
+    """``transformer_blocks.N.attn1``: the video self-attention of most diffusers video DiTs."""
+    return module_names(model, children(model, "transformer_blocks", "attn1"))
 
 
 class WanAdapter(ModelAdapter):
@@ -190,7 +204,7 @@ class CogVideoXAdapter(ModelAdapter):
         return VideoGrid(*grid, text_position=TextPosition.PREFIX)
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 class HunyuanVideoAdapter(ModelAdapter):
@@ -270,7 +284,7 @@ class LTXVideoAdapter(ModelAdapter):
         return grid
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 class MochiAdapter(ModelAdapter):
@@ -286,16 +300,13 @@ class MochiAdapter(ModelAdapter):
 
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
         inputs = bind_inputs(model, args, kwargs)
-        x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
+        grid = _framewise_grid(model, inputs)
         require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
         require_tensor(model, inputs, "encoder_attention_mask", 2, "[B, L] (1 = valid)")
-        p = int(config_value(model, "patch_size"))
-        sources = ("frames are not patched", "config.patch_size", "config.patch_size")
-        grid = _latent_grid(model, x, (1, p, p), sources, exact=False)
         return VideoGrid(*grid, text_position=TextPosition.SUFFIX)
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 class AllegroAdapter(ModelAdapter):
@@ -310,14 +321,10 @@ class AllegroAdapter(ModelAdapter):
     model_classes = ("AllegroTransformer3DModel",)
 
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        inputs = bind_inputs(model, args, kwargs)
-        x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
-        p = int(config_value(model, "patch_size"))
-        sources = ("frames are not patched", "config.patch_size", "config.patch_size")
-        return VideoGrid(*_latent_grid(model, x, (1, p, p), sources, exact=False))
+        return VideoGrid(*_framewise_grid(model, bind_inputs(model, args, kwargs)))
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 class CosmosAdapter(ModelAdapter):
@@ -338,7 +345,7 @@ class CosmosAdapter(ModelAdapter):
         return VideoGrid(*_latent_grid(model, x, patch, _PATCH3, exact=True))
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 class EasyAnimateAdapter(ModelAdapter):
@@ -355,15 +362,12 @@ class EasyAnimateAdapter(ModelAdapter):
 
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
         inputs = bind_inputs(model, args, kwargs)
-        x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
+        grid = _framewise_grid(model, inputs)
         require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
-        p = int(config_value(model, "patch_size"))
-        sources = ("frames are not patched", "config.patch_size", "config.patch_size")
-        grid = _latent_grid(model, x, (1, p, p), sources, exact=False)
         return VideoGrid(*grid, text_position=TextPosition.PREFIX)
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
-        return module_names(model, children(model, "transformer_blocks", "attn1"))
+        return _transformer_blocks_attn1(model)
 
 
 DIFFUSERS_ADAPTERS: tuple[ModelAdapter, ...] = (
