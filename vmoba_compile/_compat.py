@@ -6,7 +6,9 @@ import functools
 
 import torch
 
-__all__ = ["TORCH_VERSION", "compiled_flex_attention", "is_compiling"]
+from .layout import ChunkPlan, PlanIndex, plan_from_key
+
+__all__ = ["TORCH_VERSION", "compiled_flex_attention", "is_compiling", "plan_index"]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -32,6 +34,45 @@ def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_index(key: str, device: torch.device) -> PlanIndex:
+    return plan_from_key(key).index(device)
+
+
+@torch.library.custom_op("vmoba_compile::plan_index", mutates_args=())
+def _plan_index_op(key: str, device: torch.device) -> list[torch.Tensor]:
+    # Clones: inductor may reuse an op's output buffer in place once it is dead.
+    return [t.clone() for t in _cached_index(key, device)]
+
+
+@_plan_index_op.register_fake
+def _(key: str, device: torch.device) -> list[torch.Tensor]:
+    plan = plan_from_key(key)
+    long, nb = torch.long, plan.num_blocks
+    shapes = (
+        (plan.padded_len, long),
+        (plan.padded_len, torch.bool),
+        (plan.layout.seq_len, long),
+        (nb, long),
+        (nb, long),
+        (plan.num_chunks, long),
+    )
+    return [torch.empty(n, dtype=dt, device=device) for n, dt in shapes]
+
+
+def plan_index(plan: ChunkPlan, device: torch.device) -> PlanIndex:
+    """``plan.index(device)``, built once per (plan, device) and kept outside compiled graphs.
+
+    Under compilation the tables come from an opaque op, so inductor reads them as plain device
+    buffers. Built in-graph (``torch.tensor`` constants, AOT ``lift_fresh``), the H100 runs of
+    torch 2.11 faulted in kernels that read them (docs/gpu_status.md).
+    """
+    device = torch.device(device)
+    if not is_compiling():
+        return _cached_index(plan.key, device)
+    return PlanIndex(*_plan_index_op(plan.key, device))
 
 
 @torch.library.custom_op("vmoba_compile::materialize", mutates_args=())

@@ -104,16 +104,16 @@ def _run_flex(q, k, v, block_mask, scale):
 def permute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
     """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads).
 
-    ``idx`` (``plan.index(device)``) lets one call share the index tensors across q, k and v.
+    ``idx`` (``_compat.plan_index(plan, device)``) lets one call share the index tensors.
     """
-    idx = idx if idx is not None else plan.index(x.device)
+    idx = idx if idx is not None else _compat.plan_index(plan, x.device)
     g = torch.index_select(x, 2, idx.token)
     return torch.where(idx.real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def unpermute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
     """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order."""
-    idx = idx if idx is not None else plan.index(x.device)
+    idx = idx if idx is not None else _compat.plan_index(plan, x.device)
     return torch.index_select(x, 2, idx.slots)
 
 
@@ -146,12 +146,11 @@ def plan_blocks(
 ) -> BlockPlan:
     """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``."""
     device, bs, c = qp.device, plan.block_size, plan.num_chunks
-    idx = idx if idx is not None else plan.index(device)
+    idx = idx if idx is not None else _compat.plan_index(plan, device)
     block_chunk, block_count = idx.block_chunk, idx.block_count
     nvb, nv = plan.num_video_blocks, plan.video_padded
     onehot = (block_chunk[:nvb, None] == torch.arange(c, device=device)[None, :]).float()
-    sizes = torch.tensor(plan.chunk_sizes, device=device)
-    kbar = chunk_keys(kp, onehot, sizes, bs)
+    kbar = chunk_keys(kp, onehot, idx.sizes, bs)
     if config.granularity is Granularity.BLOCK:
         b, h, _, d = qp.shape
         qsum = qp[:, :, :nv].float().reshape(b, h, nvb, bs, d).sum(3)
@@ -202,7 +201,7 @@ def vmoba_attention(
         # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
         return _dense(q, k, v, layout, scale, text_key_mask)
 
-    idx = plan.index(q.device)
+    idx = _compat.plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
     return unpermute(_run_flex(qp, kp, vp, bm, scale), plan, idx)

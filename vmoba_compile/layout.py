@@ -11,8 +11,9 @@ padded to a whole number of blocks, then the text tokens, padded to whole blocks
     [chunk 0 | pad][chunk 1 | pad] ... [chunk C-1 | pad][text | pad]
 
 so that a block never spans two chunks and every block of real tokens is a *full* block for the
-kernel. Padding slots are never attended. All per-token index tensors are built with arithmetic on
-``arange`` (no scatter, no host sync), so they trace into one static graph.
+kernel. Padding slots are never attended. The per-token index tensors of a plan are built once per
+device (:meth:`ChunkPlan.index`) and reach compiled graphs through an opaque op
+(:func:`vmoba_compile._compat.plan_index`), never as constants traced into the graph.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "TextPosition",
     "VideoLayout",
     "make_plan",
+    "plan_from_key",
     "resolve_chunk",
 ]
 
@@ -139,6 +141,7 @@ class PlanIndex(NamedTuple):
     slots: torch.Tensor  # [S] int64: padded slot of each token, in call order
     block_chunk: torch.Tensor  # [NB] int64: chunk of each block (text: num_chunks)
     block_count: torch.Tensor  # [NB] int64: real tokens in each block
+    sizes: torch.Tensor  # [C] int64: real tokens in each chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +149,8 @@ class ChunkPlan:
     """Static (host-side) description of one partition of one layout into chunks and blocks.
 
     Everything here is Python ints: it is a pure function of the layout, the chunk shape and the
-    block size, computed once and cached. Tensors derived from it are built per call by
-    :meth:`token_slots`, :meth:`slot_tokens` and :meth:`block_tables`.
+    block size, computed once and cached. Its device tensors come from :meth:`index` (built from
+    :meth:`token_slots`, :meth:`slot_tokens` and :meth:`block_tables`).
     """
 
     layout: VideoLayout
@@ -246,7 +249,19 @@ class ChunkPlan:
     def index(self, device: torch.device) -> PlanIndex:
         """All index tensors of the plan on ``device`` (each computed once)."""
         token, real = self.slot_tokens(device)
-        return PlanIndex(token, real, self.token_slots(device), *self.block_tables(device))
+        sizes = torch.tensor(self.chunk_sizes, device=device, dtype=torch.long)
+        return PlanIndex(token, real, self.token_slots(device), *self.block_tables(device), sizes)
+
+    @property
+    def key(self) -> str:
+        """A string that names this plan and rebuilds it (:func:`plan_from_key`)."""
+        lay = self.layout
+        return ",".join(
+            str(v)
+            for v in (lay.frames, lay.height, lay.width, lay.text_tokens, lay.text_position.value)
+            + self.chunk
+            + (self.block_size,)
+        )
 
     def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks]`` int64 chunk id of each block (text: num_chunks) and real-token count."""
@@ -304,6 +319,13 @@ def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int)
         num_video_blocks=pos // block_size,
         num_text_blocks=n_text_blocks,
     )
+
+
+def plan_from_key(key: str) -> ChunkPlan:
+    """The plan whose :attr:`ChunkPlan.key` is ``key``."""
+    f, h, w, text, pos, ct, cy, cx, bs = key.split(",")
+    layout = VideoLayout(int(f), int(h), int(w), int(text), TextPosition(pos))
+    return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs))
 
 
 def _padded_tokens(n: tuple[int, int, int], c: tuple[int, int, int], bs: int) -> tuple[int, int]:

@@ -44,7 +44,7 @@ def build_block_mask(
 
     Args:
         plan: the partition in use.
-        idx: ``plan.index(device)``.
+        idx: ``_compat.plan_index(plan, device)``.
         sel: ``[B, H, U, C]`` bool selection; ``U`` is the number of video query blocks (BLOCK
             granularity) or of video query slots ``NB_video * block_size`` (TOKEN granularity).
         token_level: whether ``sel`` is per token (padding slots' selections are ignored).
