@@ -9,13 +9,11 @@ adapter's grid predicts.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import subprocess
 import sys
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_models as tm  # noqa: E402
+from sdpa_spy import Call, record_sdpa  # noqa: E402
 
 from vmoba_compile.adapters import ADAPTERS, ModelAdapter, VideoGrid, find_adapter  # noqa: E402
 from vmoba_compile.layout import TextPosition, VideoLayout  # noqa: E402
@@ -35,73 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  #
 ROW_CHANGED_ATOL = 1e-6
 
 RESIZABLE = [f for f in tm.FAMILIES if f not in tm.FIXED_RESOLUTION]
-
-
-# --------------------------------------------------------------------------- SDPA recording
-
-
-@dataclasses.dataclass
-class Call:
-    """One recorded ``scaled_dot_product_attention`` call."""
-
-    module: str  # innermost module running when SDPA was called
-    query: torch.Tensor  # [B, H, S_q, D], cloned
-    key_len: int
-    attn_mask: torch.Tensor | None
-
-    @property
-    def query_len(self) -> int:
-        return self.query.shape[-2]
-
-
-def _sdpa_signature(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):  # pragma: no cover - signature only
-    pass
-
-
-_SDPA_SIG = inspect.signature(_sdpa_signature)
-
-
-def record_sdpa(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Call]:
-    """Run ``model(*args, **kwargs)`` and record every SDPA call with its calling module."""
-    stack: list[str] = []
-
-    def enter(name: str) -> Any:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(module: torch.nn.Module, args: tuple, output: object) -> None:
-        stack.pop()  # a forward hook that returns a value would replace the output
-
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-    calls: list[Call] = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*a: Any, **kw: Any) -> torch.Tensor:
-        bound = _SDPA_SIG.bind(*a, **kw).arguments
-        calls.append(
-            Call(
-                module=stack[-1],
-                query=bound["query"].detach().clone(),
-                key_len=bound["key"].shape[-2],
-                attn_mask=bound.get("attn_mask"),
-            )
-        )
-        return real(*a, **kw)
-
-    try:
-        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
 
 
 @functools.cache

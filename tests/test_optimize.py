@@ -1,0 +1,388 @@
+"""The pass end to end: ``optimize`` / ``explain`` on tiny models of every family and on toys.
+
+The oracle is the model itself run eagerly with its video self-attention calls computed by
+``vmoba_reference`` (float64, dense mask) with the same layer schedule; which calls those are
+comes from the adapter, whose module lists and grids test_adapters.py checks against SDPA spies
+and bump probes. Most tests lower with ``lowering="aot_eager"`` (AOTAutograd traces the
+rewritten graph, forward and backward, then runs it op by op): the rewrite is the same as with
+inductor, and CPU inductor compiles take ~50 s each on two cores. One test runs inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ATOL_F32, max_err
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import tiny_models as tm  # noqa: E402
+from sdpa_spy import record_sdpa, run_with_sdpa  # noqa: E402
+
+from vmoba_compile import (  # noqa: E402
+    VideoLayout,
+    VMoBAConfig,
+    explain,
+    optimize,
+    vmoba_reference,
+)
+from vmoba_compile.adapters import find_adapter  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi's RoPE
+
+_CHUNKS = {"block_size": 16, "chunk_1d": (1,), "chunk_2d": (2, 2), "chunk_3d": (1, 2, 2)}
+SPARSE = [
+    VMoBAConfig(**_CHUNKS),  # threshold 0.25, global (per-head) selection, block queries
+    VMoBAConfig(selection="topk", topk=2, **_CHUNKS),
+    VMoBAConfig(granularity="token", scope="query", threshold=0.15, **_CHUNKS),
+]
+KEEP_ALL = VMoBAConfig(threshold=1.0, **_CHUNKS)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles the same model classes again; Dynamo's per-code recompile limit (8)
+    would otherwise make later tests run eagerly."""
+    torch._dynamo.reset()
+    yield
+
+
+def sparse_config(family: str) -> VMoBAConfig:
+    return SPARSE[tm.FAMILIES.index(family) % len(SPARSE)]
+
+
+def first(out):
+    """The main output tensor of a diffusers / transformers forward."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def reference_forward(model, args, kwargs, config, dense_layers=frozenset()):
+    """``model(*args, **kwargs)`` with each video self-attention done by ``vmoba_reference``."""
+    adapter = find_adapter(model)
+    grid = adapter.grid(model, args, kwargs)
+    layer_of = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
+
+    def replace(module, a):
+        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+        layer = layer_of.get(module)
+        if layer is None or layer in dense_layers or q.shape[2] != k.shape[2]:
+            return None
+        s = q.shape[2]
+        layout = grid.layout_for(s)
+        tkm = None
+        if mask is not None:  # HunyuanVideo's key padding: [B, 1, 1, S]
+            lo = layout.text_start
+            tkm = mask.reshape(mask.shape[0], s)[:, lo : lo + layout.text_tokens]
+        return vmoba_reference(
+            q, k, v, layout=layout, config=config, layer_index=layer, scale=a["scale"],
+            text_key_mask=tkm,
+        )  # fmt: skip
+
+    return first(run_with_sdpa(model, args, kwargs, replace)[0])
+
+
+@functools.cache
+def built(family):
+    return tm.build(family)
+
+
+def check_report(family, model, args, kwargs, report, config) -> None:
+    """Exactly the video self-attention calls are rewritten, with schedule-given partitions."""
+    listed = find_adapter(model).self_attention_modules(model)
+    spied = record_sdpa(model, args, kwargs)
+    calls = report.calls
+    assert len(calls) == len(spied), f"{family}: report {len(calls)} calls, model made {len(spied)}"
+    assert sorted(c.module for c in calls) == sorted(c.module for c in spied)
+    rewritten = report.rewritten
+    assert sorted(c.module for c in rewritten) == sorted(listed), f"{family}:\n{report}"
+    for c in rewritten:
+        assert c.layer_index == listed.index(c.module)
+        assert c.partition == config.partition_for(c.layer_index).value
+    assert all(c.reason for c in report.skipped)
+
+
+# ------------------------------------------------------------------------- every family
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_family_sparse_equals_reference(family: str) -> None:
+    model, args, kwargs = built(family)
+    config = sparse_config(family)
+    opt = optimize(model, config, lowering="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = first(opt(*args, **kwargs))
+        ref = reference_forward(model, args, kwargs, config)
+    assert len(opt.report.graphs) == 1
+    check_report(family, model, args, kwargs, opt.report, config)
+    assert any("all kept" not in c.reason for c in opt.report.rewritten), "nothing sparse"
+    assert max_err(out, ref) < ATOL_F32 * 10, f"{family}: {max_err(out, ref)}"
+    dense = first(model(*args, **kwargs))
+    assert max_err(out, dense) > 1e-5, f"{family}: the sparse model equals the dense one"
+
+    # New data of the same shape: no recompile.
+    grid = tm.expected_grid(family, model, 0)
+    args2, kwargs2 = tm.perturb(family, args, kwargs, (0, 0, 0), grid)
+    with torch.no_grad():
+        out2 = first(opt(*args2, **kwargs2))
+    assert len(opt.report.graphs) == 1, f"{family} recompiled on new data:\n{opt.report}"
+    assert max_err(out2, out) > 1e-4
+
+    if family in tm.FIXED_RESOLUTION:
+        return
+    # A new resolution: one compile, with the new grid.
+    args3, kwargs3 = tm.build_inputs(family, model, 1)
+    with torch.no_grad():
+        out3 = first(opt(*args3, **kwargs3))
+        ref3 = reference_forward(model, args3, kwargs3, config)
+        opt(*args3, **kwargs3)
+    t, h, w = tm.expected_grid(family, model, 1)
+    assert len(opt.report.graphs) == 2, opt.report
+    assert opt.report.graphs[1][0] == f"grid {t}x{h}x{w}"
+    assert max_err(out3, ref3) < ATOL_F32 * 10, f"{family}: {max_err(out3, ref3)}"
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_family_keep_all_equals_dense(family: str) -> None:
+    model, args, kwargs = built(family)
+    opt = optimize(model, KEEP_ALL, lowering="aot_eager")
+    with torch.no_grad():
+        out = first(opt(*args, **kwargs))
+        dense = first(model(*args, **kwargs))
+    assert len(opt.report.rewritten) == len(find_adapter(model).self_attention_modules(model))
+    assert max_err(out, dense) < 1e-5
+
+
+@pytest.mark.compiled
+def test_inductor_hunyuan_text_and_key_padding_equals_reference() -> None:
+    """Fused inductor kernels, text suffix with a key-padding mask, two partitions."""
+    model, args, kwargs = built("hunyuan_video")
+    config = SPARSE[0]
+    opt = optimize(model, config)
+    with torch.no_grad():
+        out = first(opt(*args, **kwargs))
+        ref = reference_forward(model, args, kwargs, config)
+    check_report("hunyuan_video", model, args, kwargs, opt.report, config)
+    assert max_err(out, ref) < ATOL_F32 * 10
+
+
+# ----------------------------------------------------------------------- toys: skip reasons
+
+
+class ToyAttention(torch.nn.Module):
+    """One attention call of a chosen kind on ``[B, S, C]`` tokens (2 heads)."""
+
+    def __init__(self, kind: str, dim: int = 32) -> None:
+        super().__init__()
+        self.kind = kind
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        b, s, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        kw = {}
+        if self.kind == "cross":
+            k, v = (self.qkv(ctx).reshape(b, -1, 3, 2, c // 2).permute(2, 0, 3, 1, 4))[1:]
+        elif self.kind == "causal":
+            kw["is_causal"] = True
+        elif self.kind == "float_mask":
+            kw["attn_mask"] = torch.zeros(s, s)
+        elif self.kind == "dropout":
+            kw["dropout_p"] = 0.1
+        elif self.kind == "bool_mask":
+            kw["attn_mask"] = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+        return x + out.transpose(1, 2).reshape(b, s, c)
+
+
+class ToyVideo(torch.nn.Module):
+    """Toy blocks; optionally a graph break after block ``graph_break_after``, either in the
+    forward's own code (Dynamo resumes in the same frame) or inside the loop over blocks
+    (Dynamo then compiles each block's frame alone)."""
+
+    def __init__(
+        self, kinds: list[str], graph_break_after: int | None = None, in_loop: bool = False
+    ) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(ToyAttention(k) for k in kinds)
+        self.graph_break_after = graph_break_after
+        self.in_loop = in_loop
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        k = len(self.blocks) if self.graph_break_after is None else self.graph_break_after + 1
+        for i, block in enumerate(self.blocks[:k]):
+            x = block(x, ctx)
+            if self.in_loop and i == self.graph_break_after:
+                torch._dynamo.graph_break()
+        if self.graph_break_after is not None and not self.in_loop:
+            torch._dynamo.graph_break()
+        for block in self.blocks[k:]:
+            x = block(x, ctx)
+        return x
+
+
+TOY_LAYOUT = VideoLayout(frames=2, height=4, width=4, text_tokens=4, text_position="prefix")
+
+
+def toy_inputs(seed: int = 0, s: int = TOY_LAYOUT.seq_len) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, s, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+
+
+def test_skip_reasons() -> None:
+    kinds = ["self", "cross", "causal", "float_mask", "dropout", "bool_mask"]
+    report = explain(ToyVideo(kinds), *toy_inputs(), vmoba_layout=TOY_LAYOUT)
+    by_module = {c.module: c for c in report.calls}
+    assert len(report.calls) == len(kinds)
+    assert by_module["blocks.0"].rewritten and by_module["blocks.0"].layer_index == 0
+    expected = {
+        "blocks.1": "cross-attention",
+        "blocks.2": "causal",
+        "blocks.3": "float32 attention mask",
+        "blocks.4": "dropout",
+        "blocks.5": "boolean attention mask the adapter does not declare",
+    }
+    for module, reason in expected.items():
+        assert not by_module[module].rewritten and reason in by_module[module].reason, report
+    text = str(report)
+    assert "cross-attention" in text and "blocks.0" in text
+
+
+def test_sequence_not_matching_layout_stays_dense() -> None:
+    other = VideoLayout(frames=2, height=4, width=5)
+    report = explain(ToyVideo(["self"]), *toy_inputs(), vmoba_layout=other)
+    (call,) = report.calls
+    assert not call.rewritten and "do not match the layout" in call.reason
+
+
+def test_layer_schedule_survives_graph_breaks() -> None:
+    config = VMoBAConfig(schedule=("1d", "2d", "3d"), **_CHUNKS)
+    model = ToyVideo(["self"] * 4, graph_break_after=1)
+    x, ctx = toy_inputs()
+    report = explain(model, x, ctx, vmoba_layout=TOY_LAYOUT, vmoba_config=config)
+    assert len(report.graphs) == 2
+    assert [c.layer_index for c in report.calls] == [0, 1, 2, 3]
+    assert [c.partition for c in report.calls] == ["1d", "2d", "3d", "1d"]
+    opt = optimize(model, config, layout=TOY_LAYOUT, lowering="aot_eager")
+    with torch.no_grad():
+        out = opt(x, ctx)
+        ref = toy_reference(model, x, ctx, config)
+    assert max_err(out, ref) < ATOL_F32
+
+
+def test_graph_break_inside_the_block_loop_stays_dense_with_the_reason() -> None:
+    model = ToyVideo(["self"] * 3, graph_break_after=0, in_loop=True)
+    report = explain(model, *toy_inputs(), vmoba_layout=TOY_LAYOUT)
+    assert report.calls and not report.rewritten, report
+    assert all("Remove the graph break" in c.reason for c in report.calls)
+    assert report.calls[0].module == "blocks.0"
+
+
+def toy_reference(model, x, ctx, config, dense_layers=frozenset()):
+    layer_of = {f"blocks.{i}": i for i in range(len(model.blocks))}
+
+    def replace(module, a):
+        layer = layer_of[module]
+        if layer in dense_layers or model.blocks[layer].kind != "self":
+            return None
+        q, k, v = a["query"], a["key"], a["value"]
+        return vmoba_reference(q, k, v, layout=TOY_LAYOUT, config=config, layer_index=layer)
+
+    return run_with_sdpa(model, (x, ctx), {}, replace)[0]
+
+
+# ---------------------------------------------------------------------- controls and errors
+
+
+def test_dense_warmup_steps_and_dense_layers() -> None:
+    config = VMoBAConfig(**_CHUNKS)
+    model = ToyVideo(["self"] * 3)
+    opt = optimize(model, config, layout=TOY_LAYOUT, lowering="aot_eager")
+    x, ctx = toy_inputs()
+    with torch.no_grad():
+        dense = model(x, ctx)
+        sparse = toy_reference(model, x, ctx, config)
+        assert max_err(dense, sparse) > 1e-3
+
+        opt.vmoba.dense_steps = 1
+        opt.vmoba.calls_per_step = 2  # conditional + unconditional call per step
+        assert max_err(opt(x, ctx), dense) < 1e-6
+        assert max_err(opt(x, ctx), dense) < 1e-6
+        assert opt.vmoba.step == 1
+        assert max_err(opt(x, ctx), sparse) < ATOL_F32
+        opt.vmoba.reset()
+        assert max_err(opt(x, ctx), dense) < 1e-6
+        opt.vmoba.set_step(3)
+        assert max_err(opt(x, ctx), sparse) < ATOL_F32
+        graphs = len(opt.report.graphs)
+        for _ in range(3):
+            opt(x, ctx)
+        assert len(opt.report.graphs) == graphs  # steps do not recompile
+
+        opt.vmoba.dense_layers = {1}
+        got = opt(x, ctx)
+        assert max_err(got, toy_reference(model, x, ctx, config, frozenset({1}))) < ATOL_F32
+        last = opt.report.graphs[-1][1]
+        assert [c.rewritten for c in last] == [True, False, True]
+        assert "dense_layers" in last[1].reason
+
+
+def test_pipeline_callback_counts_and_resets() -> None:
+    opt = optimize(ToyVideo(["self"]), layout=TOY_LAYOUT)
+
+    class Pipe:
+        num_timesteps = 3
+
+    assert opt.vmoba.pipeline_callback(Pipe(), 0, None, {"a": 1}) == {"a": 1}
+    assert opt.vmoba.step == 1
+    opt.vmoba.pipeline_callback(Pipe(), 2, None, {})
+    assert opt.vmoba.step == 0
+    with pytest.raises(ValueError, match="dense_steps must be an int >= 0"):
+        opt.vmoba.dense_steps = -1
+
+
+def test_strict_raises_with_the_report_when_nothing_is_rewritten() -> None:
+    other = VideoLayout(frames=2, height=4, width=5)
+    opt = optimize(ToyVideo(["self"]), layout=other, strict=True, lowering="aot_eager")
+    with pytest.raises(RuntimeError, match="(?s)strict=True.*do not match the layout"):
+        opt(*toy_inputs())
+
+
+def test_unknown_model_without_layout_lists_the_families() -> None:
+    with pytest.raises(ValueError, match="(?s)known families: wan.*layout=VideoLayout"):
+        optimize(ToyVideo(["self"]))
+
+
+def test_regional_compilation_is_refused() -> None:
+    model = ToyVideo(["self", "self"])
+    model.blocks[0].compile()
+    with pytest.raises(RuntimeError, match="compile_repeated_blocks"):
+        optimize(model, layout=TOY_LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"dynamic": True}, ValueError, "dynamic= is not supported"),
+        ({"backend": "eager"}, TypeError, "unknown compile options"),
+        ({"lowering": "tvm"}, ValueError, "lowering must be one of"),
+        ({"options": 3}, TypeError, "options must be a dict"),
+    ],
+)
+def test_bad_compile_options(kwargs, exc, pattern) -> None:
+    with pytest.raises(exc, match=pattern):
+        optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
+
+
+def test_optimized_model_delegates_attributes_and_parameters() -> None:
+    model, _, _ = built("wan")
+    opt = optimize(model)
+    assert opt.config is model.config
+    assert dict(opt.named_parameters()).keys() == {
+        f"_orig_mod.{n}" for n, _ in model.named_parameters()
+    }
+    with pytest.raises(TypeError, match="already optimized"):
+        optimize(opt)

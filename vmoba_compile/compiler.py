@@ -1,0 +1,527 @@
+"""The FX pass: find the SDPA calls in Dynamo's graph and rewrite video self-attention to VMoBA.
+
+How one compile goes (the backend, :class:`VMoBABackend`):
+
+1. Dynamo traces the model and hands the backend an FX graph; the optimized model's wrapper has
+   set the call context (:class:`CallContext`: the video grid of this forward call, the layer
+   numbering of the model's self-attention modules, the layers kept dense).
+2. :func:`rewrite_graph` walks the graph and every nested graph and finds each
+   ``scaled_dot_product_attention`` call (``torch._C._nn`` builtin or ``aten`` op), its arguments
+   bound by name.
+3. Each call gets a decision (:func:`decide`): video self-attention whose length matches the
+   layout is rewritten; anything else is left dense with the reason.
+4. A rewritten call becomes :func:`vmoba_sdpa` with its layer index, layout and partition fixed.
+5. The graph goes to inductor's ``compile_fx`` with this compile's options, which traces
+   :func:`vmoba_sdpa` into selection ops and a FlexAttention template, fused into Triton kernels.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .attention import plan_for, vmoba_attention
+from .config import VMoBAConfig
+from .layout import VideoLayout
+
+__all__ = [
+    "AttentionCall",
+    "CallContext",
+    "RewriteReport",
+    "VMoBABackend",
+    "decide",
+    "rewrite_graph",
+    "vmoba_sdpa",
+]
+
+LOWERINGS = ("inductor", "aot_eager")
+
+SDPA_TARGETS = frozenset(
+    {
+        F.scaled_dot_product_attention,
+        torch._C._nn.scaled_dot_product_attention,
+        torch.ops.aten.scaled_dot_product_attention,
+        torch.ops.aten.scaled_dot_product_attention.default,
+    }
+)
+
+
+def _sdpa_signature(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):  # pragma: no cover - signature only
+    raise NotImplementedError
+
+
+_SDPA_SIGNATURE = inspect.signature(_sdpa_signature)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """The pass's decision on one attention call of one compiled graph.
+
+    Attributes:
+        module: path of the module that made the call (as in ``named_modules()``), or ``"?"``.
+        shape: ``[B, H, S_q, D]`` of the query and ``S_kv``, as text.
+        rewritten: True if the call runs VMoBA.
+        reason: why it was rewritten (the layout) or why it was left dense.
+        layer_index: the call's VMoBA layer index (None when left dense).
+        partition: ``"1d"``, ``"2d"`` or ``"3d"`` (None when left dense).
+    """
+
+    module: str
+    shape: str
+    rewritten: bool
+    reason: str
+    layer_index: int | None = None
+    partition: str | None = None
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """Every attention call the pass saw, one list per compiled graph.
+
+    ``str(report)`` is a readable table. After :func:`vmoba_compile.optimize` the report of the
+    optimized model grows with each compile (a new resolution compiles anew).
+    """
+
+    model: str
+    family: str | None
+    graphs: list[tuple[str, list[AttentionCall]]] = dataclasses.field(default_factory=list)
+
+    @property
+    def calls(self) -> list[AttentionCall]:
+        """All calls of all graphs, in compile order."""
+        return [c for _, calls in self.graphs for c in calls]
+
+    @property
+    def rewritten(self) -> list[AttentionCall]:
+        return [c for c in self.calls if c.rewritten]
+
+    @property
+    def skipped(self) -> list[AttentionCall]:
+        return [c for c in self.calls if not c.rewritten]
+
+    def add(self, where: str, calls: list[AttentionCall]) -> None:
+        self.graphs.append((where, list(calls)))
+
+    def __str__(self) -> str:
+        family = f"adapter '{self.family}'" if self.family else "explicit layout"
+        lines = [f"VMoBA rewrite report for {self.model} ({family})"]
+        if not self.graphs:
+            lines.append("  no graph compiled yet: run the model once")
+        for n, (where, calls) in enumerate(self.graphs, 1):
+            done = sum(c.rewritten for c in calls)
+            lines.append(f"graph {n} ({where}): {done} of {len(calls)} attention calls rewritten")
+            width = max([len(c.module) for c in calls] + [6])
+            lines.append(
+                f"  {'layer':>5}  {'part':4}  {'module':{width}}  {'q shape, kv len':24}  decision"
+            )
+            for c in calls:
+                layer = "-" if c.layer_index is None else str(c.layer_index)
+                part = c.partition or "-"
+                what = ("VMoBA: " if c.rewritten else "dense: ") + c.reason
+                lines.append(f"  {layer:>5}  {part:4}  {c.module:{width}}  {c.shape:24}  {what}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class CallContext:
+    """What the backend needs to know about the forward call being compiled.
+
+    Attributes:
+        config: the VMoBA configuration.
+        family: the adapter's family, or None with an explicit layout.
+        layer_of: module path -> VMoBA layer index (model order).
+        grid: the adapter's video grid of this call (None with an explicit layout or when the
+            adapter could not tell, see ``grid_error``).
+        layout: the explicit layout (``optimize(layout=...)``), or None.
+        grid_error: why the grid is unknown for this call (every call then stays dense).
+        dense_layers: layer indices kept dense by the runtime controls.
+        param_names: ``id(parameter or buffer) -> name`` in the model (see :func:`frame_prefix`).
+        calls: decisions of the graphs compiled during this forward call.
+    """
+
+    config: VMoBAConfig
+    family: str | None
+    layer_of: dict[str, int]
+    grid: Any = None
+    layout: VideoLayout | None = None
+    grid_error: str | None = None
+    dense_layers: frozenset[int] = frozenset()
+    param_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    calls: list[AttentionCall] = dataclasses.field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.layout is not None:
+            return f"layout {self.layout}"
+        if self.grid is not None:
+            return f"grid {self.grid.frames}x{self.grid.height}x{self.grid.width}"
+        return f"grid unknown: {self.grid_error}"
+
+
+CURRENT_CONTEXT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "vmoba_compile_call_context", default=None
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the replacement op
+
+
+def vmoba_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    *,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    layer_index: int,
+    scale: float | None,
+    key_padding: bool,
+) -> torch.Tensor:
+    """What a rewritten SDPA call runs: ``vmoba_attention`` with the call's fixed layout.
+
+    ``key_padding``: ``attn_mask`` is a ``[B or 1, 1, 1, S]`` bool key-padding mask whose video
+    part is all True (HunyuanVideo); its text part becomes ``text_key_mask``.
+    """
+    text_key_mask = None
+    if key_padding and attn_mask is not None:
+        b, s, lo = query.shape[0], query.shape[2], layout.text_start
+        flat = attn_mask.reshape(attn_mask.shape[0], s)
+        text_key_mask = flat[:, lo : lo + layout.text_tokens].expand(b, layout.text_tokens)
+    return vmoba_attention(
+        query,
+        key,
+        value,
+        layout=layout,
+        config=config,
+        layer_index=layer_index,
+        scale=scale,
+        text_key_mask=text_key_mask,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# finding calls
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    bound = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _value(arg: Any) -> Any:
+    """The example value of a graph argument (a fake tensor), or the argument itself."""
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+_PATH_ITEM = re.compile(
+    r"(?:\.__dict__\[['\"]_modules['\"]\]|\._modules|\._parameters|\._buffers)?"
+    r"\[['\"]?([^'\"\]]+)['\"]?\]"
+)
+
+
+def normalize_module_path(source: str) -> str:
+    """Dynamo's module source (``L['self'].__dict__['_modules']['blocks'].0.attn1``) as a
+    ``named_modules()`` path (``blocks.0.attn1``)."""
+    s = source
+    for prefix in ("L['self']", 'L["self"]', "self"):
+        if s.startswith(prefix):
+            s = s[len(prefix) :]
+            break
+    s = _PATH_ITEM.sub(lambda m: "." + m.group(1), s)
+    return s.lstrip(".")
+
+
+def frame_prefix(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], param_names: dict[int, str]
+) -> str:
+    """Path (with a trailing dot) of the module whose ``forward`` Dynamo traced, relative to the
+    optimized model: ``""`` for the model itself, ``"blocks.3."`` when a graph break in the
+    parent made Dynamo compile a block's frame on its own. Found by matching the graph's
+    parameter inputs (``L['self']._modules['to_q']._parameters['weight']``) to the model's
+    parameters."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs, strict=False):
+        full = param_names.get(id(example))
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if full is None or not isinstance(name, str) or not name.startswith("L['self']"):
+            continue
+        rel = normalize_module_path(name)
+        if full == rel:
+            return ""
+        if full.endswith("." + rel):
+            return full[: -len(rel)]
+    return ""
+
+
+def owner_path(node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
+    """The module path of the innermost module around ``node`` that is in ``known`` (else the
+    innermost module's path, else ``"?"``). ``prefix``: see :func:`frame_prefix`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [normalize_module_path(v[0]) for v in stack.values() if isinstance(v, tuple)]
+    paths = [(prefix + p).rstrip(".") for p in ([""] if prefix else []) + paths]
+    known = set(known)
+    for p in reversed(paths):
+        if p in known:
+            return p
+    return paths[-1] if paths else "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# deciding
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rewrite:
+    layout: VideoLayout
+    layer_index: int
+    key_padding: bool
+
+
+def _shape_text(q: Any, k: Any) -> str:
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+        return f"{list(q.shape)} kv {k.shape[-2]}"
+    return "?"
+
+
+def decide(
+    args: dict[str, Any], module: str, ctx: CallContext, next_layer: Callable[[], int]
+) -> _Rewrite | str:
+    """Rewrite this SDPA call (and how), or the reason it stays dense.
+
+    Args:
+        args: the call's bound arguments, tensors as example (fake) values.
+        module: the calling module's path.
+        ctx: the call context.
+        next_layer: numbers a call whose module has no layer index (explicit layouts on models
+            without an adapter), in graph order.
+    """
+    q, k, v = args["query"], args["key"], args["value"]
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "no shape information for q/k/v in the graph"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q/k/v are not [B, H, S, D] (q has {q.dim()} dims)"
+    sq, sk = q.shape[2], k.shape[2]
+    if sq != sk:
+        return f"cross-attention ({sq} queries, {sk} keys)"
+    causal = args["is_causal"]
+    if causal is not False:
+        return "causal attention" if causal is True else "is_causal decided at run time"
+    p = args["dropout_p"]
+    if not isinstance(p, (int, float)):
+        return "dropout_p decided at run time"
+    if p > 0:
+        return f"attention dropout (dropout_p={p})"
+    if q.shape[1] != k.shape[1] and not (
+        args["enable_gqa"] is True and q.shape[1] % k.shape[1] == 0
+    ):
+        return f"{q.shape[1]} query heads vs {k.shape[1]} key heads without enable_gqa"
+    if not isinstance(args["scale"], (int, float, type(None))):
+        return "scale decided at run time"
+
+    if ctx.family is not None and module not in ctx.layer_of:
+        return f"not a video self-attention module of {ctx.family}"
+
+    if ctx.layout is not None:
+        layout = ctx.layout
+        if layout.seq_len != sq:
+            return f"{sq} tokens do not match the layout's {layout.seq_len} ({layout})"
+    elif ctx.grid is None:
+        return f"video grid unknown for this call: {ctx.grid_error}"
+    else:
+        layout = ctx.grid.layout_for(sq)
+        if layout is None:
+            return f"{sq} tokens cannot hold the {ctx.grid.video_tokens}-token video grid"
+
+    key_padding = False
+    mask = args["attn_mask"]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return "attention mask without shape information"
+        if mask.dtype != torch.bool:
+            return f"{mask.dtype} attention mask (only boolean text key padding is honoured)"
+        declared = ctx.grid is not None and ctx.grid.text_key_padding
+        if not declared:
+            return "boolean attention mask the adapter does not declare as text key padding"
+        b = q.shape[0]
+        if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, 1, sq) or mask.shape[0] not in (1, b):
+            return f"boolean mask of shape {list(mask.shape)} is not a [B, 1, 1, S] key padding"
+        if layout.text_tokens == 0:
+            return "key-padding mask on a call without text tokens"
+        key_padding = True
+
+    layer = ctx.layer_of.get(module)
+    if layer is None:
+        layer = next_layer()
+    if layer in ctx.dense_layers:
+        return f"layer {layer} kept dense by the runtime controls (dense_layers)"
+    return _Rewrite(layout, layer, key_padding)
+
+
+def rewrite_graph(
+    gm: fx.GraphModule,
+    ctx: CallContext,
+    example_inputs: Sequence[Any] = (),
+    *,
+    apply: bool = True,
+) -> list[AttentionCall]:
+    """Decide every SDPA call of ``gm`` and its nested graphs; rewrite the eligible ones.
+
+    Args:
+        gm: Dynamo's graph module (modified in place when ``apply``).
+        ctx: the call context.
+        example_inputs: the graph's inputs as the backend got them (to place the frame).
+        apply: False only decides (``explain``).
+
+    Returns:
+        One :class:`AttentionCall` per SDPA call, in graph order.
+    """
+    calls: list[AttentionCall] = []
+    counter = iter(range(1 << 30))
+    prefix = frame_prefix(gm, example_inputs, ctx.param_names)
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        changed = False
+        for node in list(sub.graph.nodes):
+            if not is_sdpa(node):
+                continue
+            try:
+                bound = _bind(node)
+            except TypeError as e:
+                calls.append(AttentionCall("?", "?", False, f"unrecognized arguments ({e})"))
+                continue
+            values = {name: _value(a) for name, a in bound.items()}
+            module = owner_path(node, ctx.layer_of, prefix)
+            shape = _shape_text(values["query"], values["key"])
+            choice = decide(values, module, ctx, lambda: next(counter))
+            if prefix and not isinstance(choice, str):
+                choice = (
+                    f"compiled in a frame of {prefix.rstrip('.')} alone (a graph break in a "
+                    f"parent module); Dynamo reuses that graph for sibling blocks, so one layer's "
+                    f"partition cannot be fixed. Remove the graph break (fullgraph=True shows it)"
+                )
+            if isinstance(choice, str):
+                calls.append(AttentionCall(module, shape, False, choice))
+                continue
+            partition = ctx.config.partition_for(choice.layer_index).value
+            reason = _rewrite_reason(choice, ctx.config)
+            calls.append(AttentionCall(module, shape, True, reason, choice.layer_index, partition))
+            if apply:
+                _replace(sub, node, bound, choice, ctx.config)
+                changed = True
+        if changed:
+            sub.graph.lint()
+            sub.recompile()
+    return calls
+
+
+def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
+    lay = choice.layout
+    plan = plan_for(lay, config, choice.layer_index)
+    text = f" + {lay.text_tokens} {lay.text_position.value} tokens" if lay.text_tokens else ""
+    what = f"video {lay.frames}x{lay.height}x{lay.width}{text}, {plan.num_chunks} chunks"
+    if config.keeps_all_chunks(plan.num_chunks):
+        what += " (all kept: dense SDPA)"
+    return what
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, choice: _Rewrite, config) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(
+            vmoba_sdpa,
+            args=(bound["query"], bound["key"], bound["value"], bound["attn_mask"]),
+            kwargs={
+                "layout": choice.layout,
+                "config": config,
+                "layer_index": choice.layer_index,
+                "scale": bound["scale"],
+                "key_padding": choice.key_padding,
+            },
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+class VMoBABackend:
+    """A ``torch.compile`` backend: rewrite with :func:`rewrite_graph`, then inductor.
+
+    Args:
+        on_graph: called with ``(where, calls)`` after each graph is decided (the report).
+        config_patches: inductor options for this compile only (``compile_fx(config_patches=)``).
+        lowering: ``"inductor"`` (fused kernels) or ``"aot_eager"`` (AOTAutograd traces the
+            rewritten graph, forward and backward, and runs it op by op: for debugging, and for
+            fast CPU tests of the rewrite).
+        apply: False decides only and runs the graph unchanged (``explain``).
+    """
+
+    def __init__(
+        self,
+        on_graph: Callable[[str, list[AttentionCall]], None],
+        config_patches: dict[str, Any] | None = None,
+        *,
+        lowering: str = "inductor",
+        apply: bool = True,
+    ) -> None:
+        if lowering not in LOWERINGS:
+            raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
+        self.on_graph = on_graph
+        self.config_patches = dict(config_patches or {})
+        self.lowering = lowering
+        self.apply = apply
+        self.graph_runs = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        ctx = CURRENT_CONTEXT.get()
+        if ctx is None:
+            raise RuntimeError(
+                "the VMoBA backend compiled a graph outside a forward call of a model returned by "
+                "vmoba_compile.optimize; use optimize(model) rather than "
+                "torch.compile(backend=VMoBABackend(...))."
+            )
+        calls = rewrite_graph(gm, ctx, example_inputs, apply=self.apply)
+        ctx.calls.extend(calls)
+        self.on_graph(ctx.describe(), calls)
+        if not self.apply:
+            compiled = gm.forward
+        elif self.lowering == "aot_eager":
+            from torch._dynamo.backends.registry import lookup_backend
+
+            compiled = lookup_backend("aot_eager")(gm, list(example_inputs))
+        else:
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = dict(self.config_patches)
+            compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
+
+        def run(*args: Any) -> Any:
+            # Counts graph runs, so the wrapper can tell when Dynamo ran the model without any
+            # of our graphs (its recompile limit reached, or the frame skipped).
+            self.graph_runs += 1
+            return compiled(*args)
+
+        return run

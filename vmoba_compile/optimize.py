@@ -1,0 +1,401 @@
+"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .adapters.base import ModelAdapter
+from .adapters.registry import find_adapter
+from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
+from .config import VMoBAConfig
+from .layout import VideoLayout
+
+__all__ = ["VMoBAControls", "VMoBAModule", "explain", "optimize"]
+
+_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering")
+
+
+class VMoBAControls:
+    """Run-time switches of an optimized model; changing them never recompiles per step.
+
+    Attributes:
+        dense_steps: the first ``dense_steps`` denoising steps run dense attention (dense
+            warm-up). They use a second compiled copy of the model (inductor, no VMoBA), compiled
+            once on first use.
+        dense_layers: VMoBA layer indices kept dense. Each distinct set compiles once (per
+            resolution) and is then cached.
+        calls_per_step: forward calls per denoising step (2 when a pipeline runs the
+            conditional and unconditional passes as two calls, as Wan's does).
+
+    The step counter counts forward calls: ``step = calls // calls_per_step``. Call
+    :meth:`reset` before each generation, or pass :meth:`pipeline_callback` as a diffusers
+    pipeline's ``callback_on_step_end``, which keeps the count exact and resets it after the
+    last step.
+    """
+
+    def __init__(self) -> None:
+        self._dense_steps = 0
+        self._dense_layers: frozenset[int] = frozenset()
+        self._calls_per_step = 1
+        self._calls = 0
+
+    @staticmethod
+    def _count(name: str, value: object, minimum: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
+        return value
+
+    @property
+    def dense_steps(self) -> int:
+        return self._dense_steps
+
+    @dense_steps.setter
+    def dense_steps(self, value: int) -> None:
+        self._dense_steps = self._count("dense_steps", value, 0)
+
+    @property
+    def dense_layers(self) -> frozenset[int]:
+        return self._dense_layers
+
+    @dense_layers.setter
+    def dense_layers(self, value: Iterable[int]) -> None:
+        if isinstance(value, int):
+            raise ValueError(f"dense_layers must be a set of layer indices; got {value!r}.")
+        self._dense_layers = frozenset(self._count("a dense layer", v, 0) for v in value)
+
+    @property
+    def calls_per_step(self) -> int:
+        return self._calls_per_step
+
+    @calls_per_step.setter
+    def calls_per_step(self, value: int) -> None:
+        self._calls_per_step = self._count("calls_per_step", value, 1)
+        self._calls = 0
+
+    @property
+    def step(self) -> int:
+        """The denoising step the next forward call belongs to."""
+        return self._calls // self._calls_per_step
+
+    @property
+    def dense_now(self) -> bool:
+        """True if the next forward call runs dense (inside the warm-up)."""
+        return self.step < self._dense_steps
+
+    def reset(self) -> None:
+        """Start a new generation: the next call is step 0."""
+        self._calls = 0
+
+    def set_step(self, step: int) -> None:
+        """The next forward call belongs to denoising step ``step``."""
+        self._calls = self._count("step", step, 0) * self._calls_per_step
+
+    def pipeline_callback(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+        """A diffusers ``callback_on_step_end``: after step ``i``, the next is ``i + 1``; after
+        the pipeline's last step, :meth:`reset`."""
+        total = getattr(pipe, "num_timesteps", None)
+        if isinstance(total, int) and i + 1 >= total:
+            self.reset()
+        else:
+            self.set_step(i + 1)
+        return callback_kwargs
+
+    def _called(self) -> None:
+        self._calls += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"VMoBAControls(dense_steps={self._dense_steps}, "
+            f"dense_layers={sorted(self._dense_layers)}, calls_per_step={self._calls_per_step}, "
+            f"step={self.step})"
+        )
+
+
+def _compiled_blocks(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None)]
+
+
+def _refuse_regional(model: torch.nn.Module) -> None:
+    done = _compiled_blocks(model)
+    if done:
+        shown = ", ".join(done[:3]) + (", ..." if len(done) > 3 else "")
+        raise RuntimeError(
+            f"{len(done)} submodules of {type(model).__name__} are compiled on their own "
+            f"({shown}), e.g. by diffusers' compile_repeated_blocks. Regional compilation "
+            f"shares one graph among all blocks, so every layer would get one VMoBA partition. "
+            f"vmoba_compile compiles the whole model: use optimize(model) on a model without "
+            f"regional compilation (reload it, or do not call compile_repeated_blocks)."
+        )
+
+
+def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_COMPILE_KEYS))
+    if "dynamic" in unknown:
+        raise ValueError(
+            "dynamic= is not supported: VMoBA fixes each call's block partition at compile time, "
+            "so optimize compiles with dynamic=False (one compile per resolution)."
+        )
+    if unknown:
+        raise TypeError(
+            f"unknown compile options {unknown}; optimize accepts {list(_COMPILE_KEYS)} "
+            f"(as torch.compile: fullgraph, mode, options=<inductor options>)."
+        )
+    mode, extra = options.get("mode"), options.get("options") or {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"options must be a dict of inductor options; got {type(extra).__name__}.")
+    patches: dict[str, Any] = {}
+    if mode is not None:
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(extra)
+    lowering = options.get("lowering", "inductor")
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
+    fullgraph = bool(options.get("fullgraph", False))
+    return {"fullgraph": fullgraph, "patches": patches, "lowering": lowering}
+
+
+class VMoBAModule(torch.nn.Module):
+    """A model compiled through the VMoBA backend (what :func:`optimize` returns).
+
+    Its parameters are the wrapped model's (``state_dict`` keys gain the ``_orig_mod.`` prefix,
+    as with ``torch.compile``); unknown attributes are looked up on the wrapped model, so
+    pipelines can use it in place of the model.
+
+    Attributes:
+        vmoba: the run-time :class:`VMoBAControls`.
+        report: the :class:`RewriteReport` of every graph compiled so far.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: VMoBAConfig,
+        layout: VideoLayout | None,
+        adapter: ModelAdapter | None,
+        strict: bool,
+        compile_options: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self._vmoba_config = config
+        self._vmoba_layout = layout
+        self._vmoba_adapter = adapter
+        self._vmoba_strict = strict
+        self._vmoba_compile = compile_options
+        self._vmoba_layer_of = _layer_numbering(model, adapter)
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+        self._vmoba_param_names = {id(t): n for n, t in named}
+        self._vmoba_compiled: dict[Any, Any] = {}
+        self._vmoba_backends: dict[frozenset[int], VMoBABackend] = {}
+        self._vmoba_warned = False
+        self.vmoba = VMoBAControls()
+        self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    @property
+    def config_vmoba(self) -> VMoBAConfig:
+        """The VMoBA configuration (``.config`` stays the wrapped model's own config)."""
+        return self._vmoba_config
+
+    def _variant(self, key: Any):
+        fn = self._vmoba_compiled.get(key)
+        if fn is not None:
+            return fn
+        opts = self._vmoba_compile
+        if key == "dense" and opts["lowering"] == "inductor":
+            fn = torch.compile(
+                self._orig_mod,
+                dynamic=False,
+                fullgraph=opts["fullgraph"],
+                options=opts["patches"] or None,
+            )
+        else:
+            backend = "aot_eager"
+            if key != "dense":
+                backend = VMoBABackend(self.report.add, opts["patches"], lowering=opts["lowering"])
+                self._vmoba_backends[key] = backend
+            fn = torch.compile(
+                self._orig_mod, backend=backend, dynamic=False, fullgraph=opts["fullgraph"]
+            )
+        self._vmoba_compiled[key] = fn
+        return fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_regional(self._orig_mod)
+        controls = self.vmoba
+        if controls.dense_now:
+            out = self._variant("dense")(*args, **kwargs)
+            controls._called()
+            return out
+        ctx = _context(self, args, kwargs, controls.dense_layers)
+        fn = self._variant(controls.dense_layers)
+        backend = self._vmoba_backends[controls.dense_layers]
+        runs = backend.graph_runs
+        token = CURRENT_CONTEXT.set(ctx)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            CURRENT_CONTEXT.reset(token)
+        controls._called()
+        if backend.graph_runs == runs:
+            self._ran_without_graphs()
+        if self._vmoba_strict and ctx.calls and not any(c.rewritten for c in ctx.calls):
+            raise RuntimeError(
+                f"strict=True and no attention call was rewritten:\n{self.report}\n"
+                f"Pass layout= if the adapter's grid is wrong, or strict=False to run dense."
+            )
+        return out
+
+    def _ran_without_graphs(self) -> None:
+        msg = (
+            f"Dynamo ran {type(self._orig_mod).__name__} eagerly, without any VMoBA graph: most "
+            f"likely its recompile limit (torch._dynamo.config.recompile_limit) was reached by "
+            f"earlier compiles of the same code (other resolutions, dense_layers sets, other "
+            f"optimized instances). Attention ran dense. Raise the limit or call "
+            f"torch._dynamo.reset() before optimizing again."
+        )
+        if self._vmoba_strict:
+            raise RuntimeError("strict=True: " + msg)
+        if not self._vmoba_warned:
+            self._vmoba_warned = True
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> dict[str, int]:
+    """Module path -> layer index: the adapter's self-attention modules, in model order.
+
+    Without an adapter (explicit layout), the outermost modules whose class name contains
+    "Attention" are numbered in ``named_modules()`` order; calls in other modules are numbered
+    in graph order.
+    """
+    if adapter is not None:
+        names = adapter.self_attention_modules(model)
+    else:
+        names = []
+        for name, m in model.named_modules():
+            outer = any(name.startswith(n + ".") for n in names)
+            if "attention" in type(m).__name__.lower() and not outer:
+                names.append(name)
+    return {n: i for i, n in enumerate(names)}
+
+
+def _context(
+    owner: VMoBAModule, args: tuple, kwargs: dict, dense_layers: frozenset[int]
+) -> CallContext:
+    adapter = owner._vmoba_adapter
+    ctx = CallContext(
+        config=owner._vmoba_config,
+        family=adapter.family if adapter is not None else None,
+        layer_of=owner._vmoba_layer_of,
+        layout=owner._vmoba_layout,
+        dense_layers=dense_layers,
+        param_names=owner._vmoba_param_names,
+    )
+    if owner._vmoba_layout is None and adapter is not None:
+        try:
+            ctx.grid = adapter.grid(owner._orig_mod, args, kwargs)
+        except NotImplementedError as e:
+            ctx.grid_error = str(e)
+    return ctx
+
+
+def _resolve(model: Any, config: Any, layout: Any) -> tuple[VMoBAConfig, ModelAdapter | None]:
+    if isinstance(model, VMoBAModule):
+        raise TypeError("the model is already optimized; pass the original model.")
+    if not isinstance(model, torch.nn.Module):
+        inner = getattr(model, "transformer", None)
+        hint = " This looks like a pipeline: pass pipe.transformer." if inner is not None else ""
+        raise TypeError(f"optimize expects a torch.nn.Module; got {type(model).__name__}.{hint}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "the model is already wrapped by torch.compile; pass the uncompiled model "
+            "(model._orig_mod): vmoba_compile compiles it with its own backend."
+        )
+    config = VMoBAConfig() if config is None else config
+    if not isinstance(config, VMoBAConfig):
+        raise TypeError(f"config must be a VMoBAConfig or None; got {type(config).__name__}.")
+    if layout is not None and not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a VideoLayout or None; got {type(layout).__name__}.")
+    adapter = None
+    try:
+        adapter = find_adapter(model)
+    except ValueError:
+        if layout is None:
+            raise
+    return config, adapter
+
+
+def optimize(
+    model: torch.nn.Module,
+    config: VMoBAConfig | None = None,
+    *,
+    layout: VideoLayout | None = None,
+    strict: bool = False,
+    **compile_options: Any,
+) -> VMoBAModule:
+    """Compile ``model`` with its video self-attention rewritten to VMoBA.
+
+    Args:
+        model: a video transformer (diffusers / transformers families with an adapter, or any
+            model with ``layout=``). Its code is not changed; its modules are shared.
+        config: VMoBA settings (default ``VMoBAConfig()``).
+        layout: the token layout of every video self-attention call, for models without an
+            adapter or to override it. Calls whose length differs stay dense.
+        strict: raise (with the report) when a compiled forward call rewrote nothing.
+        **compile_options: ``fullgraph``, ``mode`` and ``options`` as in ``torch.compile``,
+            applied to this compile only. Shapes are static (``dynamic=False``).
+            ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
+
+    Returns:
+        A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call
+        and ``.vmoba`` holds the run-time controls (dense warm-up steps, dense layers).
+
+    Raises:
+        ValueError: no adapter knows the model and no layout was given (the message lists the
+            known families).
+        RuntimeError: submodules are already compiled on their own (regional compilation).
+    """
+    config, adapter = _resolve(model, config, layout)
+    _refuse_regional(model)
+    options = _check_compile_options(compile_options)
+    return VMoBAModule(model, config, layout, adapter, strict, options)
+
+
+def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
+    """What :func:`optimize` would do on ``model(*args, **kwargs)``, without compiling kernels.
+
+    Traces the model once (Dynamo, no inductor) and runs the graphs unchanged under
+    ``torch.no_grad()``. ``model`` may be an optimized model (its config and layout are used) or a
+    plain model (default config; pass ``vmoba_config=`` / ``vmoba_layout=`` to choose).
+
+    Returns:
+        The :class:`RewriteReport` of the call.
+    """
+    config = kwargs.pop("vmoba_config", None)
+    layout = kwargs.pop("vmoba_layout", None)
+    if isinstance(model, VMoBAModule):
+        owner = model
+    else:
+        config, adapter = _resolve(model, config, layout)
+        owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
+    report = RewriteReport(owner.report.model, owner.report.family)
+    fn = torch.compile(
+        owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
+    )
+    ctx = _context(owner, args, kwargs, owner.vmoba.dense_layers)
+    token = CURRENT_CONTEXT.set(ctx)
+    try:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+    finally:
+        CURRENT_CONTEXT.reset(token)
+    return report
