@@ -28,6 +28,7 @@ from vmoba_compile import (  # noqa: E402
     VMoBAConfig,
     explain,
     optimize,
+    reference_mask,
     vmoba_reference,
 )
 from vmoba_compile.adapters import find_adapter  # noqa: E402
@@ -60,8 +61,9 @@ def first(out):
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def reference_forward(model, args, kwargs, config, dense_layers=frozenset()):
-    """``model(*args, **kwargs)`` with each video self-attention done by ``vmoba_reference``."""
+def reference_forward(model, args, kwargs, config, dense_layers=frozenset(), exact=True):
+    """``model(*args, **kwargs)`` with each video self-attention done by ``vmoba_reference``
+    (float64), or with ``exact=False`` by SDPA in the input dtype under the reference mask."""
     adapter = find_adapter(model)
     grid = adapter.grid(model, args, kwargs)
     layer_of = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
@@ -77,10 +79,11 @@ def reference_forward(model, args, kwargs, config, dense_layers=frozenset()):
         if mask is not None:  # HunyuanVideo's key padding: [B, 1, 1, S]
             lo = layout.text_start
             tkm = mask.reshape(mask.shape[0], s)[:, lo : lo + layout.text_tokens]
-        return vmoba_reference(
-            q, k, v, layout=layout, config=config, layer_index=layer, scale=a["scale"],
-            text_key_mask=tkm,
-        )  # fmt: skip
+        kw = dict(layout=layout, config=config, layer_index=layer, text_key_mask=tkm)
+        if exact:
+            return vmoba_reference(q, k, v, scale=a["scale"], **kw)
+        m = reference_mask(q.detach(), k.detach(), **kw)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=a["scale"])
 
     return first(run_with_sdpa(model, args, kwargs, replace)[0])
 
