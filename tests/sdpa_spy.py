@@ -21,12 +21,16 @@ class Call:
 
     module: str  # innermost module running when SDPA was called
     query: torch.Tensor  # [B, H, S_q, D], cloned
-    key_len: int
+    key: torch.Tensor  # [B, Hkv, S_kv, D], cloned
     attn_mask: torch.Tensor | None
 
     @property
     def query_len(self) -> int:
         return self.query.shape[-2]
+
+    @property
+    def key_len(self) -> int:
+        return self.key.shape[-2]
 
 
 def _sdpa_signature(
@@ -75,7 +79,7 @@ def run_with_sdpa(
             Call(
                 module=stack[-1],
                 query=arguments["query"].detach().clone(),
-                key_len=arguments["key"].shape[-2],
+                key=arguments["key"].detach().clone(),
                 attn_mask=arguments["attn_mask"],
             )
         )

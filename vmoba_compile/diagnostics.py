@@ -1,0 +1,171 @@
+"""What VMoBA selects in each layer of a real forward call: density and block maps, plus a PNG.
+
+:func:`selection_maps` runs the model once, eagerly, and records the ``q``/``k`` of every video
+self-attention call (a ``TorchFunctionMode`` scoped to that one call; nothing is patched), then
+computes each layer's selection exactly as the rewritten model would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .adapters.registry import find_adapter
+from .attention import permute, plan_blocks, plan_for
+from .config import VMoBAConfig
+from .layout import VideoLayout
+
+__all__ = ["LayerSelection", "selection_maps", "write_png"]
+
+
+@dataclasses.dataclass
+class LayerSelection:
+    """One video self-attention call's selection.
+
+    Attributes:
+        module: the attention module's path.
+        layer_index: its VMoBA layer index.
+        partition: ``"1d"``, ``"2d"`` or ``"3d"``.
+        layout: the call's token layout.
+        density: share of (query, key) token pairs computed, over real tokens, all heads and
+            samples (text rows and columns included, as the kernel computes them).
+        token_map: ``[S, S]`` bool of sample 0, head 0, in the call's token order: True where a
+            query (row) attends a key (column), at block resolution.
+    """
+
+    module: str
+    layer_index: int
+    partition: str
+    layout: VideoLayout
+    density: float
+    token_map: torch.Tensor
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, stack: list[str], wanted: dict[str, int]) -> None:
+        super().__init__()
+        self.stack, self.wanted = stack, wanted
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.stack:
+            module = self.stack[-1]
+            if module in self.wanted:
+                q = kwargs.get("query", args[0] if args else None)
+                k = kwargs.get("key", args[1] if len(args) > 1 else None)
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                self.calls.append((module, q.detach(), k.detach(), mask))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def selection_maps(
+    model: torch.nn.Module, config: VMoBAConfig, *args: Any, **kwargs: Any
+) -> list[LayerSelection]:
+    """Each video self-attention call's selection in ``model(*args, **kwargs)`` (eager).
+
+    ``model`` must have an adapter (the grid and the layer numbering come from it).
+    """
+    adapter = find_adapter(model)
+    grid = adapter.grid(model, args, kwargs)
+    wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
+    stack: list[str] = []
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
+    handles = []
+    for name, module in model.named_modules():
+        if name in wanted:
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    recorder = _Recorder(stack, wanted)
+    try:
+        with recorder:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for module, q, k, mask in recorder.calls:
+        if q.shape[2] != k.shape[2]:
+            continue
+        layer = wanted[module]
+        layout = grid.layout_for(q.shape[2])
+        if layout is None:
+            continue
+        tkm = None
+        if mask is not None and grid.text_key_padding:
+            lo = layout.text_start
+            flat = mask.reshape(mask.shape[0], q.shape[2])
+            tkm = flat[:, lo : lo + layout.text_tokens].expand(q.shape[0], -1)
+        out.append(_layer_selection(module, layer, q, k, layout, config, tkm))
+    return out
+
+
+def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:
+    plan = plan_for(layout, config, layer)
+    partition = config.partition_for(layer).value
+    s, bs = layout.seq_len, plan.block_size
+    if config.keeps_all_chunks(plan.num_chunks):
+        return LayerSelection(
+            module, layer, partition, layout, 1.0, torch.ones(s, s, dtype=torch.bool)
+        )
+    idx = plan.index(q.device)
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    bm = plan_blocks(qp, kp, plan, config, tkm, idx).block_mask
+    blocks = bm.to_dense().bool()  # [B, H, NB, NB] in padded chunk order (block level)
+    count = idx.block_count.to(torch.float64)
+    pairs = count[:, None] * count[None, :]
+    density = float(
+        (blocks.double() * pairs).sum() / (pairs.sum() * blocks.shape[0] * blocks.shape[1])
+    )
+    slot_block = idx.slots // bs
+    token_map = blocks[0, 0][slot_block][:, slot_block].cpu()
+    return LayerSelection(module, layer, partition, layout, density, token_map)
+
+
+def _png_bytes(rgb: torch.Tensor) -> bytes:
+    """A PNG (8-bit RGB) of ``rgb``: ``[height, width, 3]`` uint8."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].contiguous().numpy().tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+_COLORS = {"1d": (230, 85, 13), "2d": (49, 130, 189), "3d": (49, 163, 84)}
+
+
+def write_png(path: str, layers: list[LayerSelection], size: int = 256, gap: int = 6) -> None:
+    """One panel per layer, left to right: attended (query row, key column) pairs of sample 0,
+    head 0, colored by partition (1D orange, 2D blue, 3D green) on white."""
+    if not layers:
+        raise ValueError("no layer to draw: the model made no video self-attention call.")
+    panels = []
+    for sel in layers:
+        m = sel.token_map.float()[None, None]
+        m = F.interpolate(m, size=(size, size), mode="area")[0, 0]
+        color = torch.tensor(_COLORS[sel.partition], dtype=torch.float32)
+        rgb = 255 - m[..., None] * (255 - color)
+        panels.append(rgb.round().to(torch.uint8))
+        panels.append(torch.full((size, gap, 3), 255, dtype=torch.uint8))
+    image = torch.cat(panels[:-1], dim=1)
+    with open(path, "wb") as f:
+        f.write(_png_bytes(image))
