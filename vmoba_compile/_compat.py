@@ -14,13 +14,17 @@ TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 
 
 def is_compiling() -> bool:
-    """True while Dynamo traces (or AOTAutograd/make_fx traces) the caller."""
+    """True while Dynamo, AOTAutograd or make_fx traces the caller (tensors may be fake)."""
     if torch.compiler.is_compiling():
         return True
-    # make_fx tracing (inductor's compile_fx re-traces our rewritten graph) is not Dynamo.
+    # compile_fx re-traces our rewritten graph: first under fake + functional modes only
+    # (AOTAutograd collecting metadata), then under make_fx's proxy mode. Neither is Dynamo.
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    return get_proxy_mode() is not None
+    if get_proxy_mode() is not None:
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.FUNCTIONAL))
 
 
 @functools.cache
