@@ -20,6 +20,10 @@ STAGES = ["index", "permute", "blocks", "fwd", "fwdbwd"]
 
 
 def stage(name: str, text: int) -> None:
+    if os.environ.get("NO_MATERIALIZE") == "1":  # variant: mask_mod captures left fusable
+        import vmoba_compile.masks as masks
+
+        masks.materialize_for_mask_mod = lambda x: x
     layout = VideoLayout(8, 16, 16, text_tokens=text, text_position="prefix")
     cfg = VMoBAConfig(block_size=128, chunk_1d=(2,), chunk_2d=(4, 4), chunk_3d=(2, 4, 8))
     plan = plan_for(layout, cfg, 0)
@@ -66,8 +70,9 @@ if __name__ == "__main__":
     if len(sys.argv) == 3:
         stage(sys.argv[1], int(sys.argv[2]))
         sys.exit(0)
+    stages = os.environ.get("STAGES", ",".join(STAGES)).split(",")
     for text in [int(t) for t in os.environ.get("TEXTS", "77").split(",")]:
-        for name in STAGES:
+        for name in stages:
             r = subprocess.run(
                 [sys.executable, __file__, name, str(text)],
                 capture_output=True,
@@ -75,8 +80,14 @@ if __name__ == "__main__":
                 timeout=240,
             )
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
-            err = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error" in ln][-3:]
-            print(lines[0] if lines else f"FAIL {name} text={text} rc={r.returncode}: {err}")
+            err = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error" in ln][-2:]
+            kernels = [ln.strip() for ln in r.stderr.splitlines() if "triton_" in ln][-2:]
+            tag = "no-materialize " if os.environ.get("NO_MATERIALIZE") == "1" else ""
+            print(
+                f"{tag}{lines[0]}"
+                if lines
+                else f"{tag}FAIL {name} text={text} rc={r.returncode}: {err} kernels: {kernels}"
+            )
             sys.stdout.flush()
             with open(
                 f"{sys.argv[1] if len(sys.argv) == 2 else '.'}/bisect_{name}_{text}.log", "w"

@@ -79,10 +79,11 @@ def reference_forward(model, args, kwargs, config, dense_layers=frozenset(), exa
         if mask is not None:  # HunyuanVideo's key padding: [B, 1, 1, S]
             lo = layout.text_start
             tkm = mask.reshape(mask.shape[0], s)[:, lo : lo + layout.text_tokens]
+        tkm = None if tkm is None else tkm.cpu()
         kw = dict(layout=layout, config=config, layer_index=layer, text_key_mask=tkm)
         if exact:
             return vmoba_reference(q, k, v, scale=a["scale"], **kw)
-        m = reference_mask(q.detach(), k.detach(), **kw)
+        m = reference_mask(q.detach().cpu(), k.detach().cpu(), **kw).to(q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=a["scale"])
 
     return first(run_with_sdpa(model, args, kwargs, replace)[0])
