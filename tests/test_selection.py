@@ -111,3 +111,33 @@ def test_block_mask_agrees_with_selection_and_reference(data):
     ref = reference_mask(q, k, layout=layout, config=config, layer_index=layer)
     assert torch.equal(mine, ref), f"{(mine != ref).sum().item()} entries differ; {config}"
     assert block_chunk.shape[0] == nb
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_block_tables_are_row_major_and_q_side_is_the_transpose(data):
+    """The kernels read every index table as row-major; the q side (backward) must be torch's
+    own transpose of the kv side."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = data.draw(layouts())
+    cfg = data.draw(configs(layout))
+    layer = data.draw(st.integers(0, 2))
+    plan = plan_for(layout, cfg, layer)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q, k = (torch.randn(2, 2, layout.seq_len, 8, generator=g) for _ in range(2))
+    bm = plan_blocks(permute(q, plan), permute(k, plan), plan, cfg).block_mask
+    ref = BlockMask.from_kv_blocks(
+        bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+        BLOCK_SIZE=cfg.block_size, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths,
+    )  # fmt: skip
+    for name in ("q", "full_q"):
+        num, ind = getattr(bm, f"{name}_num_blocks"), getattr(bm, f"{name}_indices")
+        assert num.is_contiguous() and ind.is_contiguous(), name
+        assert torch.equal(num, getattr(ref, f"{name}_num_blocks"))
+        ref_ind = getattr(ref, f"{name}_indices")
+        width = torch.arange(ind.shape[-1])
+        valid = width < num[..., None]  # entries past the count are unused
+        assert torch.equal(ind[valid], ref_ind[valid])
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert getattr(bm, name).is_contiguous(), name

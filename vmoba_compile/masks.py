@@ -27,6 +27,9 @@ def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The index list keeps its full width NK (FLEX_NOTES trap 2); the selected blocks come first.
     """
+    # Contiguous in and out: argsort keeps a transposed input's strides, and the flex kernels
+    # read index tables as row-major (a transposed q-side table gave wrong gradients on the H100).
+    dense = dense.contiguous()
     num = dense.sum(dim=-1, dtype=torch.int32)
     idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
     return num, idx.to(torch.int32)
