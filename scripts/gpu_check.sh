@@ -19,7 +19,8 @@ for part in $PARTS; do
     *) continue ;;
   esac
   echo "== pytest $file"
-  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu "$file" -p no:cacheprovider -rA 2>&1 \
+  kfilter=(); [ -n "${PYTEST_K:-}" ] && [ "$part" = op ] && kfilter=(-k "$PYTEST_K")
+  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu "$file" "${kfilter[@]}" -p no:cacheprovider -rA 2>&1 \
     | tee "$OUT/gpu_tests_$part.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" | tail -30
 done
 if [[ " $PARTS " == *" bench "* ]]; then
