@@ -76,6 +76,7 @@ def reference_selection(
         ``(sel, unit_of_token, chunk_of_token)``: ``sel[B, H, U, C]`` bool, and for each video token
         (in call order) its query unit and its chunk.
     """
+    q, k = q.detach().cpu(), k.detach().cpu()  # the reference runs on the CPU, in float64
     partition = config.partition_for(layer_index)
     chunk = resolve_chunk(config, partition, layout)
     chunk_of, block_of, n_chunks, block_chunk = _video_token_units(layout, chunk, config.block_size)
