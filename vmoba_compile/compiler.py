@@ -145,6 +145,7 @@ class CallContext:
         layout: the explicit layout (``optimize(layout=...)``), or None.
         grid_error: why the grid is unknown for this call (every call then stays dense).
         dense_layers: layer indices kept dense by the runtime controls.
+        data_dependent_text: the adapter's flag (text count known at run time only).
         param_names: ``id(parameter or buffer) -> name`` in the model (see :func:`frame_prefix`).
         calls: decisions of the graphs compiled during this forward call.
     """
@@ -156,6 +157,7 @@ class CallContext:
     layout: VideoLayout | None = None
     grid_error: str | None = None
     dense_layers: frozenset[int] = frozenset()
+    data_dependent_text: bool = False
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)
     calls: list[AttentionCall] = dataclasses.field(default_factory=list)
 
@@ -187,12 +189,17 @@ def vmoba_sdpa(
     layer_index: int,
     scale: float | None,
     key_padding: bool,
+    dynamic_text: bool = False,
 ) -> torch.Tensor:
     """What a rewritten SDPA call runs: ``vmoba_attention`` with the call's fixed layout.
 
     ``key_padding``: ``attn_mask`` is a ``[B or 1, 1, 1, S]`` bool key-padding mask whose video
     part is all True (HunyuanVideo); its text part becomes ``text_key_mask``.
+    ``dynamic_text``: the call holds ``S - N <= layout.text_tokens`` suffix text tokens, a number
+    known only at run time (Mochi); ``layout`` has the upper bound.
     """
+    if dynamic_text:
+        return _vmoba_sdpa_dynamic_text(query, key, value, layout, config, layer_index, scale)
     text_key_mask = None
     if key_padding and attn_mask is not None:
         b, s, lo = query.shape[0], query.shape[2], layout.text_start
@@ -208,6 +215,26 @@ def vmoba_sdpa(
         scale=scale,
         text_key_mask=text_key_mask,
     )
+
+
+def _vmoba_sdpa_dynamic_text(q, k, v, layout, config, layer_index, scale):
+    """Pad the suffix text to its upper bound, mask the padded keys, drop the padded rows."""
+    s, n, most = q.shape[2], layout.video_tokens, layout.text_tokens
+    pad = layout.seq_len - s
+    qp, kp, vp = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    real_text = torch.arange(most, device=q.device) < (s - n)
+    text_key_mask = real_text.expand(q.shape[0], most)
+    out = vmoba_attention(
+        qp,
+        kp,
+        vp,
+        layout=layout,
+        config=config,
+        layer_index=layer_index,
+        scale=scale,
+        text_key_mask=text_key_mask,
+    )
+    return out[:, :, :s]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +322,7 @@ class _Rewrite:
     layout: VideoLayout
     layer_index: int
     key_padding: bool
+    dynamic_text: bool = False
 
 
 def _shape_text(q: Any, k: Any) -> str:
@@ -321,8 +349,10 @@ def decide(
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q/k/v are not [B, H, S, D] (q has {q.dim()} dims)"
     sq, sk = q.shape[2], k.shape[2]
-    if sq != sk:
+    if not _same(sq, sk):
         return f"cross-attention ({sq} queries, {sk} keys)"
+    if not isinstance(sq, int):
+        return _decide_dynamic(args, module, ctx, next_layer, sq)
     causal = args["is_causal"]
     if causal is not False:
         return "causal attention" if causal is True else "is_causal decided at run time"
@@ -375,6 +405,45 @@ def decide(
     if layer in ctx.dense_layers:
         return f"layer {layer} kept dense by the runtime controls (dense_layers)"
     return _Rewrite(layout, layer, key_padding)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for ints and symbolic sizes (without a guard on data-dependent ones)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def _decide_dynamic(args, module, ctx, next_layer, sq) -> _Rewrite | str:
+    """A self-attention whose length is decided at run time (``S = N + text`` with a
+    data-dependent text count): rewritten when the adapter says so and the text is a suffix
+    with a known upper bound."""
+    grid = ctx.grid
+    if grid is None or ctx.family is None or not ctx.data_dependent_text:
+        return f"sequence length {sq} is decided at run time"
+    if ctx.family is not None and module not in ctx.layer_of:
+        return f"not a video self-attention module of {ctx.family}"
+    if args["attn_mask"] is not None:
+        return "attention mask on a call of run-time length"
+    if grid.text_position.value != "suffix":
+        return "run-time text length is supported for suffix text only"
+    try:
+        node = sq.node
+        upper = node.shape_env.bound_sympy(node.expr).upper
+        upper = int(upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return f"sequence length {sq} is decided at run time and has no known upper bound"
+    layout = grid.layout_for(upper)
+    if layout is None:
+        return f"at most {upper} tokens cannot hold the {grid.video_tokens}-token video grid"
+    layer = ctx.layer_of.get(module)
+    if layer is None:
+        layer = next_layer()
+    if layer in ctx.dense_layers:
+        return f"layer {layer} kept dense by the runtime controls (dense_layers)"
+    return _Rewrite(layout, layer, False, dynamic_text=True)
 
 
 def rewrite_graph(
@@ -439,6 +508,8 @@ def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
     lay = choice.layout
     plan = plan_for(lay, config, choice.layer_index)
     text = f" + {lay.text_tokens} {lay.text_position.value} tokens" if lay.text_tokens else ""
+    if choice.dynamic_text:
+        text = f" + up to {lay.text_tokens} {lay.text_position.value} tokens (count at run time)"
     what = f"video {lay.frames}x{lay.height}x{lay.width}{text}, {plan.num_chunks} chunks"
     if config.keeps_all_chunks(plan.num_chunks):
         what += " (all kept: dense SDPA)"
@@ -456,6 +527,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, choice: _Rewrite, c
                 "layer_index": choice.layer_index,
                 "scale": bound["scale"],
                 "key_padding": choice.key_padding,
+                "dynamic_text": choice.dynamic_text,
             },
         )
     new.meta.update(node.meta)

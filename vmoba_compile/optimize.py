@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -240,11 +241,8 @@ class VMoBAModule(torch.nn.Module):
         fn = self._variant(controls.dense_layers)
         backend = self._vmoba_backends[controls.dense_layers]
         runs = backend.graph_runs
-        token = CURRENT_CONTEXT.set(ctx)
-        try:
+        with _call_scope(ctx):
             out = fn(*args, **kwargs)
-        finally:
-            CURRENT_CONTEXT.reset(token)
         controls._called()
         if backend.graph_runs == runs:
             self._ran_without_graphs()
@@ -299,6 +297,7 @@ def _context(
         layout=owner._vmoba_layout,
         dense_layers=dense_layers,
         param_names=owner._vmoba_param_names,
+        data_dependent_text=bool(adapter is not None and adapter.data_dependent_text),
     )
     if owner._vmoba_layout is None and adapter is not None:
         try:
@@ -306,6 +305,22 @@ def _context(
         except NotImplementedError as e:
             ctx.grid_error = str(e)
     return ctx
+
+
+@contextlib.contextmanager
+def _call_scope(ctx: CallContext) -> Iterator[None]:
+    """The call context for the backend; for adapters whose text count is data-dependent, Dynamo
+    traces ``nonzero``-like ops for this call's compiles (restored on exit) instead of running
+    the whole attention eagerly."""
+    token = CURRENT_CONTEXT.set(ctx)
+    try:
+        if ctx.data_dependent_text:
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+                yield
+        else:
+            yield
+    finally:
+        CURRENT_CONTEXT.reset(token)
 
 
 def _resolve(model: Any, config: Any, layout: Any) -> tuple[VMoBAConfig, ModelAdapter | None]:
@@ -392,10 +407,6 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
     )
     ctx = _context(owner, args, kwargs, owner.vmoba.dense_layers)
-    token = CURRENT_CONTEXT.set(ctx)
-    try:
-        with torch.no_grad():
-            fn(*args, **kwargs)
-    finally:
-        CURRENT_CONTEXT.reset(token)
+    with _call_scope(ctx), torch.no_grad():
+        fn(*args, **kwargs)
     return report

@@ -129,11 +129,17 @@ class ModelAdapter(abc.ABC):
         family: short name, e.g. ``"wan"``.
         model_classes: names of the classes the adapter handles (subclasses included).
         library: top-level package the classes live in (``"diffusers"``, ``"transformers"``).
+        data_dependent_text: True when the model picks its text tokens by value inside the
+            attention (``torch.nonzero`` on a mask, as Mochi does), so the text length of a call
+            is only known at run time. The pass then traces such ops (Dynamo's
+            ``capture_dynamic_output_shape_ops``, set for its own compiles only) and pads the
+            text to its upper bound, masking the padded keys.
     """
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
     library: str = ""
+    data_dependent_text: bool = False
 
     def matches(self, model: torch.nn.Module) -> bool:
         """True if ``model`` is (a subclass of) one of :attr:`model_classes` of :attr:`library`.

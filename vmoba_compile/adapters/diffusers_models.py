@@ -297,6 +297,7 @@ class MochiAdapter(ModelAdapter):
     family = "mochi"
     library = "diffusers"
     model_classes = ("MochiTransformer3DModel",)
+    data_dependent_text = True  # torch.nonzero(encoder_attention_mask) per sample
 
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
         inputs = bind_inputs(model, args, kwargs)
