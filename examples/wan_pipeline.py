@@ -4,7 +4,8 @@ Offline and small: a Wan pipeline built from tiny random-weight components (no d
 encoder: the prompt embeddings are given), a few denoising steps on CPU. On a real checkpoint the
 same two lines apply:
 
-    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+    repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    pipe = WanPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16)
     pipe.transformer = vmoba_compile.optimize(pipe.transformer)
 
 Run: ``python examples/wan_pipeline.py [--steps 3] [--lowering aot_eager]``.
