@@ -394,3 +394,18 @@ def test_optimized_model_delegates_attributes_and_parameters() -> None:
     }
     with pytest.raises(TypeError, match="already optimized"):
         optimize(opt)
+
+
+def test_dynamo_running_eagerly_is_reported_not_silent() -> None:
+    """When Dynamo stops compiling (recompile limit), attention would silently run dense: the
+    optimized model must warn (and raise under strict=True)."""
+    model = ToyVideo(["self"])
+    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager")
+    strict = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager", strict=True)
+    x, ctx = toy_inputs()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        opt(x, ctx)  # the one compile this code object may have
+        with pytest.warns(RuntimeWarning, match="eagerly, without any VMoBA graph"):
+            opt(*toy_inputs(s=TOY_LAYOUT.seq_len + 4))  # a new shape: over the limit
+        with pytest.raises(RuntimeError, match="strict=True: Dynamo ran"):
+            strict(x, ctx)

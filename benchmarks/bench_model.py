@@ -1,0 +1,182 @@
+"""A Wan-2.1-1.3B-config transformer end to end: ``optimize(model)`` vs dense ``torch.compile``.
+
+Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [--steps 20]``
+Smoke (CPU, tiny): ``python benchmarks/bench_model.py --tiny``
+
+For each of dense (``torch.compile(model, dynamic=False)``) and VMoBA (``optimize(model)``):
+cold compile time (first call), inference forward latency (median), training step latency
+(forward, backward, AdamW; median), peak memory of each, and the number of graphs Dynamo compiled
+over ``--steps`` steps after the first (0 = no recompiles). Random weights, bf16 on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+import vmoba_compile as vc
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
+    eps=1e-6,
+)
+TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64)
+
+
+def header(device: str) -> str:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    return f"{name} | torch {torch.__version__} | triton {tv} | git {sha.stdout.strip() or '?'}"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_variant(name, make_model, inputs, device, steps, train) -> dict:
+    from diffusers import WanTransformer3DModel  # noqa: F401  (fail early without diffusers)
+
+    torch._dynamo.reset()
+    model, wrapped = make_model()
+    row = {"variant": name}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        wrapped(**inputs)
+        sync(device)
+        row["cold_compile_s"] = time.perf_counter() - t0
+        before = graphs_compiled()
+        row["forward_ms"] = median_ms(lambda: wrapped(**inputs), device, steps)
+        row["forward_recompiles"] = graphs_compiled() - before
+    if device == "cuda":
+        row["forward_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            out = wrapped(**inputs)[0]
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        row["train_cold_s"] = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        before = graphs_compiled()
+        row["train_step_ms"] = median_ms(step, device, steps)
+        row["train_recompiles"] = graphs_compiled() - before
+        if device == "cuda":
+            row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if isinstance(wrapped, vc.VMoBAModule):
+        row["rewritten_calls"] = len(wrapped.report.rewritten)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--grid", default="24x36x64", help="frames x height x width in tokens")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--text", type=int, default=512, help="text tokens (cross-attention)")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from diffusers import WanTransformer3DModel
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = dict(TINY if args.tiny else WAN_1_3B, num_layers=args.layers)
+    t, h, w = (int(v) for v in args.grid.split("x"))
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, t, 2 * h, 2 * w, generator=g).to(device, dtype),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, args.text, cfg["text_dim"], generator=g).to(
+            device, dtype
+        ),
+        "return_dict": False,
+    }
+    config = vc.VMoBAConfig(block_size=16) if args.tiny else vc.VMoBAConfig()
+    lowering = "aot_eager" if args.tiny else "inductor"
+
+    def build():
+        torch.manual_seed(0)
+        return WanTransformer3DModel(**cfg).to(device, dtype).eval()
+
+    def dense():
+        m = build()
+        backend = "aot_eager" if args.tiny else "inductor"
+        return m, torch.compile(m, dynamic=False, backend=backend)
+
+    def vmoba():
+        m = build()
+        return m, vc.optimize(m, config, lowering=lowering)
+
+    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
+    rows = [
+        run_variant(n, f, inputs, device, args.steps, not args.no_train)
+        for n, f in (("dense torch.compile", dense), ("vmoba optimize", vmoba))
+    ]
+    for r in rows:
+        print(json.dumps(r))
+    keys = [k for k in rows[0] if k != "variant"]
+    print("\n| metric | " + " | ".join(r["variant"] for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for k in keys:
+        cells = [f"{r.get(k, '-'):.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
+                 for r in rows]  # fmt: skip
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"header": header(device), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
