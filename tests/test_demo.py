@@ -72,3 +72,39 @@ def test_wan_pipeline_example_runs_offline() -> None:
     assert "3 of 6 attention calls rewritten" in run.stdout
     assert "video (1, 9, 3, 64, 96), finite: True" in run.stdout
     assert "step=0" in run.stdout  # the pipeline callback reset the step count after the run
+
+
+def test_attention_recall_is_the_dense_mass_inside_the_reference_mask() -> None:
+    from vmoba_compile import VideoLayout
+    from vmoba_compile.diagnostics import attention_recall
+
+    layout = VideoLayout(3, 4, 6, text_tokens=5, text_position="suffix")
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, layout.seq_len, 8, generator=g) for _ in range(2))
+    k = k[:, :2]  # GQA 4:2
+    config = VMoBAConfig(block_size=16, chunk_1d=(1,), chunk_2d=(2, 2), chunk_3d=(1, 2, 2))
+    for layer in range(3):
+        got = attention_recall(q, k, layout=layout, config=config, layer_index=layer, rows=7)
+        mask = reference_mask(q, k, layout=layout, config=config, layer_index=layer)
+        p = torch.softmax(q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)
+                          / 8**0.5, dim=-1)  # fmt: skip
+        want = float((p * mask).sum() / p.sum())
+        assert abs(got - want) < 1e-5, (layer, got, want)
+        assert 0 < got < 1
+    keep = VMoBAConfig(threshold=1.0, block_size=16, chunk_1d=(1,))
+    assert attention_recall(q, k, layout=layout, config=keep, layer_index=0) == 1.0
+
+
+def test_synthetic_videos_are_seeded_and_move() -> None:
+    sys.path.insert(0, "benchmarks/quality")
+    from synthetic_video import MOTIONS, make_batch
+
+    a, la = make_batch(3, frames=6, height=16, width=24, seed=7)
+    b, lb = make_batch(3, frames=6, height=16, width=24, seed=7)
+    c, _ = make_batch(3, frames=6, height=16, width=24, seed=8)
+    assert a.shape == (3, 3, 6, 16, 24) and torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+    assert all(0 <= int(v) < len(MOTIONS) for v in la)
+    frame_change = (a[:, :, 1:] - a[:, :, :-1]).abs().mean()
+    assert frame_change > 1e-3  # objects and camera move

@@ -21,7 +21,7 @@ from .attention import permute, plan_blocks, plan_for
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
-__all__ = ["LayerSelection", "selection_maps", "write_png"]
+__all__ = ["LayerSelection", "attention_recall", "selection_maps", "write_png"]
 
 
 @dataclasses.dataclass
@@ -169,3 +169,46 @@ def write_png(path: str, layers: list[LayerSelection], size: int = 256, gap: int
     image = torch.cat(panels[:-1], dim=1)
     with open(path, "wb") as f:
         f.write(_png_bytes(image))
+
+
+@torch.no_grad()
+def attention_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    layer_index: int,
+    scale: float | None = None,
+    rows: int = 1024,
+) -> float:
+    """Share of the dense softmax mass that VMoBA's selection keeps, averaged over queries.
+
+    For each query (all heads, all samples) the dense attention probabilities are summed over the
+    keys the selection lets it attend; 1.0 means nothing of the dense attention is dropped.
+    Computed in float32, ``rows`` queries at a time.
+
+    Args:
+        q: ``[B, H, S, D]``; k: ``[B, Hkv, S, D]`` (GQA allowed).
+        layout, config, layer_index: as for :func:`~vmoba_compile.vmoba_attention`.
+        scale: softmax scale (default ``1 / sqrt(D)``).
+    """
+    plan = plan_for(layout, config, layer_index)
+    b, h, s, d = q.shape
+    if config.keeps_all_chunks(plan.num_chunks):
+        return 1.0
+    idx = plan.index(q.device)
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    mask_mod = plan_blocks(qp, kp, plan, config, idx=idx).block_mask.mask_mod
+    kf = k.float().repeat_interleave(h // k.shape[1], dim=1)
+    scale = d**-0.5 if scale is None else scale
+    bi = torch.arange(b, device=q.device)[:, None, None, None]
+    hi = torch.arange(h, device=q.device)[None, :, None, None]
+    kv_slots = idx.slots[None, None, None, :]
+    kept = 0.0
+    for lo in range(0, s, rows):
+        p = torch.softmax(q[:, :, lo : lo + rows].float() @ kf.transpose(-1, -2) * scale, dim=-1)
+        q_slots = idx.slots[lo : lo + rows][None, None, :, None]
+        m = mask_mod(bi, hi, q_slots, kv_slots)
+        kept += float((p * m).sum())
+    return kept / (b * h * s)
