@@ -21,7 +21,14 @@ from .attention import permute, plan_blocks, plan_for
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
-__all__ = ["LayerSelection", "attention_recall", "selection_maps", "write_png"]
+__all__ = [
+    "CapturedCall",
+    "LayerSelection",
+    "attention_recall",
+    "capture_attention",
+    "selection_maps",
+    "write_png",
+]
 
 
 @dataclasses.dataclass
@@ -65,13 +72,32 @@ class _Recorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@torch.no_grad()
-def selection_maps(
-    model: torch.nn.Module, config: VMoBAConfig, *args: Any, **kwargs: Any
-) -> list[LayerSelection]:
-    """Each video self-attention call's selection in ``model(*args, **kwargs)`` (eager).
+@dataclasses.dataclass
+class CapturedCall:
+    """One video self-attention call of an eager forward: its q, k and layout.
 
-    ``model`` must have an adapter (the grid and the layer numbering come from it).
+    Attributes:
+        module: the attention module's path.
+        layer_index: its VMoBA layer index (the adapter's order).
+        layout: the call's token layout.
+        q: ``[B, H, S, D]`` (detached); k: ``[B, Hkv, S, D]``.
+        text_key_mask: ``[B, L]`` bool from a declared key-padding mask, or None.
+    """
+
+    module: str
+    layer_index: int
+    layout: VideoLayout
+    q: torch.Tensor
+    k: torch.Tensor
+    text_key_mask: torch.Tensor | None
+
+
+@torch.no_grad()
+def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[CapturedCall]:
+    """Run ``model(*args, **kwargs)`` eagerly and keep each video self-attention call's q, k.
+
+    ``model`` must have an adapter (the grid and the layer numbering come from it). A
+    ``TorchFunctionMode`` scoped to this one call sees the SDPA calls; nothing is patched.
     """
     adapter = find_adapter(model)
     grid = adapter.grid(model, args, kwargs)
@@ -97,7 +123,6 @@ def selection_maps(
     for module, q, k, mask in recorder.calls:
         if q.shape[2] != k.shape[2]:
             continue
-        layer = wanted[module]
         layout = grid.layout_for(q.shape[2])
         if layout is None:
             continue
@@ -106,8 +131,19 @@ def selection_maps(
             lo = layout.text_start
             flat = mask.reshape(mask.shape[0], q.shape[2])
             tkm = flat[:, lo : lo + layout.text_tokens].expand(q.shape[0], -1)
-        out.append(_layer_selection(module, layer, q, k, layout, config, tkm))
+        out.append(CapturedCall(module, wanted[module], layout, q, k, tkm))
     return out
+
+
+@torch.no_grad()
+def selection_maps(
+    model: torch.nn.Module, config: VMoBAConfig, *args: Any, **kwargs: Any
+) -> list[LayerSelection]:
+    """Each video self-attention call's selection in ``model(*args, **kwargs)`` (eager)."""
+    return [
+        _layer_selection(c.module, c.layer_index, c.q, c.k, c.layout, config, c.text_key_mask)
+        for c in capture_attention(model, *args, **kwargs)
+    ]
 
 
 def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:

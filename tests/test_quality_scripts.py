@@ -1,0 +1,34 @@
+"""The quality scripts run end to end at tiny size on CPU (train, resume, evaluate)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+
+def _run(*args: str) -> str:
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
+    ckpt = str(tmp_path / "t.pt")
+    first = _run("benchmarks/quality/train.py", "--tiny", "--steps", "2", "--ckpt", ckpt)
+    assert [json.loads(line)["step"] for line in first.splitlines()] == [0, 1]
+    second = _run("benchmarks/quality/train.py", "--tiny", "--steps", "3", "--ckpt", ckpt)
+    assert "resumed from" in second and '"step": 2' in second
+    out = _run(
+        "benchmarks/quality/evaluate.py", "--tiny", "--ckpt", ckpt, "--out", str(tmp_path / "q"),
+        "--samples", "1", "--steps", "2", "--configs", "threshold 0.25,topk 2",
+    )  # fmt: skip
+    rows = json.loads((tmp_path / "q" / "results.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["threshold 0.25", "topk 2"]
+    assert "| threshold 0.25 |" in out
+    for r in rows:
+        assert 0 < r["mean_density"] <= 1 and 0 < r["mean_recall"] <= 1
