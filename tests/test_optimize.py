@@ -409,3 +409,11 @@ def test_dynamo_running_eagerly_is_reported_not_silent() -> None:
             opt(*toy_inputs(s=TOY_LAYOUT.seq_len + 4))  # a new shape: over the limit
         with pytest.raises(RuntimeError, match="strict=True: Dynamo ran"):
             strict(x, ctx)
+
+
+def test_regional_compilation_after_optimize_is_refused_at_the_call() -> None:
+    model = ToyVideo(["self", "self"])
+    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager")
+    model.blocks[1].compile()
+    with pytest.raises(RuntimeError, match="compiled on their own"):
+        opt(*toy_inputs())

@@ -188,6 +188,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_strict = strict
         self._vmoba_compile = compile_options
         self._vmoba_layer_of = _layer_numbering(model, adapter)
+        self._vmoba_modules = tuple(model.modules())
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         self._vmoba_param_names = {id(t): n for n, t in named}
         self._vmoba_compiled: dict[Any, Any] = {}
@@ -231,7 +232,8 @@ class VMoBAModule(torch.nn.Module):
         return fn
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        _refuse_regional(self._orig_mod)
+        if any(getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules):
+            _refuse_regional(self._orig_mod)  # compile_repeated_blocks ran after optimize
         controls = self.vmoba
         if controls.dense_now:
             out = self._variant("dense")(*args, **kwargs)
