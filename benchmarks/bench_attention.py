@@ -1,6 +1,9 @@
 """One attention layer at Wan-2.1-1.3B shapes: VMoBA vs dense attention, on a GPU.
 
-Run: ``python benchmarks/bench_attention.py [--grids 24x36x64,...] [--batch 1] [--out FILE]``.
+Run: ``python benchmarks/bench_attention.py [--grids 24x36x64,...] [--batch 1] [--layers 0,1,2]
+[--configs NAME,...] [--sweep] [--out FILE] [--md FILE]``. ``--sweep`` runs the token-count sweep
+(4K to 76K tokens) instead of ``--grids``, ``--md`` appends the table (with header and command).
+Rows are printed as JSON lines as they are measured, so a run cut short still reports.
 Each row: median ms (triton.testing.do_bench), speedup over cuDNN SDPA, achieved block density
 (fraction of query-key block pairs the kernel computes), time outside the attention kernel
 (permutation, scoring, selection, mask building), and relative error of the output against dense.
@@ -53,10 +56,38 @@ CONFIGS = {
     "block-topk": VMoBAConfig(selection="topk", topk=4, scope="query"),
     "block-thr0.25-head": VMoBAConfig(selection="threshold", threshold=0.25, scope="head"),
     "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
+    "token-thr0.25-head": VMoBAConfig(threshold=0.25, scope="head", granularity="token"),
 }
+SWEEP_GRIDS = "4x32x32,8x32x32,16x32x32,16x40x52,24x36x64,21x45x80"  # 4K ... 76K tokens
 
 
-def bench_grid(grid: str, batch: int, configs: dict[str, VMoBAConfig]) -> list[dict]:
+def paper_selection(q: torch.Tensor, k: torch.Tensor, plan, threshold: float) -> torch.Tensor:
+    """The paper's token-level selection written plainly in PyTorch (for its cost only): mean
+    key per chunk, gates of every query token, per-head global threshold by sort + cumsum."""
+    b, h, s, d = q.shape
+    lay = plan.layout
+    t = torch.arange(lay.video_tokens, device=q.device)
+    ct, cy, cx = plan.chunk
+    _, ny, nx = plan.chunk_grid
+    fy, fx = t // lay.width % lay.height, t % lay.width
+    cid = ((t // (lay.height * lay.width)) // ct * ny + fy // cy) * nx + fx // cx
+    kbar = torch.zeros(b, h, plan.num_chunks, d, device=q.device, dtype=torch.float32)
+    kbar.index_add_(2, cid, k.float())
+    kbar /= torch.bincount(cid, minlength=plan.num_chunks)[:, None].float()
+    gates = q.float() @ kbar.transpose(-1, -2)  # [B, H, S, C]
+    flat = gates.flatten(2)
+    gn = (flat - flat.amin(-1, keepdim=True)) / (
+        flat.amax(-1, keepdim=True) - flat.amin(-1, keepdim=True)
+    )
+    vals, order = gn.sort(-1, descending=True)
+    keep_sorted = (vals.cumsum(-1) / vals.sum(-1, keepdim=True)) <= threshold
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return keep.view_as(gates)
+
+
+def bench_grid(
+    grid: str, batch: int, configs: dict[str, VMoBAConfig], layers: list[int]
+) -> list[dict]:
     """Dense baselines and every (config, layer) of one grid; returns one row per measurement."""
     flex = compiled_flex_attention()
     t, y, x = (int(v) for v in grid.split("x"))
@@ -81,10 +112,23 @@ def bench_grid(grid: str, batch: int, configs: dict[str, VMoBAConfig]) -> list[d
     ]:
         for bwd in (False, True):
             base[name, bwd] = ms = bench(fn, bwd)
-            rows.append(dict(grid=grid, tokens=s, method=name, backward=bwd, ms=ms, density=1.0))
+            rows.append(
+                dict(
+                    grid=grid, batch=batch, tokens=s, method=name, backward=bwd, ms=ms, density=1.0
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    plan0 = plan_for(layout, CONFIGS["block-thr0.25-head"], 0)
+    with torch.no_grad():
+        ms = bench(lambda: paper_selection(q, k, plan0, 0.25), False)
+    rows.append(
+        dict(grid=grid, batch=batch, tokens=s, method="paper-plain-selection (1d, fwd only)",
+             backward=False, ms=ms, density=None)
+    )  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
 
     for cname, cfg in configs.items():
-        for layer in range(3):
+        for layer in layers:
             torch._dynamo.reset()  # fresh caches: never hit the recompile limit (trap 7)
             plan = plan_for(layout, cfg, layer)
 
@@ -114,6 +158,7 @@ def bench_grid(grid: str, batch: int, configs: dict[str, VMoBAConfig]) -> list[d
                 rows.append(
                     dict(
                         grid=grid,
+                        batch=batch,
                         tokens=s,
                         method=f"vmoba-{cname}-{cfg.partition_for(layer).value}",
                         backward=bwd,
@@ -134,15 +179,16 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict]) -> None:
-    print(
-        "\n| grid | tokens | method | pass | ms | speedup vs cuDNN | density | 0.75/d "
-        "| outside kernel ms | rel err vs dense |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| grid | B | tokens | method | pass | ms | speedup vs cuDNN | density | 0.75/d "
+        "| outside kernel ms | rel err vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cells = [
             r["grid"],
+            r.get("batch", 1),
             r["tokens"],
             r["method"],
             "fwd+bwd" if r["backward"] else "fwd",
@@ -153,27 +199,37 @@ def print_table(rows: list[dict]) -> None:
             _fmt(r.get("outside_kernel_ms"), ".2f"),
             _fmt(r.get("err_vs_dense"), ".3f"),
         ]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--grids", default="21x30x52,24x36x64,21x45x80")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sweep", action="store_true", help=f"grids {SWEEP_GRIDS}")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--layers", default="0,1,2", help="layer indices (partitions 1d, 2d, 3d)")
     p.add_argument("--out", default=None)
+    p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--configs", default="", help="comma-separated names from CONFIGS")
     args = p.parse_args()
     print(header(args), flush=True)
     wanted = args.configs.split(",") if args.configs else list(CONFIGS)
     configs = {name: CONFIGS[name] for name in wanted}
+    layers = [int(v) for v in args.layers.split(",")]
     rows = []
-    for grid in args.grids.split(","):
-        rows += bench_grid(grid, args.batch, configs)
-        torch.cuda.empty_cache()
-    print_table(rows)
+    for batch in (int(v) for v in args.batch.split(",")):
+        for grid in (SWEEP_GRIDS if args.sweep else args.grids).split(","):
+            rows += bench_grid(grid, batch, configs, layers)
+            torch.cuda.empty_cache()
+    print("\n" + table(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(header=header(args), rows=rows), f, indent=1)
+    if args.md:
+        with open(args.md, "a") as f:
+            command = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])
+            f.write(f"\n### {header(args)}\n\n`{command}`\n\n{table(rows)}\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,6 @@ for part in $PARTS; do
 done
 if [[ " $PARTS " == *" bench "* ]]; then
   timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_attention.py --grids "${BENCH_GRIDS:-24x36x64}" \
-    --configs "${BENCH_CONFIGS:-}" --out "$OUT/bench_attention.json" 2>&1 \
+    --configs "${BENCH_CONFIGS:-}" --layers "${BENCH_LAYERS:-0,1,2}" --out "$OUT/bench_attention.json" 2>&1 \
     | tee "$OUT/bench_attention.log" | grep -v '^{' | tail -40
 fi
