@@ -417,3 +417,24 @@ def test_regional_compilation_after_optimize_is_refused_at_the_call() -> None:
     model.blocks[1].compile()
     with pytest.raises(RuntimeError, match="compiled on their own"):
         opt(*toy_inputs())
+
+
+def test_rewrites_inside_activation_checkpointing() -> None:
+    """diffusers' gradient checkpointing puts each block in a nested graph (a checkpoint HOP):
+    its calls are rewritten there, and training gradients match the plain model (keep-all
+    config: FlexAttention has no CPU backward)."""
+    model, args, kwargs = tm.build("wan")
+    model.enable_gradient_checkpointing()
+    model.train()
+    opt = optimize(model, KEEP_ALL, lowering="aot_eager")
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        first(run()).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got = grads(lambda: opt(*args, **kwargs))
+    want = grads(lambda: model(*args, **kwargs))
+    assert [c.module for c in opt.report.rewritten] == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert got.keys() == want.keys() and got
+    assert max(max_err(got[n], want[n]) for n in got) < 1e-5

@@ -516,19 +516,43 @@ def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
     return what
 
 
+class BoundVMoBA:
+    """``vmoba_sdpa`` with one call's static arguments bound: the target of a rewritten node.
+
+    The layout and config live in the target, not in the node's arguments: FX writes arguments
+    into the graph's Python source with ``repr``, which is not valid code for these objects (a
+    nested graph, e.g. under activation checkpointing, is run from that source).
+    """
+
+    def __init__(self, choice: _Rewrite, config: VMoBAConfig, scale: float | None) -> None:
+        self.choice, self.config, self.scale = choice, config, scale
+        self.__name__ = self.__qualname__ = f"vmoba_sdpa_layer{choice.layer_index}"
+        self.__module__ = __name__
+
+    def __call__(self, query, key, value, attn_mask):
+        c = self.choice
+        return vmoba_sdpa(
+            query,
+            key,
+            value,
+            attn_mask,
+            layout=c.layout,
+            config=self.config,
+            layer_index=c.layer_index,
+            scale=self.scale,
+            key_padding=c.key_padding,
+            dynamic_text=c.dynamic_text,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__}>"
+
+
 def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, choice: _Rewrite, config) -> None:
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
-            vmoba_sdpa,
+            BoundVMoBA(choice, config, bound["scale"]),
             args=(bound["query"], bound["key"], bound["value"], bound["attn_mask"]),
-            kwargs={
-                "layout": choice.layout,
-                "config": config,
-                "layer_index": choice.layer_index,
-                "scale": bound["scale"],
-                "key_padding": choice.key_padding,
-                "dynamic_text": choice.dynamic_text,
-            },
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
