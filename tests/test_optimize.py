@@ -438,3 +438,15 @@ def test_rewrites_inside_activation_checkpointing() -> None:
     assert [c.module for c in opt.report.rewritten] == ["blocks.0.attn1", "blocks.1.attn1"]
     assert got.keys() == want.keys() and got
     assert max(max_err(got[n], want[n]) for n in got) < 1e-5
+
+
+def test_explain_on_an_optimized_model_uses_its_config_and_matches_its_report() -> None:
+    model, args, kwargs = built("cogvideox")
+    opt = optimize(model, SPARSE[1], lowering="aot_eager")
+    before = explain(opt, *args, **kwargs)
+    with torch.no_grad():
+        opt(*args, **kwargs)
+    assert [
+        (c.module, c.rewritten, c.layer_index, c.partition, c.reason) for c in before.calls
+    ] == [(c.module, c.rewritten, c.layer_index, c.partition, c.reason) for c in opt.report.calls]
+    assert len(opt.report.graphs) == 1  # explain did not add to the optimized model's report
