@@ -145,16 +145,14 @@ def plan_blocks(
     idx: PlanIndex | None = None,
 ) -> BlockPlan:
     """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``."""
-    device, bs, c = qp.device, plan.block_size, plan.num_chunks
+    device, bs = qp.device, plan.block_size
     idx = idx if idx is not None else _compat.plan_index(plan, device)
-    block_chunk, block_count = idx.block_chunk, idx.block_count
-    nvb, nv = plan.num_video_blocks, plan.video_padded
-    onehot = (block_chunk[:nvb, None] == torch.arange(c, device=device)[None, :]).float()
+    nvb, nv, onehot = plan.num_video_blocks, plan.video_padded, idx.onehot
     kbar = chunk_keys(kp, onehot, idx.sizes, bs)
     if config.granularity is Granularity.BLOCK:
         b, h, _, d = qp.shape
         qsum = qp[:, :, :nv].float().reshape(b, h, nvb, bs, d).sum(3)
-        q_units = qsum / block_count[:nvb].to(torch.float32)[:, None]
+        q_units = qsum / idx.block_count[:nvb].to(torch.float32)[:, None]
         is_self = onehot.bool()
         unit_real = torch.ones(nvb, dtype=torch.bool, device=device)
     else:

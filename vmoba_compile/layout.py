@@ -142,6 +142,8 @@ class PlanIndex(NamedTuple):
     block_chunk: torch.Tensor  # [NB] int64: chunk of each block (text: num_chunks)
     block_count: torch.Tensor  # [NB] int64: real tokens in each block
     sizes: torch.Tensor  # [C] int64: real tokens in each chunk
+    onehot: torch.Tensor  # [NB_video, C] float32: 1 where a video block lies in a chunk
+    kv_col: torch.Tensor  # [S_pad] int64: selection column of each key slot (C text, C+1 pad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +199,7 @@ class ChunkPlan:
         sy = torch.clamp(lay.height - iy * cy, max=cy)  # this chunk's height (ragged edge)
         sx = torch.clamp(lay.width - ix * cx, max=cx)
         local = ((t - it * ct) * sy + (y - iy * cy)) * sx + (x - ix * cx)
-        # No-op for real tokens; keeps the indirect load in range if inductor evaluates it for
-        # the text positions of token_slots' fused ``cat``. Added while chasing an H100 fault in
-        # that fused kernel; the fault remained (docs/gpu_status.md).
-        cid = torch.clamp((it * ny + iy) * nx + ix, 0, self.num_chunks - 1)
+        cid = (it * ny + iy) * nx + ix
         offsets = torch.tensor(self.chunk_offsets, device=device, dtype=torch.long)
         return offsets[cid] + local
 
@@ -249,8 +248,15 @@ class ChunkPlan:
     def index(self, device: torch.device) -> PlanIndex:
         """All index tensors of the plan on ``device`` (each computed once)."""
         token, real = self.slot_tokens(device)
+        c, bs = self.num_chunks, self.block_size
+        block_chunk, block_count = self.block_tables(device)
         sizes = torch.tensor(self.chunk_sizes, device=device, dtype=torch.long)
-        return PlanIndex(token, real, self.token_slots(device), *self.block_tables(device), sizes)
+        chunks = torch.arange(c, device=device)
+        onehot = (block_chunk[: self.num_video_blocks, None] == chunks).float()
+        slot_chunk = block_chunk.repeat_interleave(bs)
+        kv_col = torch.where(real, slot_chunk, torch.full_like(slot_chunk, c + 1))
+        slots = self.token_slots(device)
+        return PlanIndex(token, real, slots, block_chunk, block_count, sizes, onehot, kv_col)
 
     @property
     def key(self) -> str:

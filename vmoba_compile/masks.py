@@ -98,11 +98,7 @@ def build_block_mask(
             tables[f"{name}{side}_num_blocks"] = materialize_for_mask_mod(num)
             tables[f"{name}{side}_indices"] = materialize_for_mask_mod(ind)
 
-    # mask_mod reads buffers computed here, not the plan's index tables directly (a flex template
-    # that read a lifted constant table faulted on the H100: docs/gpu_status.md).
-    # kv_col: the selection column of each key slot: its chunk, C for text, C+1 for padding.
-    slot = torch.arange(nb * bs, device=device)
-    kv_col = torch.where(real, block_chunk[slot // bs], torch.full_like(slot, c + 1))
+    # kv_col: the selection column of each key slot (its chunk, C for text, C+1 for padding).
     key_ok = None
     if text_key_mask is not None:
         pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
@@ -116,7 +112,7 @@ def build_block_mask(
         )
         key_ok = materialize_for_mask_mod(key_ok)
     sel_ext = materialize_for_mask_mod(sel_ext)
-    kv_col = materialize_for_mask_mod(kv_col)
+    kv_col = idx.kv_col  # from the opaque plan_index op: already a plain buffer
 
     def mask_mod(bi, hi, q_idx, kv_idx):
         unit = q_idx if token_level else q_idx // bs
