@@ -18,7 +18,15 @@ from .layout import ChunkPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
 
-__all__ = ["BlockPlan", "permute", "plan_blocks", "plan_for", "unpermute", "vmoba_attention"]
+__all__ = [
+    "BlockPlan",
+    "permute",
+    "plan_blocks",
+    "plan_for",
+    "text_key_mask_from_padding",
+    "unpermute",
+    "vmoba_attention",
+]
 
 
 def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> ChunkPlan:
@@ -78,6 +86,13 @@ def _check_inputs(
                 f"text_key_mask must be a bool tensor of shape [B, L] = {want} (True = attend); "
                 f"got {text_key_mask.dtype} {tuple(text_key_mask.shape)}."
             )
+
+
+def text_key_mask_from_padding(mask: torch.Tensor, layout: VideoLayout, batch: int) -> torch.Tensor:
+    """A ``[B or 1, 1, 1, S]`` bool key-padding mask whose video part is all True
+    (HunyuanVideo) -> the ``[B, L]`` ``text_key_mask`` of its text part."""
+    lo, n = layout.text_start, layout.text_tokens
+    return mask.reshape(mask.shape[0], layout.seq_len)[:, lo : lo + n].expand(batch, n)
 
 
 def _dense(q, k, v, layout, scale, text_key_mask):

@@ -28,9 +28,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .attention import plan_for, vmoba_attention
+from .attention import plan_for, text_key_mask_from_padding, vmoba_attention
 from .config import VMoBAConfig
-from .layout import VideoLayout
+from .layout import TextPosition, VideoLayout
 
 __all__ = [
     "AttentionCall",
@@ -202,9 +202,7 @@ def vmoba_sdpa(
         return _vmoba_sdpa_dynamic_text(query, key, value, layout, config, layer_index, scale)
     text_key_mask = None
     if key_padding and attn_mask is not None:
-        b, s, lo = query.shape[0], query.shape[2], layout.text_start
-        flat = attn_mask.reshape(attn_mask.shape[0], s)
-        text_key_mask = flat[:, lo : lo + layout.text_tokens].expand(b, layout.text_tokens)
+        text_key_mask = text_key_mask_from_padding(attn_mask, layout, query.shape[0])
     return vmoba_attention(
         query,
         key,
@@ -351,8 +349,6 @@ def decide(
     sq, sk = q.shape[2], k.shape[2]
     if not _same(sq, sk):
         return f"cross-attention ({sq} queries, {sk} keys)"
-    if not isinstance(sq, int):
-        return _decide_dynamic(args, module, ctx, next_layer, sq)
     causal = args["is_causal"]
     if causal is not False:
         return "causal attention" if causal is True else "is_causal decided at run time"
@@ -371,20 +367,16 @@ def decide(
     if ctx.family is not None and module not in ctx.layer_of:
         return f"not a video self-attention module of {ctx.family}"
 
-    if ctx.layout is not None:
-        layout = ctx.layout
-        if layout.seq_len != sq:
-            return f"{sq} tokens do not match the layout's {layout.seq_len} ({layout})"
-    elif ctx.grid is None:
-        return f"video grid unknown for this call: {ctx.grid_error}"
-    else:
-        layout = ctx.grid.layout_for(sq)
-        if layout is None:
-            return f"{sq} tokens cannot hold the {ctx.grid.video_tokens}-token video grid"
+    dynamic = not isinstance(sq, int)
+    layout = _dynamic_layout(sq, ctx) if dynamic else _static_layout(sq, ctx)
+    if isinstance(layout, str):
+        return layout
 
     key_padding = False
     mask = args["attn_mask"]
     if mask is not None:
+        if dynamic:
+            return "attention mask on a call of run-time length"
         if not isinstance(mask, torch.Tensor):
             return "attention mask without shape information"
         if mask.dtype != torch.bool:
@@ -404,7 +396,40 @@ def decide(
         layer = next_layer()
     if layer in ctx.dense_layers:
         return f"layer {layer} kept dense by the runtime controls (dense_layers)"
-    return _Rewrite(layout, layer, key_padding)
+    return _Rewrite(layout, layer, key_padding, dynamic_text=dynamic)
+
+
+def _static_layout(sq: int, ctx: CallContext) -> VideoLayout | str:
+    """The layout of a call of ``sq`` tokens, or why there is none."""
+    if ctx.layout is not None:
+        if ctx.layout.seq_len != sq:
+            return f"{sq} tokens do not match the layout's {ctx.layout.seq_len} ({ctx.layout})"
+        return ctx.layout
+    if ctx.grid is None:
+        return f"video grid unknown for this call: {ctx.grid_error}"
+    layout = ctx.grid.layout_for(sq)
+    if layout is None:
+        return f"{sq} tokens cannot hold the {ctx.grid.video_tokens}-token video grid"
+    return layout
+
+
+def _dynamic_layout(sq: Any, ctx: CallContext) -> VideoLayout | str:
+    """A call whose length is decided at run time (``S = N + text``, the text count
+    data-dependent): the layout at the text's upper bound, when the adapter declares such text
+    and it is a suffix with a known bound."""
+    grid = ctx.grid
+    if grid is None or not ctx.data_dependent_text:
+        return f"sequence length {sq} is decided at run time"
+    if grid.text_position is not TextPosition.SUFFIX:
+        return "run-time text length is supported for suffix text only"
+    try:
+        upper = int(sq.node.shape_env.bound_sympy(sq.node.expr).upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return f"sequence length {sq} is decided at run time and has no known upper bound"
+    layout = grid.layout_for(upper)
+    if layout is None:
+        return f"at most {upper} tokens cannot hold the {grid.video_tokens}-token video grid"
+    return layout
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -414,36 +439,6 @@ def _same(a: Any, b: Any) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return bool(statically_known_true(a == b))
-
-
-def _decide_dynamic(args, module, ctx, next_layer, sq) -> _Rewrite | str:
-    """A self-attention whose length is decided at run time (``S = N + text`` with a
-    data-dependent text count): rewritten when the adapter says so and the text is a suffix
-    with a known upper bound."""
-    grid = ctx.grid
-    if grid is None or ctx.family is None or not ctx.data_dependent_text:
-        return f"sequence length {sq} is decided at run time"
-    if ctx.family is not None and module not in ctx.layer_of:
-        return f"not a video self-attention module of {ctx.family}"
-    if args["attn_mask"] is not None:
-        return "attention mask on a call of run-time length"
-    if grid.text_position.value != "suffix":
-        return "run-time text length is supported for suffix text only"
-    try:
-        node = sq.node
-        upper = node.shape_env.bound_sympy(node.expr).upper
-        upper = int(upper)
-    except (AttributeError, TypeError, ValueError, OverflowError):
-        return f"sequence length {sq} is decided at run time and has no known upper bound"
-    layout = grid.layout_for(upper)
-    if layout is None:
-        return f"at most {upper} tokens cannot hold the {grid.video_tokens}-token video grid"
-    layer = ctx.layer_of.get(module)
-    if layer is None:
-        layer = next_layer()
-    if layer in ctx.dense_layers:
-        return f"layer {layer} kept dense by the runtime controls (dense_layers)"
-    return _Rewrite(layout, layer, False, dynamic_text=True)
 
 
 def rewrite_graph(

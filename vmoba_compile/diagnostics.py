@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .adapters.registry import find_adapter
-from .attention import permute, plan_blocks, plan_for
+from .attention import permute, plan_blocks, plan_for, text_key_mask_from_padding
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
@@ -128,9 +128,7 @@ def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list
             continue
         tkm = None
         if mask is not None and grid.text_key_padding:
-            lo = layout.text_start
-            flat = mask.reshape(mask.shape[0], q.shape[2])
-            tkm = flat[:, lo : lo + layout.text_tokens].expand(q.shape[0], -1)
+            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
         out.append(CapturedCall(module, wanted[module], layout, q, k, tkm))
     return out
 
