@@ -65,12 +65,8 @@ def paper_selection(q: torch.Tensor, k: torch.Tensor, plan, threshold: float) ->
     """The paper's token-level selection written plainly in PyTorch (for its cost only): mean
     key per chunk, gates of every query token, per-head global threshold by sort + cumsum."""
     b, h, s, d = q.shape
-    lay = plan.layout
-    t = torch.arange(lay.video_tokens, device=q.device)
-    ct, cy, cx = plan.chunk
-    _, ny, nx = plan.chunk_grid
-    fy, fx = t // lay.width % lay.height, t % lay.width
-    cid = ((t // (lay.height * lay.width)) // ct * ny + fy // cy) * nx + fx // cx
+    idx = plan.index(q.device)
+    cid = idx.block_chunk[idx.slots // plan.block_size]  # chunk of each token, in call order
     kbar = torch.zeros(b, h, plan.num_chunks, d, device=q.device, dtype=torch.float32)
     kbar.index_add_(2, cid, k.float())
     kbar /= torch.bincount(cid, minlength=plan.num_chunks)[:, None].float()

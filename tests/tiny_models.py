@@ -304,6 +304,29 @@ _EASYANIMATE = dict(
     timestep_activation_fn="silu",
 )
 
+_VIDEOMAE_SPEC = TinyFamily(
+    name="videomae",
+    adapter_family="videomae",
+    make=_videomae,
+    config=_VIDEOMAE,
+    grids=(),
+    patch=(2, 8, 8),
+    layout="BFCHW",
+    make_inputs=_pixel_inputs,
+)
+_VIVIT_SPEC = TinyFamily(
+    name="vivit",
+    adapter_family="vivit",
+    make=_vivit,
+    config=_VIVIT,
+    grids=(),
+    patch=(2, 8, 8),
+    layout="BFCHW",
+    make_inputs=_pixel_inputs,
+    text_position="prefix",
+    text_tokens=(1,),
+)
+
 _SPECS: tuple[TinyFamily, ...] = (
     TinyFamily(
         name="wan",
@@ -544,50 +567,12 @@ _SPECS: tuple[TinyFamily, ...] = (
         text_position="prefix",
         text_tokens=(22,),
     ),
-    TinyFamily(
-        name="videomae",
-        adapter_family="videomae",
-        make=_videomae,
-        config=_VIDEOMAE,
-        grids=(),
-        patch=(2, 8, 8),
-        layout="BFCHW",
-        make_inputs=_pixel_inputs,
+    _VIDEOMAE_SPEC,
+    dataclasses.replace(
+        _VIDEOMAE_SPEC, name="videomae_classification", make=_videomae_classification
     ),
-    TinyFamily(
-        name="videomae_classification",
-        adapter_family="videomae",
-        make=_videomae_classification,
-        config=_VIDEOMAE,
-        grids=(),
-        patch=(2, 8, 8),
-        layout="BFCHW",
-        make_inputs=_pixel_inputs,
-    ),
-    TinyFamily(
-        name="vivit",
-        adapter_family="vivit",
-        make=_vivit,
-        config=_VIVIT,
-        grids=(),
-        patch=(2, 8, 8),
-        layout="BFCHW",
-        make_inputs=_pixel_inputs,
-        text_position="prefix",
-        text_tokens=(1,),
-    ),
-    TinyFamily(
-        name="vivit_classification",
-        adapter_family="vivit",
-        make=_vivit_classification,
-        config=_VIVIT,
-        grids=(),
-        patch=(2, 8, 8),
-        layout="BFCHW",
-        make_inputs=_pixel_inputs,
-        text_position="prefix",
-        text_tokens=(1,),
-    ),
+    _VIVIT_SPEC,
+    dataclasses.replace(_VIVIT_SPEC, name="vivit_classification", make=_vivit_classification),
 )
 
 _BY_NAME = {s.name: s for s in _SPECS}

@@ -191,8 +191,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_modules = tuple(model.modules())
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         self._vmoba_param_names = {id(t): n for n, t in named}
-        self._vmoba_compiled: dict[Any, Any] = {}
-        self._vmoba_backends: dict[frozenset[int], VMoBABackend] = {}
+        self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
         self._vmoba_warned = False
         self.vmoba = VMoBAControls()
         self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
@@ -208,11 +207,13 @@ class VMoBAModule(torch.nn.Module):
         """The VMoBA configuration (``.config`` stays the wrapped model's own config)."""
         return self._vmoba_config
 
-    def _variant(self, key: Any):
-        fn = self._vmoba_compiled.get(key)
-        if fn is not None:
-            return fn
+    def _variant(self, key: Any) -> tuple[Any, VMoBABackend | None]:
+        """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
+        backend (None for the dense one); compiled on first use."""
+        if key in self._vmoba_compiled:
+            return self._vmoba_compiled[key]
         opts = self._vmoba_compile
+        backend = None
         if key == "dense" and opts["lowering"] == "inductor":
             fn = torch.compile(
                 self._orig_mod,
@@ -221,27 +222,27 @@ class VMoBAModule(torch.nn.Module):
                 options=opts["patches"] or None,
             )
         else:
-            backend = "aot_eager"
             if key != "dense":
                 backend = VMoBABackend(self.report.add, opts["patches"], lowering=opts["lowering"])
-                self._vmoba_backends[key] = backend
             fn = torch.compile(
-                self._orig_mod, backend=backend, dynamic=False, fullgraph=opts["fullgraph"]
+                self._orig_mod,
+                backend=backend or "aot_eager",
+                dynamic=False,
+                fullgraph=opts["fullgraph"],
             )
-        self._vmoba_compiled[key] = fn
-        return fn
+        self._vmoba_compiled[key] = fn, backend
+        return fn, backend
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if any(getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules):
             _refuse_regional(self._orig_mod)  # compile_repeated_blocks ran after optimize
         controls = self.vmoba
         if controls.dense_now:
-            out = self._variant("dense")(*args, **kwargs)
+            out = self._variant("dense")[0](*args, **kwargs)
             controls._called()
             return out
         ctx = _context(self, args, kwargs, controls.dense_layers)
-        fn = self._variant(controls.dense_layers)
-        backend = self._vmoba_backends[controls.dense_layers]
+        fn, backend = self._variant(controls.dense_layers)
         runs = backend.graph_runs
         with _call_scope(ctx):
             out = fn(*args, **kwargs)
