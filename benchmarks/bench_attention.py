@@ -1,20 +1,26 @@
 """One attention layer at Wan-2.1-1.3B shapes: VMoBA vs dense attention, on a GPU.
 
 Run: ``python benchmarks/bench_attention.py [--grids 24x36x64,...] [--batch 1] [--layers 0,1,2]
-[--configs NAME,...] [--sweep] [--out FILE] [--md FILE]``. ``--sweep`` runs the token-count sweep
-(4K to 76K tokens) instead of ``--grids``, ``--md`` appends the table (with header and command).
+[--configs NAME,...] [--sweep] [--jobs 12] [--out FILE] [--md FILE]``. ``--sweep`` runs the
+token-count sweep (4K to 76K tokens) instead of ``--grids``, ``--md`` appends the table (with
+header and command), ``--jobs`` compiles everything first in parallel processes.
 Rows are printed as JSON lines as they are measured, so a run cut short still reports.
 Each row: median ms (triton.testing.do_bench), speedup over cuDNN SDPA, achieved block density
-(fraction of query-key block pairs the kernel computes), time outside the attention kernel
-(permutation, scoring, selection, mask building), and relative error of the output against dense.
+(fraction of query-key block pairs the kernel computes), the flex kernel timed alone on the same
+mask, a profile of one forward call (GPU time in the flex kernel and in every other kernel:
+permutation, scoring, selection, mask building; the gap between that sum and the wall time is
+host time the GPU waited for), and relative error of the output against dense.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +34,15 @@ from vmoba_compile.attention import permute, plan_blocks, plan_for
 def header(args) -> str:
     import triton
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    sha = (
+        os.environ.get("GIT_SHA")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     return (
         f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
-        f"{triton.__version__} | git {sha.stdout.strip() or '?'} | bf16 | B={args.batch} H=12 "
+        f"{triton.__version__} | git {sha or '?'} | bf16 | B={args.batch} H=12 "
         f"D=128 | do_bench median, warmup 25 ms, rep 100 ms"
     )
 
@@ -50,6 +61,37 @@ def bench(fn, backward: bool):
     out = fn()
     grad = torch.randn_like(out)
     return do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=None)
+
+
+def gpu_profile(fn, iters: int = 5) -> dict:
+    """Per call: GPU time of the flex kernel, GPU time of every other kernel, kernel count, and
+    the top non-flex kernels; from torch.profiler's CUDA activity over ``iters`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+    flex_us, other, count = 0.0, {}, 0
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us <= 0 or evt.key.startswith(("cudaLaunch", "cuLaunch", "Memset")):
+            continue
+        count += evt.count
+        if "flex_attention" in evt.key:
+            flex_us += us
+        else:
+            other[evt.key] = other.get(evt.key, 0.0) + us
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:6]
+    return dict(
+        flex_kernel_ms=flex_us / iters / 1e3,
+        other_kernels_ms=sum(other.values()) / iters / 1e3,
+        kernels_per_call=count / iters,
+        top_other=[(name[:80], round(us / iters / 1e3, 4)) for name, us in top],
+    )
 
 
 CONFIGS = {
@@ -82,9 +124,19 @@ def paper_selection(q: torch.Tensor, k: torch.Tensor, plan, threshold: float) ->
 
 
 def bench_grid(
-    grid: str, batch: int, configs: dict[str, VMoBAConfig], layers: list[int]
+    grid: str,
+    batch: int,
+    configs: dict[str, VMoBAConfig],
+    layers: list[int],
+    *,
+    baselines: bool = True,
+    compile_only: bool = False,
 ) -> list[dict]:
-    """Dense baselines and every (config, layer) of one grid; returns one row per measurement."""
+    """Dense baselines and every (config, layer) of one grid; returns one row per measurement.
+
+    ``compile_only`` runs every compiled function once and times nothing: the warm-up processes
+    of ``--jobs`` fill inductor's on-disk caches so that the timed process compiles from them.
+    """
     flex = compiled_flex_attention()
     t, y, x = (int(v) for v in grid.split("x"))
     layout = VideoLayout(t, y, x)
@@ -100,28 +152,33 @@ def bench_grid(
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
+    def run_once(fn, bwd):
+        out = fn()
+        if bwd:
+            out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+
+    timer = (lambda fn, bwd: run_once(fn, bwd)) if compile_only else bench
     rows, base = [], {}
-    for name, fn in [
-        ("cudnn", cudnn),
-        ("sdpa-default", lambda: F.scaled_dot_product_attention(q, k, v)),
-        ("flex-dense", lambda: flex(q, k, v)),
-    ]:
-        for bwd in (False, True):
-            base[name, bwd] = ms = bench(fn, bwd)
-            rows.append(
-                dict(
-                    grid=grid, batch=batch, tokens=s, method=name, backward=bwd, ms=ms, density=1.0
-                )
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    plan0 = plan_for(layout, CONFIGS["block-thr0.25-head"], 0)
-    with torch.no_grad():
-        ms = bench(lambda: paper_selection(q, k, plan0, 0.25), False)
-    rows.append(
-        dict(grid=grid, batch=batch, tokens=s, method="paper-plain-selection (1d, fwd only)",
-             backward=False, ms=ms, density=None)
-    )  # fmt: skip
-    print(json.dumps(rows[-1]), flush=True)
+    common = dict(grid=grid, batch=batch, tokens=s)
+    if baselines:
+        for name, fn in [
+            ("cudnn", cudnn),
+            ("sdpa-default", lambda: F.scaled_dot_product_attention(q, k, v)),
+            ("flex-dense", lambda: flex(q, k, v)),
+        ]:
+            for bwd in (False, True):
+                base[name, bwd] = ms = timer(fn, bwd)
+                rows.append(dict(common, method=name, backward=bwd, ms=ms, density=1.0))
+                print(json.dumps(rows[-1]), flush=True)
+        plan0 = plan_for(layout, CONFIGS["block-thr0.25-head"], 0)
+        with torch.no_grad():
+            ms = timer(lambda: paper_selection(q, k, plan0, 0.25), False)
+        rows.append(
+            dict(common, method="paper-plain-selection (1d, fwd only)", backward=False, ms=ms,
+                 density=None)
+        )  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
 
     for cname, cfg in configs.items():
         for layer in layers:
@@ -138,6 +195,7 @@ def bench_grid(
                 bm = plan_blocks(qp, kp, plan, cfg, idx=idx).block_mask
                 return bm.kv_indices, bm.full_kv_indices, bm.q_indices, bm.full_q_indices
 
+            tc = time.perf_counter()
             op_c = torch.compile(op, dynamic=False)
             with torch.no_grad():
                 qp, kp, vp = (permute(z, plan) for z in (q, k, v))
@@ -145,26 +203,36 @@ def bench_grid(
                 density = float(bm.to_dense().float().mean())
                 out = op_c(q, k, v)
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
-            kernel_ms = bench(
-                lambda qp=qp, kp=kp, vp=vp, bm=bm: flex(qp, kp, vp, block_mask=bm), False
-            )
-            select_ms = bench(torch.compile(select_and_mask, dynamic=False), False)
+            cold_fwd_s = time.perf_counter() - tc
+
+            def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm):
+                return flex(qp, kp, vp, block_mask=bm)
+
+            kernel_ms = timer(kernel_only, False)
+            select_c = torch.compile(select_and_mask, dynamic=False)
+            select_ms = timer(select_c, False)
+            timed = {bwd: timer(lambda op_c=op_c: op_c(q, k, v), bwd) for bwd in (False, True)}
+            if compile_only:
+                print(f"compiled {grid} B={batch} {cname} layer {layer}", flush=True)
+                continue
+            prof = gpu_profile(lambda op_c=op_c: op_c(q, k, v))
             for bwd in (False, True):
-                ms = bench(lambda op_c=op_c: op_c(q, k, v), bwd)
+                ms = timed[bwd]
                 rows.append(
                     dict(
-                        grid=grid,
-                        batch=batch,
-                        tokens=s,
+                        common,
                         method=f"vmoba-{cname}-{cfg.partition_for(layer).value}",
                         backward=bwd,
                         ms=ms,
                         density=density,
-                        speedup=base["cudnn", bwd] / ms,
+                        speedup=base["cudnn", bwd] / ms if ("cudnn", bwd) in base else None,
                         target=0.75 / density,
                         err_vs_dense=err,
+                        kernel_alone_ms=None if bwd else kernel_ms,
                         outside_kernel_ms=None if bwd else ms - kernel_ms,
                         select_mask_ms=select_ms,
+                        cold_fwd_compile_s=cold_fwd_s,
+                        **({} if bwd else prof),
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -178,10 +246,17 @@ def _fmt(value, spec: str) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| grid | B | tokens | method | pass | ms | speedup vs cuDNN | density | 0.75/d "
-        "| outside kernel ms | rel err vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| flex kernel alone ms | GPU ms in flex / other kernels (kernels per call) "
+        "| rel err vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        prof = "-"
+        if r.get("flex_kernel_ms") is not None:
+            prof = (
+                f"{r['flex_kernel_ms']:.2f} / {r['other_kernels_ms']:.3f} "
+                f"({r['kernels_per_call']:.0f})"
+            )
         cells = [
             r["grid"],
             r.get("batch", 1),
@@ -192,11 +267,33 @@ def table(rows: list[dict]) -> str:
             _fmt(r.get("speedup"), ".2f"),
             _fmt(r["density"], ".3f"),
             _fmt(r.get("target"), ".2f"),
-            _fmt(r.get("outside_kernel_ms"), ".2f"),
+            _fmt(r.get("kernel_alone_ms"), ".2f"),
+            prof,
             _fmt(r.get("err_vs_dense"), ".3f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def warm_up(grids, batches, configs, layers, jobs: int) -> None:
+    """Compile every unit of the run in parallel processes (compilation is CPU-bound and the
+    GPU machine has many cores); the timed run then loads the compiled code from the caches."""
+    units = [
+        ["--grids", g, "--batch", str(b), "--configs", c, "--layers", str(layer), "--no-baselines"]
+        for b in batches for g in grids for c in configs for layer in layers
+    ] + [["--grids", g, "--batch", str(b), "--configs", configs[0], "--layers", ""]
+         for b in batches for g in grids]  # fmt: skip
+    t0 = time.perf_counter()
+
+    def one(unit):
+        cmd = [sys.executable, __file__, "--compile-only", *unit]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            print(f"warm-up {unit} failed:\n{done.stderr[-2000:]}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, units))
+    print(f"warm-up: {len(units)} units in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -208,16 +305,38 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--configs", default="", help="comma-separated names from CONFIGS")
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="compile every measured function first in this many parallel processes (one per "
+        "grid, batch, config and layer), filling inductor's caches for the timed run",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile-only", action="store_true",
+        help="compile, time nothing (with --jobs: fill the caches for a later timed run)",
+    )  # fmt: skip
+    p.add_argument("--no-baselines", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    print(header(args), flush=True)
     wanted = args.configs.split(",") if args.configs else list(CONFIGS)
     configs = {name: CONFIGS[name] for name in wanted}
-    layers = [int(v) for v in args.layers.split(",")]
+    layers = [int(v) for v in args.layers.split(",") if v]
+    grids = (SWEEP_GRIDS if args.sweep else args.grids).split(",")
+    batches = [int(v) for v in args.batch.split(",")]
+    if args.jobs > 1:
+        warm_up(grids, batches, wanted, layers, args.jobs)
+        if args.compile_only:
+            return
+    if not args.compile_only:
+        print(header(args), flush=True)
     rows = []
-    for batch in (int(v) for v in args.batch.split(",")):
-        for grid in (SWEEP_GRIDS if args.sweep else args.grids).split(","):
-            rows += bench_grid(grid, batch, configs, layers)
+    for batch in batches:
+        for grid in grids:
+            rows += bench_grid(
+                grid, batch, configs, layers, baselines=not args.no_baselines,
+                compile_only=args.compile_only,
+            )  # fmt: skip
             torch.cuda.empty_cache()
+    if args.compile_only:
+        return
     print("\n" + table(rows))
     if args.out:
         with open(args.out, "w") as f:

@@ -23,7 +23,7 @@ def stage(name: str, text: int) -> None:
     if os.environ.get("NO_MATERIALIZE") == "1":  # variant: mask_mod captures left fusable
         import vmoba_compile.masks as masks
 
-        masks.materialize_for_mask_mod = lambda x: x
+        masks.materialize_for_mask_mod = lambda *xs: list(xs)
     layout = VideoLayout(8, 16, 16, text_tokens=text, text_position="prefix")
     cfg = VMoBAConfig(block_size=128, chunk_1d=(2,), chunk_2d=(4, 4), chunk_3d=(2, 4, 8))
     plan = plan_for(layout, cfg, 0)

@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
-# One device call: environment facts, the GPU tests (each file in its own process: a CUDA fault
-# is sticky), then the attention benchmark. Usage (GPU machine, repo root):
+# One device call: environment facts, the GPU tests, then the attention benchmark.
+# Usage (GPU machine, repo root):
 #   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.25-head bash scripts/gpu_check.sh
+# The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
+# each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-out}; mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/vmoba_logs}; mkdir -p "$LOGS"  # tarred into $OUT at the end (8 files come back)
+trap 'tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"' EXIT
 PARTS=${PARTS:-op pass}
 if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU image
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
-for part in $PARTS; do
-  case $part in
-    op) file=tests/test_gpu.py ;;
-    pass) file=tests/test_gpu_pass.py ;;
-    *) continue ;;
-  esac
-  echo "== pytest $file"
-  kfilter=(); [ -n "${PYTEST_K:-}" ] && [ "$part" = op ] && kfilter=(-k "$PYTEST_K")
-  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu "$file" "${kfilter[@]}" -p no:cacheprovider -rA 2>&1 \
-    | tee "$OUT/gpu_tests_$part.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" | tail -30
-done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOGS/env.txt"
+
+shard() {  # shard NAME FILE [pytest -k expression]
+  local name=$1 file=$2; shift 2
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu "$file" ${1:+-k "$1"} -p no:cacheprovider -rA \
+    >"$LOGS/gpu_tests_$name.log" 2>&1
+  echo "== $name: $(tail -1 "$LOGS/gpu_tests_$name.log")"
+}
+BENCH_ARGS=(--grids "${BENCH_GRIDS:-24x36x64}" --configs "${BENCH_CONFIGS:-}"
+  --layers "${BENCH_LAYERS:-0,1,2}" --batch "${BENCH_BATCH:-1}")
+pids=()
+if [[ " $PARTS " == *" bench "* ]]; then  # compile the benchmark's functions alongside the tests
+  python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --compile-only --jobs "${BENCH_JOBS:-8}" \
+    >"$LOGS/bench_warmup.log" 2>&1 &
+  warm=$!
+fi
+if [[ " $PARTS " == *" op "* ]]; then
+  for dt in bf16 fp32; do
+    for mode in compiled eager-call; do
+      shard "op_${mode}_$dt" tests/test_gpu.py "$mode and $dt" & pids+=($!)
+    done
+  done
+fi
+if [[ " $PARTS " == *" pass "* ]]; then shard pass tests/test_gpu_pass.py & pids+=($!); fi
+for p in "${pids[@]}"; do wait "$p"; done
+if [ ${#pids[@]} -gt 0 ]; then
+  cat "$LOGS"/gpu_tests_*.log | grep -E "^(FAILED|ERROR)" | head -20
+fi
+
 if [[ " $PARTS " == *" bench "* ]]; then
-  timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_attention.py --grids "${BENCH_GRIDS:-24x36x64}" \
-    --configs "${BENCH_CONFIGS:-}" --layers "${BENCH_LAYERS:-0,1,2}" --out "$OUT/bench_attention.json" 2>&1 \
-    | tee "$OUT/bench_attention.log" | grep -v '^{' | tail -40
+  wait $warm; tail -3 "$LOGS/bench_warmup.log"
+  timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" \
+    --out "$OUT/bench_attention.json" 2>&1 | tee "$LOGS/bench_attention.log" | grep -v '^{' | tail -40
 fi

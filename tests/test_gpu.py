@@ -44,7 +44,7 @@ def _inputs(layout, hkv, dtype, seed):
     return [x.to(dtype).requires_grad_() for x in (r(h), r(hkv), r(hkv))]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager-call"])
 def test_forward_and_gradients_match_reference(case, dtype, compiled):

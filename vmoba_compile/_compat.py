@@ -82,18 +82,18 @@ def plan_index(plan: ChunkPlan, device: torch.device) -> PlanIndex:
 
 
 @torch.library.custom_op("vmoba_compile::materialize", mutates_args=())
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    return x.clone()
+def _materialize(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.clone() for x in xs]
 
 
 @_materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def _(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_like(x) for x in xs]
 
 
-def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
-    """Make a tensor the flex template reads (a ``mask_mod`` capture or a block table) a plain,
-    separately computed buffer under inductor.
+def materialize_for_mask_mod(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Make tensors the flex template reads (``mask_mod`` captures, block tables) plain,
+    separately computed buffers under inductor.
 
     - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
       the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
@@ -103,8 +103,10 @@ def materialize_for_mask_mod(x: torch.Tensor) -> torch.Tensor:
       (``triton_tem_fused_..._flex_attention_..._index_select_..._sort_...``) and the kernel
       faulted (illegal address); compiled alone, the same tables were right
       (``scripts/gpu_bisect.py``).
-    An opaque custom op forces a plain buffer on both. Outside compilation it is a no-op.
+    An opaque custom op forces plain buffers on both. It takes every table of one mask in one
+    call: each call of a Python custom op costs host time at run time (dispatch through Python),
+    and the op is on every layer's critical path. Outside compilation it is a no-op.
     """
     if not is_compiling():
-        return x
-    return _materialize(x)
+        return list(xs)
+    return _materialize(list(xs))

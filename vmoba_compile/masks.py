@@ -91,12 +91,11 @@ def build_block_mask(
     # Both directions of both kinds of blocks, each a plain buffer under compilation: on the
     # H100 (torch 2.11) inductor fused their computation (sort, index_select, ...) into the flex
     # template, and that kernel faulted (docs/gpu_status.md).
-    tables = {}
+    names, tensors = [], []
     for name, dense in (("", partial), ("full_", full)):
         for side, m in (("kv", dense), ("q", dense.transpose(-1, -2))):
-            num, ind = dense_to_indices(m)
-            tables[f"{name}{side}_num_blocks"] = materialize_for_mask_mod(num)
-            tables[f"{name}{side}_indices"] = materialize_for_mask_mod(ind)
+            names += [f"{name}{side}_num_blocks", f"{name}{side}_indices"]
+            tensors += dense_to_indices(m)
 
     # kv_col: the selection column of each key slot (its chunk, C for text, C+1 for padding).
     key_ok = None
@@ -110,8 +109,11 @@ def build_block_mask(
             ],
             dim=1,
         )
-        key_ok = materialize_for_mask_mod(key_ok)
-    sel_ext = materialize_for_mask_mod(sel_ext)
+    extra = [sel_ext] if key_ok is None else [sel_ext, key_ok]
+    plain = materialize_for_mask_mod(*tensors, *extra)
+    tables = dict(zip(names, plain[: len(tensors)], strict=True))
+    sel_ext = plain[len(tensors)]
+    key_ok = None if key_ok is None else plain[-1]
     kv_col = idx.kv_col  # from the opaque plan_index op: already a plain buffer
 
     def mask_mod(bi, hi, q_idx, kv_idx):
