@@ -15,6 +15,7 @@ host time the GPU waited for), and relative error of the output against dense.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -100,6 +101,22 @@ CONFIGS = {
     "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
     "token-thr0.25-head": VMoBAConfig(threshold=0.25, scope="head", granularity="token"),
 }
+# FlexAttention kernel options to compare (H100 defaults for bf16, D=128: BLOCK_M 128, BLOCK_N 64,
+# 8 warps, 3 stages). Append "+NAME" to a config name: block-thr0.25-head+n128s2.
+KERNEL_OPTIONS = {
+    "n128s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    "w4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    "tma": dict(USE_TMA=True),
+}
+
+
+def config_named(name: str) -> VMoBAConfig:
+    """A CONFIGS entry, optionally with "+KERNEL_OPTIONS name" appended."""
+    base, _, kopt = name.partition("+")
+    cfg = CONFIGS[base]
+    return dataclasses.replace(cfg, kernel_options=KERNEL_OPTIONS[kopt]) if kopt else cfg
+
+
 SWEEP_GRIDS = "4x32x32,8x32x32,16x32x32,16x40x52,24x36x64,21x45x80"  # 4K ... 76K tokens
 
 
@@ -205,8 +222,8 @@ def bench_grid(
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
             cold_fwd_s = time.perf_counter() - tc
 
-            def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm):
-                return flex(qp, kp, vp, block_mask=bm)
+            def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm, cfg=cfg):
+                return flex(qp, kp, vp, block_mask=bm, kernel_options=cfg.flex_kernel_options())
 
             kernel_ms = timer(kernel_only, False)
             select_c = torch.compile(select_and_mask, dynamic=False)
@@ -304,7 +321,11 @@ def main() -> None:
     p.add_argument("--layers", default="0,1,2", help="layer indices (partitions 1d, 2d, 3d)")
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None, help="append the markdown table to this file")
-    p.add_argument("--configs", default="", help="comma-separated names from CONFIGS")
+    p.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated names from CONFIGS, each optionally +NAME of KERNEL_OPTIONS",
+    )
     p.add_argument(
         "--jobs", type=int, default=1,
         help="compile every measured function first in this many parallel processes (one per "
@@ -317,7 +338,7 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     wanted = args.configs.split(",") if args.configs else list(CONFIGS)
-    configs = {name: CONFIGS[name] for name in wanted}
+    configs = {name: config_named(name) for name in wanted}
     layers = [int(v) for v in args.layers.split(",") if v]
     grids = (SWEEP_GRIDS if args.sweep else args.grids).split(",")
     batches = [int(v) for v in args.batch.split(",")]

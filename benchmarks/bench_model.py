@@ -1,6 +1,8 @@
 """A Wan-2.1-1.3B-config transformer end to end: ``optimize(model)`` vs dense ``torch.compile``.
 
-Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [--steps 20]``
+Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [--steps 20]
+[--train-steps 5] [--variant dense|vmoba|both]`` (one variant per process keeps a run inside a
+time limit; training uses activation checkpointing, as 55K-token training does in practice).
 Smoke (CPU, tiny): ``python benchmarks/bench_model.py --tiny``
 
 For each of dense (``torch.compile(model, dynamic=False)``) and VMoBA (``optimize(model)``):
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -40,7 +43,9 @@ TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32,
 
 
 def header(device: str) -> str:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    sha = os.environ.get("GIT_SHA") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     try:
         import triton
@@ -48,7 +53,7 @@ def header(device: str) -> str:
         tv = triton.__version__
     except ImportError:
         tv = "-"
-    return f"{name} | torch {torch.__version__} | triton {tv} | git {sha.stdout.strip() or '?'}"
+    return f"{name} | torch {torch.__version__} | triton {tv} | git {sha or '?'}"
 
 
 def sync(device: str) -> None:
@@ -73,7 +78,7 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_variant(name, make_model, inputs, device, steps, train) -> dict:
+def run_variant(name, make_model, inputs, device, steps, train_steps) -> dict:
     from diffusers import WanTransformer3DModel  # noqa: F401  (fail early without diffusers)
 
     torch._dynamo.reset()
@@ -91,7 +96,7 @@ def run_variant(name, make_model, inputs, device, steps, train) -> dict:
         row["forward_recompiles"] = graphs_compiled() - before
     if device == "cuda":
         row["forward_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if train:
+    if train_steps:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -108,7 +113,7 @@ def run_variant(name, make_model, inputs, device, steps, train) -> dict:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = graphs_compiled()
-        row["train_step_ms"] = median_ms(step, device, steps)
+        row["train_step_ms"] = median_ms(step, device, train_steps)
         row["train_recompiles"] = graphs_compiled() - before
         if device == "cuda":
             row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -121,9 +126,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--grid", default="24x36x64", help="frames x height x width in tokens")
     p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="timed forward calls")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps (0: none)")
+    p.add_argument("--variant", choices=["dense", "vmoba", "both"], default="both")
+    p.add_argument(
+        "--no-checkpointing", action="store_true",
+        help="train without activation checkpointing (at 55K tokens 30 layers do not fit then)",
+    )  # fmt: skip
     p.add_argument("--text", type=int, default=512, help="text tokens (cross-attention)")
-    p.add_argument("--no-train", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -148,7 +158,10 @@ def main() -> None:
 
     def build():
         torch.manual_seed(0)
-        return WanTransformer3DModel(**cfg).to(device, dtype).eval()
+        m = WanTransformer3DModel(**cfg).to(device, dtype).eval()
+        if args.train_steps and not args.no_checkpointing:
+            m.enable_gradient_checkpointing()  # only active with gradients: inference unchanged
+        return m
 
     def dense():
         m = build()
@@ -160,10 +173,10 @@ def main() -> None:
         return m, vc.optimize(m, config, lowering=lowering)
 
     print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
-    rows = [
-        run_variant(n, f, inputs, device, args.steps, not args.no_train)
-        for n, f in (("dense torch.compile", dense), ("vmoba optimize", vmoba))
-    ]
+    variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
+    if args.variant != "both":
+        variants = variants[:1] if args.variant == "dense" else variants[1:]
+    rows = [run_variant(n, f, inputs, device, args.steps, args.train_steps) for n, f in variants]
     for r in rows:
         print(json.dumps(r))
     keys = [k for k in rows[0] if k != "variant"]

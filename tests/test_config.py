@@ -42,6 +42,9 @@ def test_schedule_cycles_over_layers():
         ({"block_size": 8}, "block_size"),
         ({"chunk_3d": (2, 0, 2)}, "chunk_3d"),
         ({"target_chunk_blocks": 0}, "target_chunk_blocks"),
+        ({"kernel_options": {}}, "kernel_options"),
+        ({"kernel_options": {"BLOCK_M": 1.5}}, "kernel_options"),
+        ({"kernel_options": [1, 2]}, "kernel_options"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -68,3 +71,11 @@ def test_layout_validation():
     with pytest.raises(ValueError, match="text_position"):
         VideoLayout(2, 2, 2, text_tokens=3, text_position="middle")
     assert VideoLayout(2, 2, 2, 1, "PREFIX").video_start == 1
+
+
+def test_kernel_options_are_hashable_and_order_free():
+    a = VMoBAConfig(kernel_options={"num_warps": 8, "BLOCK_N": 128})
+    b = VMoBAConfig(kernel_options=(("BLOCK_N", 128), ("num_warps", 8)))
+    assert a == b and hash(a) == hash(b)
+    assert a.flex_kernel_options() == {"BLOCK_N": 128, "num_warps": 8}
+    assert VMoBAConfig().flex_kernel_options() is None

@@ -108,3 +108,25 @@ def test_synthetic_videos_are_seeded_and_move() -> None:
     assert all(0 <= int(v) < len(MOTIONS) for v in la)
     frame_change = (a[:, :, 1:] - a[:, :, :-1]).abs().mean()
     assert frame_change > 1e-3  # objects and camera move
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_vmoba_eager_equals_the_reference_inside_its_block_only(family: str) -> None:
+    """Eager VMoBA (used by the quality sweeps) computes what the pass computes (the reference
+    model with the same schedule), HunyuanVideo's text key padding included; outside the
+    ``with`` block the model is dense again."""
+    from test_optimize import first, reference_forward, sparse_config
+
+    from vmoba_compile.diagnostics import vmoba_eager
+
+    model, args, kwargs = tm.build(family)
+    config = sparse_config(family)
+    with torch.no_grad():
+        dense = first(model(*args, **kwargs))
+        with vmoba_eager(model, config):
+            out = first(model(*args, **kwargs))
+        after = first(model(*args, **kwargs))
+        ref = reference_forward(model, args, kwargs, config)
+    assert (out.double() - ref.double()).abs().max() < 1e-3
+    assert (out - dense).abs().max() > 1e-4, "eager VMoBA left the model dense"
+    assert torch.equal(after, dense)

@@ -27,6 +27,27 @@ def test_permutation_round_trip_is_identity(data):
     _, real = plan.slot_tokens(x.device)
     assert int(real.sum()) == layout.seq_len
     assert torch.all(xp[:, :, ~real] == 0), "padding slots must hold zeros"
+    in_order = plan.padded_len == layout.seq_len and torch.equal(
+        plan.token_slots(x.device), torch.arange(layout.seq_len)
+    )
+    assert plan.is_identity == in_order
+
+
+@pytest.mark.parametrize(
+    ("text", "position", "frames_per_chunk", "identity"),
+    [(0, "suffix", 1, True), (16, "suffix", 2, True), (16, "prefix", 1, False),
+     (8, "suffix", 1, False)],
+)  # fmt: skip
+def test_whole_frame_chunks_without_padding_skip_the_permutation(
+    text, position, frames_per_chunk, identity
+):
+    layout = VideoLayout(4, 4, 8, text_tokens=text, text_position=position)  # 32 tokens a frame
+    config = VMoBAConfig(block_size=16, chunk_1d=(frames_per_chunk,))
+    plan = plan_for(layout, config, 0)
+    assert plan.is_identity == identity
+    x = torch.randn(1, 2, layout.seq_len, 4)
+    assert (permute(x, plan) is x) == identity
+    assert torch.equal(unpermute(permute(x, plan), plan), x)
 
 
 @settings(max_examples=200)

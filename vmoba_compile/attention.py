@@ -107,13 +107,13 @@ def _dense(q, k, v, layout, scale, text_key_mask):
     )
 
 
-def _run_flex(q, k, v, block_mask, scale):
-    gqa = q.shape[1] != k.shape[1]
+def _run_flex(q, k, v, block_mask, scale, kernel_options=None):
+    kw = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if kernel_options is not None:
+        kw["kernel_options"] = kernel_options
     if not _compat.is_compiling() and q.device.type == "cuda":
-        return _compat.compiled_flex_attention()(
-            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa
-        )
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return _compat.compiled_flex_attention()(q, k, v, **kw)
+    return flex_attention(q, k, v, **kw)
 
 
 def permute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
@@ -121,6 +121,8 @@ def permute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> t
 
     ``idx`` (``_compat.plan_index(plan, device)``) lets one call share the index tensors.
     """
+    if plan.is_identity:
+        return x
     idx = idx if idx is not None else _compat.plan_index(plan, x.device)
     g = torch.index_select(x, 2, idx.token)
     return torch.where(idx.real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -128,6 +130,8 @@ def permute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> t
 
 def unpermute(x: torch.Tensor, plan: ChunkPlan, idx: PlanIndex | None = None) -> torch.Tensor:
     """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order."""
+    if plan.is_identity:
+        return x
     idx = idx if idx is not None else _compat.plan_index(plan, x.device)
     return torch.index_select(x, 2, idx.slots)
 
@@ -217,4 +221,5 @@ def vmoba_attention(
     idx = _compat.plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
-    return unpermute(_run_flex(qp, kp, vp, bm, scale), plan, idx)
+    out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options())
+    return unpermute(out, plan, idx)

@@ -75,6 +75,24 @@ def _chunk(field: str, value: object, n: int) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
+    if value is None:
+        return None
+    try:
+        items = sorted(dict(value).items())
+    except (TypeError, ValueError):
+        items = None
+    if not items or not all(
+        isinstance(k, str) and k and isinstance(v, (int, bool)) for k, v in items
+    ):
+        raise ValueError(
+            f"VMoBAConfig.kernel_options must be None or a non-empty mapping of FlexAttention "
+            f"kernel option names to ints or bools, e.g. {{'BLOCK_M': 128, 'BLOCK_N': 128, "
+            f"'num_warps': 8, 'num_stages': 2}}; got {value!r}."
+        )
+    return tuple(items)
+
+
 @dataclasses.dataclass(frozen=True)
 class VMoBAConfig:
     """VMoBA configuration (frozen; strings are accepted for every enum field).
@@ -95,6 +113,11 @@ class VMoBAConfig:
             blocks break the H100 backward kernel); tests on CPU use small blocks.
         target_chunk_blocks: when a chunk shape is automatic, chunks aim at about this many
             blocks of ``block_size`` tokens (and at a whole number of blocks, to avoid padding).
+        kernel_options: FlexAttention ``kernel_options`` for the attention kernel (tile sizes
+            ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, and the
+            backward's ``BLOCK_M1`` ... ``BLOCK_N2``), as a mapping of name to int or bool; None
+            keeps PyTorch's defaults. Stored as sorted ``(name, value)`` pairs (hashable).
+            ``benchmarks/bench_attention.py --kernel-options`` measures candidates.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
@@ -108,6 +131,7 @@ class VMoBAConfig:
     granularity: Granularity = Granularity.BLOCK
     block_size: int = 128
     target_chunk_blocks: int = 4
+    kernel_options: tuple[tuple[str, int | bool], ...] | None = None
 
     def __post_init__(self) -> None:
         sched = self.schedule
@@ -152,6 +176,11 @@ class VMoBAConfig:
         tcb = self.target_chunk_blocks
         if not isinstance(tcb, int) or isinstance(tcb, bool) or tcb < 1:
             raise ValueError(f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}.")
+        object.__setattr__(self, "kernel_options", _kernel_options(self.kernel_options))
+
+    def flex_kernel_options(self) -> dict[str, int | bool] | None:
+        """``kernel_options`` as the dict ``flex_attention`` takes (None: PyTorch's defaults)."""
+        return None if self.kernel_options is None else dict(self.kernel_options)
 
     def partition_for(self, layer_index: int) -> Partition:
         """The partition of rewritten layer ``layer_index`` on the recurrent schedule."""

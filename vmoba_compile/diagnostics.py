@@ -2,11 +2,13 @@
 
 :func:`selection_maps` runs the model once, eagerly, and records the ``q``/``k`` of every video
 self-attention call (a ``TorchFunctionMode`` scoped to that one call; nothing is patched), then
-computes each layer's selection exactly as the rewritten model would.
+computes each layer's selection exactly as the rewritten model would. :func:`vmoba_eager` runs a
+model eagerly with VMoBA attention in place of the calls the pass would rewrite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 import zlib
@@ -17,7 +19,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .adapters.registry import find_adapter
-from .attention import permute, plan_blocks, plan_for, text_key_mask_from_padding
+from .attention import (
+    permute,
+    plan_blocks,
+    plan_for,
+    text_key_mask_from_padding,
+    vmoba_attention,
+)
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
@@ -27,6 +35,7 @@ __all__ = [
     "attention_recall",
     "capture_attention",
     "selection_maps",
+    "vmoba_eager",
     "write_png",
 ]
 
@@ -54,22 +63,50 @@ class LayerSelection:
     token_map: torch.Tensor
 
 
-class _Recorder(TorchFunctionMode):
-    def __init__(self, stack: list[str], wanted: dict[str, int]) -> None:
+_SDPA_PARAMS = (
+    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+)  # fmt: skip
+_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+
+
+class _SDPAMode(TorchFunctionMode):
+    """Hands every SDPA call made inside one of ``wanted``'s modules to ``on_call(module, bound)``
+    (``bound``: the call's arguments by name); a non-None result replaces the call's."""
+
+    def __init__(self, stack: list[str], on_call) -> None:
         super().__init__()
-        self.stack, self.wanted = stack, wanted
-        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []
+        self.stack, self.on_call = stack, on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.stack:
-            module = self.stack[-1]
-            if module in self.wanted:
-                q = kwargs.get("query", args[0] if args else None)
-                k = kwargs.get("key", args[1] if len(args) > 1 else None)
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-                self.calls.append((module, q.detach(), k.detach(), mask))
+            bound = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMS, args, strict=False)), **kwargs)
+            out = self.on_call(self.stack[-1], bound)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _sdpa_calls(model: torch.nn.Module, wanted: dict[str, int], on_call):
+    """Within the block, SDPA calls made inside the modules named in ``wanted`` go through
+    ``on_call`` (module hooks keep the stack of the modules being run; nothing is patched)."""
+    stack: list[str] = []
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
+    handles = []
+    for name, module in model.named_modules():
+        if name in wanted:
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        with _SDPAMode(stack, on_call):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclasses.dataclass
@@ -102,25 +139,15 @@ def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list
     adapter = find_adapter(model)
     grid = adapter.grid(model, args, kwargs)
     wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
-    stack: list[str] = []
+    calls = []
 
-    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        stack.pop()  # returns None: a forward hook's return value would replace the output
+    def record(module: str, a: dict) -> None:
+        calls.append((module, a["query"].detach(), a["key"].detach(), a["attn_mask"]))
 
-    handles = []
-    for name, module in model.named_modules():
-        if name in wanted:
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
-            handles.append(module.register_forward_hook(leave, always_call=True))
-    recorder = _Recorder(stack, wanted)
-    try:
-        with recorder:
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    with _sdpa_calls(model, wanted, record):
+        model(*args, **kwargs)
     out = []
-    for module, q, k, mask in recorder.calls:
+    for module, q, k, mask in calls:
         if q.shape[2] != k.shape[2]:
             continue
         layout = grid.layout_for(q.shape[2])
@@ -131,6 +158,53 @@ def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list
             tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
         out.append(CapturedCall(module, wanted[module], layout, q, k, tkm))
     return out
+
+
+@contextlib.contextmanager
+def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
+    """Within the block, ``model``'s forward calls run eagerly with VMoBA attention.
+
+    The video self-attention calls that the pass would rewrite run :func:`vmoba_attention`
+    (same layer schedule, layouts from the adapter); every other call stays dense. No compile of
+    the model: for comparing many configurations quickly (each ``optimize`` compiles the model
+    again) and for debugging. On CUDA only the attention kernel is compiled. Scoped to this
+    block and thread: a ``TorchFunctionMode`` and module hooks, nothing is patched.
+
+    Example::
+
+        with vmoba_eager(model, VMoBAConfig(threshold=0.4)):
+            video = model(latents, timestep=t, encoder_hidden_states=text)
+    """
+    adapter = find_adapter(model)
+    wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
+    grids: list = []
+
+    def enter(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grids[:] = [adapter.grid(module, args, kwargs)]
+
+    def replace(module: str, a: dict) -> torch.Tensor | None:
+        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+        if not grids or a["is_causal"] or a["dropout_p"] or q.shape[2] != k.shape[2]:
+            return None
+        layout = grids[-1].layout_for(q.shape[2])
+        tkm = None
+        if mask is not None:
+            if layout is None or not grids[-1].text_key_padding or mask.dtype != torch.bool:
+                return None
+            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
+        if layout is None:
+            return None
+        return vmoba_attention(
+            q, k, v, layout=layout, config=config, layer_index=wanted[module],
+            scale=a["scale"], text_key_mask=tkm,
+        )  # fmt: skip
+
+    hook = model.register_forward_pre_hook(enter, with_kwargs=True)
+    try:
+        with _sdpa_calls(model, wanted, replace):
+            yield
+    finally:
+        hook.remove()
 
 
 @torch.no_grad()

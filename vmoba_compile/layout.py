@@ -182,6 +182,17 @@ class ChunkPlan:
         return self.num_blocks * self.block_size
 
     @property
+    def is_identity(self) -> bool:
+        """True when the padded chunk order is the call order itself (whole-frame chunks, no
+        padding slot, text after the video or none): permuting is then a no-op."""
+        lay = self.layout
+        return (
+            self.padded_len == lay.seq_len
+            and self.chunk[1:] == (lay.height, lay.width)
+            and (lay.text_tokens == 0 or lay.text_position is TextPosition.SUFFIX)
+        )
+
+    @property
     def chunk_grid(self) -> tuple[int, int, int]:
         lay, (ct, cy, cx) = self.layout, self.chunk
         return (-(-lay.frames // ct), -(-lay.height // cy), -(-lay.width // cx))

@@ -15,7 +15,9 @@ Smoke (CPU): ``python benchmarks/quality/train.py --tiny --steps 3 --ckpt /tmp/t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -82,14 +84,16 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", default="128x128", help="height x width in pixels")
     p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--log", default=None)
+    p.add_argument("--export", default=None, help="at the end, also save the weights alone here")
+    p.add_argument("--workers", type=int, default=4, help="processes generating the videos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
     args = p.parse_args()
@@ -126,12 +130,21 @@ def main() -> None:
             return_dict=False,
         )[0]  # fmt: skip
 
+    # Videos are made on the CPU, ahead of the GPU, by a pool of processes.
+    batch_for = functools.partial(make_batch, args.batch, frames, height, width)
+    seeds = range(args.seed * 10**7 + step, args.seed * 10**7 + args.steps)
+    pool = None
+    if args.tiny or args.workers < 1:
+        batches = map(batch_for, seeds)
+    else:
+        pool = mp.get_context("spawn").Pool(args.workers, torch.set_num_threads, (2,))
+        batches = pool.imap(batch_for, seeds, chunksize=4)
     val_x, val_y = make_batch(args.batch, frames, height, width, seed=10**6)
     val_x, val_y = val_x.to(device, dtype), val_y.to(device)
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
     model.train()
     while step < args.steps:
-        x0, labels = make_batch(args.batch, frames, height, width, seed=args.seed * 10**7 + step)
+        x0, labels = next(batches)
         x0, labels = x0.to(device, dtype), labels.to(device)
         g = torch.Generator().manual_seed(step)
         if device == "cuda":
@@ -160,6 +173,14 @@ def main() -> None:
                  "args": vars(args), "config": model_config(args)},
                 args.ckpt,
             )  # fmt: skip
+    if pool is not None:
+        pool.terminate()
+    if args.export:
+        torch.save(
+            {"model": model.state_dict(), "step": step, "args": vars(args),
+             "config": model_config(args)},
+            args.export,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

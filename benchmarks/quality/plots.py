@@ -1,0 +1,134 @@
+"""Plots and tables of the quality results (run anywhere, no GPU): loss curves of the dense and
+VMoBA training runs, PSNR / recall against block density for every variant of the sweep, and a
+strip of frames (dense sample vs VMoBA sample from the same noise).
+
+Run: ``python benchmarks/quality/plots.py RESULTS_DIR`` (the folder with train_dense.jsonl,
+train_vmoba.jsonl, eval.json, samples.pt); writes PNGs and summary.md into it. Needs matplotlib
+(``pip install -e .[plots]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def training(folder: str) -> list[str]:
+    runs = {}
+    for att in ("dense", "vmoba"):
+        path = os.path.join(folder, f"train_{att}.jsonl")
+        if os.path.exists(path):
+            runs[att] = read_jsonl(path)
+    if not runs:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = [
+        "| run | steps | final val loss | median step (s) | val loss vs dense |",
+        "|---|---|---|---|---|",
+    ]
+    finals = {}
+    for att, rows in runs.items():
+        val = [(r["step"] + 1, r["val_loss"]) for r in rows if "val_loss" in r]
+        ax.plot(*zip(*val, strict=True), marker="o", label=att)
+        steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
+        finals[att] = (val[-1][1], steps[len(steps) // 2], rows[-1]["step"] + 1)
+    for att, (loss, step_s, n) in finals.items():
+        rel = f"{100 * (loss / finals['dense'][0] - 1):+.2f}%" if "dense" in finals else "-"
+        lines.append(f"| {att} | {n} | {loss:.4f} | {step_s:.4f} | {rel} |")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (flow matching)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "loss_curves.png"), dpi=120)
+    return lines
+
+
+def sweep(folder: str) -> list[str]:
+    path = os.path.join(folder, "eval.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    variants: dict[str, list[dict]] = {}
+    for r in rows:
+        variants.setdefault(r["variant"], []).append(r)
+    for metric, label, name in (
+        ("psnr_db", "PSNR vs dense samples (dB)", "psnr_vs_density.png"),
+        ("mean_recall", "attention recall (dense softmax mass kept)", "recall_vs_density.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for variant, rs in variants.items():
+            rs = sorted(rs, key=lambda r: r["mean_density"])
+            ax.plot([r["mean_density"] for r in rs], [r[metric] for r in rs], marker="o",
+                    label=variant)  # fmt: skip
+        if metric == "psnr_db":
+            ax.axhline(28, color="gray", ls="--", lw=1)
+            ax.axvline(0.35, color="gray", ls=":", lw=1)
+        ax.set_xlabel("mean block density (share of query-key blocks computed)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, name), dpi=120)
+    lines = [
+        "| variant | knob | mean density | PSNR (dB) | SSIM | mean recall | recall per layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, rs in variants.items():
+        for r in sorted(rs, key=lambda r: r["mean_density"]):
+            per = " ".join(f"{v:.3f}" for v in r["recall_per_layer"])
+            lines.append(
+                f"| {variant} | {r['knob']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} "
+                f"| {r['ssim']:.4f} | {r['mean_recall']:.4f} | {per} |"
+            )
+    return lines
+
+
+def frames(folder: str) -> None:
+    path = os.path.join(folder, "samples.pt")
+    if not os.path.exists(path):
+        return
+    samples = torch.load(path)
+    names = list(samples)
+    clip = samples[names[0]]  # [3, F, H, W] uint8
+    picks = range(0, clip.shape[1], max(clip.shape[1] // 4, 1))
+    fig, axes = plt.subplots(len(names), len(picks), figsize=(2 * len(picks), 2 * len(names)))
+    for i, name in enumerate(names):
+        for j, f in enumerate(picks):
+            ax = axes[i][j]
+            ax.imshow(samples[name][:, f].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if i == 0:
+                ax.set_title(f"frame {f}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "samples.png"), dpi=100)
+
+
+def main() -> None:
+    folder = sys.argv[1]
+    lines = training(folder)
+    lines += [""] + sweep(folder)
+    frames(folder)
+    with open(os.path.join(folder, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
