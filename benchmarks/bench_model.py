@@ -43,9 +43,12 @@ TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32,
 
 
 def header(device: str) -> str:
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    sha = (
+        os.environ.get("GIT_SHA")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     try:
         import triton

@@ -31,11 +31,9 @@ if [[ " $PARTS " == *" bench "* ]]; then  # compile the benchmark's functions al
     >"$LOGS/bench_warmup.log" 2>&1 &
   warm=$!
 fi
-if [[ " $PARTS " == *" op "* ]]; then
-  for dt in bf16 fp32; do
-    for mode in compiled eager-call; do
-      shard "op_${mode}_$dt" tests/test_gpu.py "$mode and $dt" & pids+=($!)
-    done
+if [[ " $PARTS " == *" op "* ]]; then  # OP_SHARDS: one pytest -k expression per process
+  for k in ${OP_SHARDS:-"compiled and bf16" "compiled and fp32" "eager-call and bf16" "eager-call and fp32"}; do
+    shard "op_${k// /_}" tests/test_gpu.py "$k" & pids+=($!)
   done
 fi
 if [[ " $PARTS " == *" pass "* ]]; then shard pass tests/test_gpu_pass.py & pids+=($!); fi

@@ -2,7 +2,9 @@
 # The quality experiments in one GPU call (repo root): train dense and VMoBA with the same steps,
 # data and seed; evaluate the dense model training-free over the sweep and ablations; write the
 # CPU quality guard's fixture. Results land in $OUT; plots are drawn from them by plots.py.
-#   STEPS=1200 PARTS="dense vmoba eval" bash benchmarks/quality/run_gpu.sh
+#   STEPS=800 PARTS="dense vmoba eval" bash benchmarks/quality/run_gpu.sh
+# TRAIN_TIMEOUT / EVAL_TIMEOUT (seconds) bound each stage: checkpoints and the exported weights
+# are written every 200 steps and eval.json after every config, so a stage cut short still reports.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU image
@@ -10,18 +12,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU image
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/quality}; mkdir -p "$OUT" "$WORK"
-STEPS=${STEPS:-1200}; PARTS=${PARTS:-dense vmoba eval}
+STEPS=${STEPS:-800}; PARTS=${PARTS:-dense vmoba eval}
 Q=benchmarks/quality
 for att in dense vmoba; do
   [[ " $PARTS " == *" $att "* ]] || continue
   echo "== train $att ($STEPS steps)"
-  python3 $Q/train.py --attention $att --steps "$STEPS" --ckpt "$WORK/$att.pt" \
+  timeout "${TRAIN_TIMEOUT:-1800}" python3 $Q/train.py --attention $att --steps "$STEPS" --ckpt "$WORK/$att.pt" \
     --log "$OUT/train_$att.jsonl" --export "$WORK/${att}_weights.pt" ${TRAIN_ARGS:-} 2>&1 \
     | grep -E "val_loss|resumed|Error|error" | tail -5
 done
 cp "$WORK/dense_weights.pt" "$OUT/" 2>/dev/null
 if [[ " $PARTS " == *" eval "* ]]; then
   echo "== evaluate"
-  python3 $Q/evaluate.py --ckpt "${EVAL_CKPT:-$WORK/dense_weights.pt}" --out "$OUT" \
+  timeout "${EVAL_TIMEOUT:-1800}" python3 $Q/evaluate.py --ckpt "${EVAL_CKPT:-$WORK/dense_weights.pt}" --out "$OUT" \
     --fixture "$OUT/quality_fixture.pt" ${EVAL_ARGS:-} 2>&1 | grep -v '^{"config"' | tail -40
 fi

@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--log", default=None)
-    p.add_argument("--export", default=None, help="at the end, also save the weights alone here")
+    p.add_argument("--export", default=None, help="with every checkpoint, the weights alone here")
     p.add_argument("--workers", type=int, default=4, help="processes generating the videos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
@@ -173,14 +173,14 @@ def main() -> None:
                  "args": vars(args), "config": model_config(args)},
                 args.ckpt,
             )  # fmt: skip
+            if args.export:  # the weights alone, small enough to carry between GPU runs
+                torch.save(
+                    {"model": model.state_dict(), "step": step, "args": vars(args),
+                     "config": model_config(args)},
+                    args.export,
+                )  # fmt: skip
     if pool is not None:
         pool.terminate()
-    if args.export:
-        torch.save(
-            {"model": model.state_dict(), "step": step, "args": vars(args),
-             "config": model_config(args)},
-            args.export,
-        )  # fmt: skip
 
 
 if __name__ == "__main__":
