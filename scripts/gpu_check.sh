@@ -10,7 +10,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 LOGS=${LOGS:-/tmp/vmoba_logs}; mkdir -p "$LOGS"  # tarred into $OUT at the end (8 files come back)
 trap 'tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"' EXIT
 PARTS=${PARTS:-op pass}
-if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU image
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # not on the GPU image
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
