@@ -23,12 +23,20 @@ def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
     assert [json.loads(line)["step"] for line in first.splitlines()] == [0, 1]
     second = _run("benchmarks/quality/train.py", "--tiny", "--steps", "3", "--ckpt", ckpt)
     assert "resumed from" in second and '"step": 2' in second
+    names = "recurrent head thr0.25,recurrent topk2,1d only head thr0.4"
     out = _run(
         "benchmarks/quality/evaluate.py", "--tiny", "--ckpt", ckpt, "--out", str(tmp_path / "q"),
-        "--samples", "1", "--steps", "2", "--configs", "threshold 0.25,topk 2",
+        "--samples", "1", "--steps", "2", "--configs", names,
+        "--fixture", str(tmp_path / "q" / "fixture.pt"),
     )  # fmt: skip
-    rows = json.loads((tmp_path / "q" / "results.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == ["threshold 0.25", "topk 2"]
-    assert "| threshold 0.25 |" in out
+    rows = json.loads((tmp_path / "q" / "eval.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == names.split(",")
+    assert "| recurrent head thr0.25 |" in out
     for r in rows:
         assert 0 < r["mean_density"] <= 1 and 0 < r["mean_recall"] <= 1
+        assert len(r["recall_per_layer"]) == len(r["density_per_layer"]) == 2  # tiny: 2 layers
+    assert {r["variant"] for r in rows} == {
+        "recurrent 1D-2D-3D, head scope, threshold",
+        "recurrent 1D-2D-3D, top-k (per query block)",
+        "1D only, head scope, threshold",
+    }

@@ -33,6 +33,7 @@ __all__ = [
     "CapturedCall",
     "LayerSelection",
     "attention_recall",
+    "block_density",
     "capture_attention",
     "selection_maps",
     "vmoba_eager",
@@ -320,3 +321,24 @@ def attention_recall(
         m = mask_mod(bi, hi, q_slots, kv_slots)
         kept += float((p * m).sum())
     return kept / (b * h * s)
+
+
+@torch.no_grad()
+def block_density(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    layer_index: int,
+    text_key_mask: torch.Tensor | None = None,
+) -> float:
+    """Share of (query block, key block) pairs the attention kernel computes for this call, over
+    all heads and samples and the padded block grid (1.0 when every chunk is kept)."""
+    plan = plan_for(layout, config, layer_index)
+    if config.keeps_all_chunks(plan.num_chunks):
+        return 1.0
+    idx = plan.index(q.device)
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
+    return float(bm.to_dense().float().mean())

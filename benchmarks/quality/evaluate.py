@@ -34,6 +34,7 @@ from train import VideoDiT  # noqa: E402
 import vmoba_compile as vc  # noqa: E402
 from vmoba_compile.diagnostics import (  # noqa: E402
     attention_recall,
+    block_density,
     capture_attention,
     selection_maps,
     vmoba_eager,
@@ -54,7 +55,7 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
     size = min(11, h, w)
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    win = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    win = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].to(a.device)
 
     def blur(z):
         return F.conv2d(z, win)
@@ -148,22 +149,11 @@ def capture_fixture(model, path: str, device: str, dtype, frames: int, height: i
                 module=c.module, layer_index=c.layer_index, head=h,
                 layout=(c.layout.frames, c.layout.height, c.layout.width), q=q, k=k,
                 recall_default=attention_recall(q.float(), k.float(), **kw),
-                density_default=_block_density(q.float(), k.float(), **kw),
+                density_default=block_density(q.float(), k.float(), **kw),
             )
         )  # fmt: skip
     torch.save(dict(layers=layers, default_config=repr(default)), path)
     return [(d["layer_index"], d["recall_default"], d["density_default"]) for d in layers]
-
-
-def _block_density(q, k, *, layout, config, layer_index) -> float:
-    from vmoba_compile.attention import permute, plan_blocks, plan_for
-
-    plan = plan_for(layout, config, layer_index)
-    if config.keeps_all_chunks(plan.num_chunks):
-        return 1.0
-    idx = plan.index(q.device)
-    bm = plan_blocks(permute(q, plan, idx), permute(k, plan, idx), plan, config, idx=idx)
-    return float(bm.block_mask.to_dense().float().mean())
 
 
 def main() -> None:
@@ -209,7 +199,7 @@ def main() -> None:
                return_dict=False)  # fmt: skip
     captured = capture_attention(model.net, x_mid, **mid)
 
-    def write(rows: list[dict], check: dict | None) -> None:
+    def write(rows: list[dict], check: dict | None, final: bool = False) -> None:
         lines = [
             f"checkpoint {args.ckpt} (step {state['step']}), {args.samples} samples, "
             f"{args.steps} Euler steps, {frames} frames of {height}x{width} pixels; dense "
@@ -229,6 +219,8 @@ def main() -> None:
             json.dump(
                 dict(args=vars(args), step=state["step"], rows=rows, check_pass=check), f, indent=1
             )
+        if final:
+            print("\n".join(lines))
 
     rows, kept = [], {}
     # Every config runs eagerly (vmoba_eager: the op per layer, only the kernel compiled), so
@@ -276,7 +268,7 @@ def main() -> None:
         )  # fmt: skip
         print(json.dumps(dict(check_pass=check)), flush=True)
 
-    write(rows, check)
+    write(rows, check, final=True)
 
 
 if __name__ == "__main__":
