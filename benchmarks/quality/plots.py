@@ -26,29 +26,41 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def training(folder: str) -> list[str]:
+    """Train-loss curves (moving average of 10 steps; the same batches and noise in both runs)
+    and validation points; a table over the steps both runs reached."""
     runs = {}
     for att in ("dense", "vmoba"):
         path = os.path.join(folder, f"train_{att}.jsonl")
-        if os.path.exists(path):
+        if os.path.exists(path) and os.path.getsize(path):
             runs[att] = read_jsonl(path)
     if not runs:
         return []
+    common = min(len(rows) for rows in runs.values())
+    window = (max(common - 20, 1), common)  # the last 20 steps both runs made
     fig, ax = plt.subplots(figsize=(6, 4))
     lines = [
-        "| run | steps | final val loss | median step (s) | val loss vs dense |",
-        "|---|---|---|---|---|",
+        f"| run | steps run | median step (s), steps >= 10 | first step (s, compile) "
+        f"| mean train loss, steps {window[0]}-{window[1] - 1} | last val loss (step) |",
+        "|---|---|---|---|---|---|",
     ]
-    finals = {}
     for att, rows in runs.items():
-        val = [(r["step"] + 1, r["val_loss"]) for r in rows if "val_loss" in r]
-        ax.plot(*zip(*val, strict=True), marker="o", label=att)
+        loss = [r["loss"] for r in rows]
+        smooth = [sum(loss[max(0, i - 9) : i + 1]) / len(loss[max(0, i - 9) : i + 1])
+                  for i in range(len(loss))]  # fmt: skip
+        ax.plot(range(len(loss)), smooth, label=f"{att} train (avg 10)")
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{att} validation")
         steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
-        finals[att] = (val[-1][1], steps[len(steps) // 2], rows[-1]["step"] + 1)
-    for att, (loss, step_s, n) in finals.items():
-        rel = f"{100 * (loss / finals['dense'][0] - 1):+.2f}%" if "dense" in finals else "-"
-        lines.append(f"| {att} | {n} | {loss:.4f} | {step_s:.4f} | {rel} |")
+        mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
+        last = f"{val[-1][1]:.4f} ({val[-1][0]})" if val else "-"
+        lines.append(
+            f"| {att} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
+            f"| {mean:.4f} | {last} |"
+        )
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (flow matching)")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
