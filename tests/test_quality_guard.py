@@ -20,9 +20,9 @@ from vmoba_compile.diagnostics import attention_recall, block_density
 
 FIXTURE = Path(__file__).parent / "data" / "quality_fixture.pt"
 
-# Recorded for the default VMoBAConfig() on this fixture (CPU, float32; the H100 gave the same to
-# 1e-8, densities exactly); floors are 0.01 below, ceilings 0.01 above. Re-record only with a measured reason
-# (benchmarks/quality/README.md).
+# Recorded for the default VMoBAConfig() on this fixture (CPU, float32; the H100 gave the same
+# recall to 1e-8 and the same densities); floors are 0.01 below, ceilings 0.01 above. Re-record
+# only with a measured reason (benchmarks/quality/README.md).
 RECORDED = {  # layer: (recall, block density)
     0: (0.193, 0.191),
     1: (0.427, 0.144),
