@@ -345,20 +345,24 @@ def plan_from_key(key: str) -> ChunkPlan:
     return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs))
 
 
-def _padded_tokens(n: tuple[int, int, int], c: tuple[int, int, int], bs: int) -> tuple[int, int]:
-    """(padded video tokens, chunk count) of grid ``n`` cut into chunks ``c``, closed form."""
+def _padded_tokens(
+    n: tuple[int, int, int], c: tuple[int, int, int], bs: int
+) -> tuple[int, int, int]:
+    """(padded video tokens, chunk count, chunks ending in a part-filled block) of grid ``n`` cut
+    into chunks ``c``, closed form."""
     per_axis = []
     for length, size in zip(n, c, strict=True):
         full, rem = divmod(length, size)
         per_axis.append([(size, full)] + ([(rem, 1)] if rem else []))
-    padded, count = 0, 0
+    padded, count, ragged = 0, 0, 0
     for st, nt in per_axis[0]:
         for sy, ny in per_axis[1]:
             for sx, nx in per_axis[2]:
                 k = nt * ny * nx
                 padded += k * (-(-(st * sy * sx) // bs) * bs)
                 count += k
-    return padded, count
+                ragged += k * bool((st * sy * sx) % bs)
+    return padded, count, ragged
 
 
 @functools.lru_cache(maxsize=256)
@@ -367,9 +371,13 @@ def _auto_chunk(
 ) -> tuple[int, ...]:
     """Pick a chunk shape: about ``target_blocks`` blocks a chunk, little padding, square tiles.
 
-    The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 0.25 * aspect`` where the
-    aspect term is ``|log2(cy / cx)|`` (plus ``|log2(ct^2 / (cy * cx))|`` for cubes): padding costs
-    kernel time twice (wasted slots and partial blocks), so it weighs most.
+    The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 2 * partial fraction +
+    0.25 * aspect``: the padding fraction is the share of padded slots; the partial fraction the
+    share of blocks that end a chunk part-filled, which the kernel must run through ``mask_mod``
+    (about twice a full block's time, FLEX_NOTES) whenever the chunk is selected; the aspect term
+    is ``|log2(cy / cx)|`` (plus ``|log2(ct^2 / (cy * cx))|`` for cubes). Without the partial term
+    the 2D tiles of the 24x36x64 grid were 5x5 (600 tokens: 104 chunks, each ending in a partial
+    block, 7% padding) instead of the exact 4x4 (384 tokens, 3 full blocks).
     """
     n = (frames, height, width)
     target = target_blocks * block_size
@@ -377,9 +385,15 @@ def _auto_chunk(
     lim = 32
 
     def score(c3: tuple[int, int, int], aspect: float) -> float:
-        padded, count = _padded_tokens(n, c3, block_size)
+        padded, count, ragged = _padded_tokens(n, c3, block_size)
         mean = video / count
-        return abs(math.log2(mean / target)) + 4.0 * (padded - video) / padded + 0.25 * aspect
+        partial = ragged * block_size / padded
+        return (
+            abs(math.log2(mean / target))
+            + 4.0 * (padded - video) / padded
+            + 2.0 * partial
+            + 0.25 * aspect
+        )
 
     if partition is Partition.D1:
         cands = [((ct,), (ct, height, width), 0.0) for ct in range(1, frames + 1)]
