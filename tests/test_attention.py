@@ -186,3 +186,33 @@ def test_compiled_cpu_matches_reference(gran, sel, scope, layer, position, hkv, 
         q2, k2, v2, layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm
     )
     assert max_err(out2, ref2) < ATOL_F32
+
+
+def _kernel_inputs(bm) -> list[tuple[int, ...]]:
+    """Shapes of everything the flex kernel reads from a BlockMask: its tables and the tensors
+    its mask_mod captures."""
+    tables = [t.shape for t in bm.as_tuple()[2:] if isinstance(t, torch.Tensor)]
+    cells = bm.mask_mod.__closure__ or ()
+    captured = [c.cell_contents.shape for c in cells if isinstance(c.cell_contents, torch.Tensor)]
+    return [tuple(s) for s in tables + captured]
+
+
+@pytest.mark.parametrize("grid", [(24, 36, 64), (16, 32, 32)])
+def test_every_partition_hands_the_kernel_the_same_shapes(grid) -> None:
+    """At the paper's 55K grid (and the quality model's 16K grid) the automatic chunks of the
+    1D, 2D and 3D layers fill whole blocks and the mask_mod table has one width for all: every
+    layer gives the attention kernel inputs of the same shapes, so inductor can compile one
+    forward and one backward kernel for the model instead of one per partition."""
+    from vmoba_compile.attention import mask_columns, permute, plan_blocks, plan_for
+
+    layout, config = VideoLayout(*grid), VMoBAConfig()
+    q, k = torch.randn(2, 1, 1, layout.seq_len, 16).unbind(0)
+    shapes, partials = [], []
+    for layer in range(3):
+        plan = plan_for(layout, config, layer)
+        qp, kp = permute(q, plan), permute(k, plan)
+        bm = plan_blocks(qp, kp, plan, config, columns=mask_columns(layout, config)).block_mask
+        shapes.append(_kernel_inputs(bm))
+        partials.append(int(bm.kv_num_blocks.sum()))
+    assert shapes[0] == shapes[1] == shapes[2], shapes
+    assert partials == [0, 0, 0], "whole-block chunks must not leave partial blocks"

@@ -7,6 +7,7 @@ key/value heads (GQA when ``Hkv < H``), S tokens in the call, D head dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from .selection import chunk_keys, gates, select
 
 __all__ = [
     "BlockPlan",
+    "mask_columns",
     "permute",
     "plan_blocks",
     "plan_for",
@@ -33,6 +35,15 @@ def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> Chun
     """The chunk plan that layer ``layer_index`` uses on ``layout``."""
     partition = config.partition_for(layer_index)
     return make_plan(layout, resolve_chunk(config, partition, layout), config.block_size)
+
+
+@functools.lru_cache(maxsize=256)
+def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
+    """The chunk columns every layer's ``mask_mod`` table gets on ``layout``: the largest chunk
+    count among the partitions of ``config.schedule``. With one width, and the block counts the
+    automatic chunks already tend to share, the layers of a model hand the attention kernel
+    inputs of the same shapes, and inductor compiles one kernel for all of them."""
+    return max(plan_for(layout, config, i).num_chunks for i in range(len(config.schedule)))
 
 
 def _check_inputs(
@@ -162,8 +173,12 @@ def plan_blocks(
     config: VMoBAConfig,
     text_key_mask: torch.Tensor | None = None,
     idx: PlanIndex | None = None,
+    columns: int | None = None,
 ) -> BlockPlan:
-    """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``."""
+    """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``.
+
+    ``columns``: see :func:`~vmoba_compile.masks.build_block_mask` (:func:`mask_columns`).
+    """
     device, bs = qp.device, plan.block_size
     idx = idx if idx is not None else _compat.plan_index(plan, device)
     nvb, nv, onehot = plan.num_video_blocks, plan.video_padded, idx.onehot
@@ -180,7 +195,9 @@ def plan_blocks(
         unit_real = idx.real[:nv]
     sel = select(gates(q_units, kbar), is_self, unit_real, config)
     token_level = config.granularity is Granularity.TOKEN
-    bm = build_block_mask(plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask)
+    bm = build_block_mask(
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, columns=columns
+    )
     return BlockPlan(plan, sel, unit_real, is_self, bm)
 
 
@@ -220,6 +237,7 @@ def vmoba_attention(
 
     idx = _compat.plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
+    columns = mask_columns(layout, config)
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, columns).block_mask
     out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options())
     return unpermute(out, plan, idx)

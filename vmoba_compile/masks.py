@@ -42,6 +42,7 @@ def build_block_mask(
     *,
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
+    columns: int | None = None,
 ) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
 
@@ -53,6 +54,11 @@ def build_block_mask(
         token_level: whether ``sel`` is per token (padding slots' selections are ignored).
         text_key_mask: optional ``[B, L]`` bool, False for text keys nobody may attend
             (key padding); ``L`` = text tokens of the layout.
+        columns: chunk columns of the selection table that ``mask_mod`` reads (default: the
+            plan's chunk count). :func:`~vmoba_compile.vmoba_attention` passes the largest chunk
+            count of the layout's partitions, so that every layer of a model hands the kernel
+            inputs of the same shapes: one forward and one backward kernel to compile instead
+            of one per partition.
 
     Returns:
         A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]``.
@@ -97,7 +103,7 @@ def build_block_mask(
             names += [f"{name}{side}_num_blocks", f"{name}{side}_indices"]
             tensors += dense_to_indices(m)
 
-    # kv_col: the selection column of each key slot (its chunk, C for text, C+1 for padding).
+    # key_ok: per key slot, False for masked text keys and padding (only with a text key mask).
     key_ok = None
     if text_key_mask is not None:
         pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
@@ -109,12 +115,20 @@ def build_block_mask(
             ],
             dim=1,
         )
-    extra = [sel_ext] if key_ok is None else [sel_ext, key_ok]
+    # kv_col: the selection column of each key slot: its chunk, then text, then padding.
+    kv_col = idx.kv_col
+    shift = (c if columns is None else columns) - c
+    if shift < 0:
+        raise ValueError(f"columns ({columns}) must be at least the plan's chunk count ({c}).")
+    if shift:  # never-selected columns between the chunks and the text / padding columns
+        gap = sel_ext.new_zeros(*sel_ext.shape[:-1], shift)
+        sel_ext = torch.cat([sel_ext[..., :c], gap, sel_ext[..., c:]], dim=-1)
+        kv_col = kv_col + shift * (kv_col >= c)
+    extra = [sel_ext, kv_col] + ([] if key_ok is None else [key_ok])
     plain = materialize_for_mask_mod(*tensors, *extra)
     tables = dict(zip(names, plain[: len(tensors)], strict=True))
-    sel_ext = plain[len(tensors)]
+    sel_ext, kv_col = plain[len(tensors)], plain[len(tensors) + 1]
     key_ok = None if key_ok is None else plain[-1]
-    kv_col = idx.kv_col  # from the opaque plan_index op: already a plain buffer
 
     def mask_mod(bi, hi, q_idx, kv_idx):
         unit = q_idx if token_level else q_idx // bs
