@@ -216,3 +216,39 @@ def test_every_partition_hands_the_kernel_the_same_shapes(grid) -> None:
         partials.append(int(bm.kv_num_blocks.sum()))
     assert shapes[0] == shapes[1] == shapes[2], shapes
     assert partials == [0, 0, 0], "whole-block chunks must not leave partial blocks"
+
+
+def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
+    """Without gradients the mask has no query-side tables (only the backward reads them) and
+    the same key-side tables; vmoba_attention asks for them exactly when a backward can follow
+    (FlexAttention refuses a mask without them then)."""
+    from vmoba_compile import attention
+    from vmoba_compile.attention import permute, plan_blocks, plan_for
+
+    layout = VideoLayout(4, 8, 8, text_tokens=20)
+    config = VMoBAConfig(block_size=16, chunk_2d=(4, 4), selection="topk", topk=2)
+    q, k, v = torch.randn(3, 2, 2, layout.seq_len, 16).unbind(0)
+    plan = plan_for(layout, config, 1)
+    qp, kp = permute(q, plan), permute(k, plan)
+    full = plan_blocks(qp, kp, plan, config).block_mask
+    lean = plan_blocks(qp, kp, plan, config, q_tables=False).block_mask
+    assert lean.q_indices is None and lean.full_q_indices is None
+    assert full.q_indices is not None
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(lean, name), getattr(full, name)), name
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(args[7])  # plan_blocks(qp, kp, plan, config, tkm, idx, columns, q_tables)
+        return plan_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "plan_blocks", spy)
+    kw = dict(layout=layout, config=config, layer_index=1)
+    with torch.no_grad():
+        out = vmoba_attention(q, k, v, **kw)
+    assert max_err(out, vmoba_reference(q, k, v, **kw)) < ATOL_F32
+    vmoba_attention(q, k, v, **kw)  # no input needs a gradient
+    with pytest.raises(NotImplementedError, match="backward on CPU"):  # CPU flex: no backward
+        vmoba_attention(q.requires_grad_(), k, v, **kw)
+    assert asked == [False, False, True]

@@ -174,10 +174,11 @@ def plan_blocks(
     text_key_mask: torch.Tensor | None = None,
     idx: PlanIndex | None = None,
     columns: int | None = None,
+    q_tables: bool = True,
 ) -> BlockPlan:
     """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``.
 
-    ``columns``: see :func:`~vmoba_compile.masks.build_block_mask` (:func:`mask_columns`).
+    ``columns`` and ``q_tables``: see :func:`~vmoba_compile.masks.build_block_mask`.
     """
     device, bs = qp.device, plan.block_size
     idx = idx if idx is not None else _compat.plan_index(plan, device)
@@ -196,8 +197,9 @@ def plan_blocks(
     sel = select(gates(q_units, kbar), is_self, unit_real, config)
     token_level = config.granularity is Granularity.TOKEN
     bm = build_block_mask(
-        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, columns=columns
-    )
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, columns=columns,
+        q_tables=q_tables,
+    )  # fmt: skip
     return BlockPlan(plan, sel, unit_real, is_self, bm)
 
 
@@ -237,7 +239,9 @@ def vmoba_attention(
 
     idx = _compat.plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+    # The same test as FlexAttention's own for whether a backward will run.
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     columns = mask_columns(layout, config)
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, columns).block_mask
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, columns, backward).block_mask
     out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options())
     return unpermute(out, plan, idx)

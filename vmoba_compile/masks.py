@@ -43,6 +43,7 @@ def build_block_mask(
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
     columns: int | None = None,
+    q_tables: bool = True,
 ) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
 
@@ -59,6 +60,9 @@ def build_block_mask(
             count of the layout's partitions, so that every layer of a model hands the kernel
             inputs of the same shapes: one forward and one backward kernel to compile instead
             of one per partition.
+        q_tables: build the query-side tables too. Only the backward kernel reads them; an
+            inference call skips their two sorts (the mask then has ``q_indices=None``, which
+            FlexAttention accepts without gradients and refuses, loudly, with them).
 
     Returns:
         A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]``.
@@ -98,10 +102,11 @@ def build_block_mask(
     # H100 (torch 2.11) inductor fused their computation (sort, index_select, ...) into the flex
     # template, and that kernel faulted (docs/gpu_status.md).
     names, tensors = [], []
+    sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
-        for side, m in (("kv", dense), ("q", dense.transpose(-1, -2))):
+        for side, transpose in sides:
             names += [f"{name}{side}_num_blocks", f"{name}{side}_indices"]
-            tensors += dense_to_indices(m)
+            tensors += dense_to_indices(dense.transpose(-1, -2) if transpose else dense)
 
     # key_ok: per key slot, False for masked text keys and padding (only with a text key mask).
     key_ok = None
@@ -126,7 +131,10 @@ def build_block_mask(
         kv_col = kv_col + shift * (kv_col >= c)
     extra = [sel_ext, kv_col] + ([] if key_ok is None else [key_ok])
     plain = materialize_for_mask_mod(*tensors, *extra)
-    tables = dict(zip(names, plain[: len(tensors)], strict=True))
+    tables = dict.fromkeys(
+        ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    )  # None unless built
+    tables.update(zip(names, plain[: len(tensors)], strict=True))
     sel_ext, kv_col = plain[len(tensors)], plain[len(tensors) + 1]
     key_ok = None if key_ok is None else plain[-1]
 
