@@ -117,7 +117,7 @@ class VMoBAConfig:
             ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, and the
             backward's ``BLOCK_M1`` ... ``BLOCK_N2``), as a mapping of name to int or bool; None
             keeps PyTorch's defaults. Stored as sorted ``(name, value)`` pairs (hashable).
-            ``benchmarks/bench_attention.py --kernel-options`` measures candidates.
+            ``benchmarks/bench_attention.py --configs NAME+OPTIONS`` measures candidates.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)

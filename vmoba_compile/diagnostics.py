@@ -188,13 +188,13 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
         if not grids or a["is_causal"] or a["dropout_p"] or q.shape[2] != k.shape[2]:
             return None
         layout = grids[-1].layout_for(q.shape[2])
-        tkm = None
-        if mask is not None:
-            if layout is None or not grids[-1].text_key_padding or mask.dtype != torch.bool:
-                return None
-            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
         if layout is None:
             return None
+        tkm = None
+        if mask is not None:  # only a declared boolean key-padding mask (HunyuanVideo)
+            if not grids[-1].text_key_padding or mask.dtype != torch.bool:
+                return None
+            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
         return vmoba_attention(
             q, k, v, layout=layout, config=config, layer_index=wanted[module],
             scale=a["scale"], text_key_mask=tkm,

@@ -98,9 +98,9 @@ def build_block_mask(
         kv_full = kv_full & (block_chunk < c)  # masked text keys need mask_mod
     full = touched & uniform & kv_full
     partial = touched & ~full
-    # Both directions of both kinds of blocks, each a plain buffer under compilation: on the
-    # H100 (torch 2.11) inductor fused their computation (sort, index_select, ...) into the flex
-    # template, and that kernel faulted (docs/gpu_status.md).
+    # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
+    # buffer under compilation: on the H100 (torch 2.11) inductor fused their computation (sort,
+    # index_select, ...) into the flex template, and that kernel faulted (docs/gpu_status.md).
     names, tensors = [], []
     sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
