@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: environment facts, the GPU tests, then the attention benchmark.
+# One device call: environment facts, the GPU tests, the attention benchmark, the model benchmark.
 # Usage (GPU machine, repo root):
 #   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.25-head bash scripts/gpu_check.sh
+#   PARTS=model MODEL_GRID=24x36x64 bash scripts/gpu_check.sh   (bench_model, dense then vmoba)
 # The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
@@ -46,4 +47,11 @@ if [[ " $PARTS " == *" bench "* ]]; then
   wait $warm; tail -3 "$LOGS/bench_warmup.log"
   timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" \
     --out "$OUT/bench_attention.json" 2>&1 | tee "$LOGS/bench_attention.log" | grep -v '^{' | tail -40
+fi
+if [[ " $PARTS " == *" model "* ]]; then  # end to end, one variant per process
+  for variant in dense vmoba; do
+    timeout ${MODEL_TIMEOUT:-280} python3 benchmarks/bench_model.py --grid "${MODEL_GRID:-24x36x64}" \
+      --variant $variant --steps "${MODEL_STEPS:-10}" --train-steps "${MODEL_TRAIN_STEPS:-3}" \
+      --out "$OUT/bench_model_$variant.json" 2>&1 | tee "$LOGS/bench_model_$variant.log" | tail -12
+  done
 fi
