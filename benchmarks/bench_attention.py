@@ -6,7 +6,8 @@ token-count sweep (4K to 76K tokens) instead of ``--grids``, ``--md`` appends th
 header and command), ``--jobs`` compiles everything first in parallel processes.
 Rows are printed as JSON lines as they are measured, so a run cut short still reports.
 Each row: median ms (triton.testing.do_bench), speedup over cuDNN SDPA, achieved block density
-(fraction of query-key block pairs the kernel computes), the flex kernel timed alone on the same
+(query-key block pairs the kernel computes over the block pairs of dense attention on the same
+tokens), the flex kernel timed alone on the same
 mask, a profile of one forward call (GPU time in the flex kernel and in every other kernel:
 permutation, scoring, selection, mask building; the gap between that sum and the wall time is
 host time the GPU waited for), and relative error of the output against dense.
@@ -30,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention
 from vmoba_compile.attention import permute, plan_blocks, plan_for
+from vmoba_compile.diagnostics import mask_density
 
 
 def header(args) -> str:
@@ -217,7 +219,7 @@ def bench_grid(
             with torch.no_grad():
                 qp, kp, vp = (permute(z, plan) for z in (q, k, v))
                 bm = plan_blocks(qp, kp, plan, cfg).block_mask
-                density = float(bm.to_dense().float().mean())
+                density = mask_density(bm, s)
                 out = op_c(q, k, v)
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
             cold_fwd_s = time.perf_counter() - tc

@@ -197,12 +197,16 @@ def _kernel_inputs(bm) -> list[tuple[int, ...]]:
     return [tuple(s) for s in tables + captured]
 
 
-@pytest.mark.parametrize("grid", [(24, 36, 64), (16, 32, 32)])
-def test_every_partition_hands_the_kernel_the_same_shapes(grid) -> None:
-    """At the paper's 55K grid (and the quality model's 16K grid) the automatic chunks of the
-    1D, 2D and 3D layers fill whole blocks and the mask_mod table has one width for all: every
-    layer gives the attention kernel inputs of the same shapes, so inductor can compile one
-    forward and one backward kernel for the model instead of one per partition."""
+@pytest.mark.parametrize(
+    ("grid", "whole_blocks"),
+    [((24, 36, 64), True), ((16, 32, 32), True), ((21, 30, 52), False), ((21, 45, 80), False)],
+)
+def test_every_partition_hands_the_kernel_the_same_shapes(grid, whole_blocks) -> None:
+    """On Wan's grids (480p, 576p, 720p) and the quality model's, every layer (1D, 2D, 3D) gives
+    the attention kernel inputs of the same shapes: plans share one block count (the smaller
+    ones end in all-padding blocks) and the mask_mod table one width, so inductor can compile
+    one forward and one backward kernel for the model instead of one per partition. Where the
+    automatic chunks fill whole blocks (24x36x64, 16x32x32) no block is partial."""
     from vmoba_compile.attention import mask_columns, permute, plan_blocks, plan_for
 
     layout, config = VideoLayout(*grid), VMoBAConfig()
@@ -215,7 +219,8 @@ def test_every_partition_hands_the_kernel_the_same_shapes(grid) -> None:
         shapes.append(_kernel_inputs(bm))
         partials.append(int(bm.kv_num_blocks.sum()))
     assert shapes[0] == shapes[1] == shapes[2], shapes
-    assert partials == [0, 0, 0], "whole-block chunks must not leave partial blocks"
+    if whole_blocks:
+        assert partials == [0, 0, 0], "whole-block chunks must not leave partial blocks"
 
 
 def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
@@ -252,3 +257,26 @@ def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
     with pytest.raises(NotImplementedError, match="backward on CPU"):  # CPU flex: no backward
         vmoba_attention(q.requires_grad_(), k, v, **kw)
     assert asked == [False, False, True]
+
+
+def test_padding_blocks_attend_and_are_attended_by_nothing() -> None:
+    """Plans with fewer blocks than the layout's largest end in all-padding blocks: their rows
+    and columns of the block mask are empty, and the output still equals the reference."""
+    from vmoba_compile.attention import permute, plan_blocks, plan_for
+
+    layout = VideoLayout(3, 6, 10, text_tokens=7)
+    config = VMoBAConfig(block_size=16, chunk_1d=(1,), chunk_2d=(3, 5), chunk_3d=(1, 2, 2))
+    plans = [plan_for(layout, config, layer) for layer in range(3)]
+    assert len({p.num_blocks for p in plans}) == 1
+    assert [p.num_pad_blocks > 0 for p in plans] == [True, True, False]
+    q, k, v = torch.randn(3, 2, 2, layout.seq_len, 16).unbind(0)
+    for layer, plan in enumerate(plans[:2]):
+        qp, kp = permute(q, plan), permute(k, plan)
+        blocks = plan_blocks(qp, kp, plan, config).block_mask.to_dense().bool()
+        pad = slice(plan.num_blocks - plan.num_pad_blocks, plan.num_blocks)
+        assert not blocks[..., pad, :].any() and not blocks[..., pad].any()
+        assert blocks[..., : pad.start, : pad.start].any(dim=-1).all(), "a real row attends nothing"
+        kw = dict(layout=layout, config=config, layer_index=layer)
+        with torch.no_grad():
+            out = vmoba_attention(q, k, v, **kw)
+        assert max_err(out, vmoba_reference(q, k, v, **kw)) < ATOL_F32

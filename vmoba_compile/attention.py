@@ -32,17 +32,32 @@ __all__ = [
 
 
 def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> ChunkPlan:
-    """The chunk plan that layer ``layer_index`` uses on ``layout``."""
-    partition = config.partition_for(layer_index)
-    return make_plan(layout, resolve_chunk(config, partition, layout), config.block_size)
+    """The chunk plan that layer ``layer_index`` uses on ``layout``.
+
+    Every partition of ``config.schedule`` gets the same block count on one layout (the plans
+    with fewer blocks end in all-padding blocks), so that with :func:`mask_columns` every layer
+    hands the attention kernel inputs of the same shapes: one kernel to compile for the model.
+    """
+    return _schedule_plans(layout, config)[config.partition_for(layer_index)]
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule_plans(layout: VideoLayout, config: VMoBAConfig) -> dict:
+    bs = config.block_size
+    chunks = {p: resolve_chunk(config, p, layout) for p in dict.fromkeys(config.schedule)}
+    plans = {p: make_plan(layout, chunk, bs) for p, chunk in chunks.items()}
+    most = max(plan.num_blocks for plan in plans.values())
+    return {
+        p: make_plan(layout, chunks[p], bs, most - plan.num_blocks) for p, plan in plans.items()
+    }
 
 
 @functools.lru_cache(maxsize=256)
 def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
     """The chunk columns every layer's ``mask_mod`` table gets on ``layout``: the largest chunk
-    count among the partitions of ``config.schedule``. With one width, and the block counts the
-    automatic chunks already tend to share, the layers of a model hand the attention kernel
-    inputs of the same shapes, and inductor compiles one kernel for all of them."""
+    count among the partitions of ``config.schedule``. With one width and one block count
+    (:func:`plan_for`), the layers of a model hand the attention kernel inputs of the same
+    shapes, and inductor compiles one kernel for all of them."""
     return max(plan_for(layout, config, i).num_chunks for i in range(len(config.schedule)))
 
 

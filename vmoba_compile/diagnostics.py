@@ -34,6 +34,7 @@ __all__ = [
     "LayerSelection",
     "attention_recall",
     "block_density",
+    "mask_density",
     "capture_attention",
     "selection_maps",
     "vmoba_eager",
@@ -333,12 +334,25 @@ def block_density(
     layer_index: int,
     text_key_mask: torch.Tensor | None = None,
 ) -> float:
-    """Share of (query block, key block) pairs the attention kernel computes for this call, over
-    all heads and samples and the padded block grid (1.0 when every chunk is kept)."""
+    """Block pairs the attention kernel computes for this call, over the block pairs of dense
+    attention on the same sequence (``ceil(S / block_size)`` squared), all heads and samples.
+
+    1.0 when every chunk is kept (the op then runs dense SDPA). Padding can make it exceed the
+    share of chunks selected: the kernel runs on the padded sequence, dense on the real one.
+    """
     plan = plan_for(layout, config, layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
         return 1.0
     idx = plan.index(q.device)
     qp, kp = permute(q, plan, idx), permute(k, plan, idx)
     bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
-    return float(bm.to_dense().float().mean())
+    return mask_density(bm, layout.seq_len)
+
+
+def mask_density(block_mask, seq_len: int) -> float:
+    """Computed block pairs of ``block_mask`` over the ``ceil(seq_len / block) ** 2`` pairs of
+    dense attention on ``seq_len`` tokens, averaged over its batch and heads."""
+    dense = block_mask.to_dense()
+    b, h = dense.shape[:2]
+    n = -(-seq_len // block_mask.BLOCK_SIZE[0])
+    return float(dense.sum()) / (b * h * n * n)

@@ -160,10 +160,13 @@ class ChunkPlan:
     block_size: int
     chunk_sizes: tuple[int, ...]  # real tokens per chunk
     chunk_offsets: tuple[int, ...]  # first padded slot of each chunk
-    block_chunk: tuple[int, ...]  # per block: chunk id; text blocks get num_chunks
+    block_chunk: tuple[int, ...]  # per block: chunk id; text num_chunks; pad blocks num_chunks + 1
     block_count: tuple[int, ...]  # per block: real tokens in it
     num_video_blocks: int
     num_text_blocks: int
+    # All-padding blocks after the text, so that every partition of a layout has the same block
+    # count (one kernel for all layers); nothing attends them and they attend nothing.
+    num_pad_blocks: int = 0
 
     @property
     def num_chunks(self) -> int:
@@ -171,7 +174,7 @@ class ChunkPlan:
 
     @property
     def num_blocks(self) -> int:
-        return self.num_video_blocks + self.num_text_blocks
+        return self.num_video_blocks + self.num_text_blocks + self.num_pad_blocks
 
     @property
     def video_padded(self) -> int:
@@ -277,7 +280,7 @@ class ChunkPlan:
             str(v)
             for v in (lay.frames, lay.height, lay.width, lay.text_tokens, lay.text_position.value)
             + self.chunk
-            + (self.block_size,)
+            + (self.block_size, self.num_pad_blocks)
         )
 
     def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,8 +306,11 @@ def chunk_dims(
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int) -> ChunkPlan:
-    """Cut ``layout`` into chunks of ``chunk = (ct, cy, cx)`` tokens (ragged edges allowed)."""
+def make_plan(
+    layout: VideoLayout, chunk: tuple[int, int, int], block_size: int, pad_blocks: int = 0
+) -> ChunkPlan:
+    """Cut ``layout`` into chunks of ``chunk = (ct, cy, cx)`` tokens (ragged edges allowed),
+    then append ``pad_blocks`` all-padding blocks."""
     ct, cy, cx = chunk
     ts, ys, xs = (
         _axis_sizes(layout.frames, ct),
@@ -325,6 +331,8 @@ def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int)
     for j in range(n_text_blocks):
         block_chunk.append(len(sizes))
         block_count.append(min(block_size, layout.text_tokens - j * block_size))
+    block_chunk += [len(sizes) + 1] * pad_blocks
+    block_count += [0] * pad_blocks
     return ChunkPlan(
         layout=layout,
         chunk=(ct, cy, cx),
@@ -335,14 +343,15 @@ def make_plan(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int)
         block_count=tuple(block_count),
         num_video_blocks=pos // block_size,
         num_text_blocks=n_text_blocks,
+        num_pad_blocks=pad_blocks,
     )
 
 
 def plan_from_key(key: str) -> ChunkPlan:
     """The plan whose :attr:`ChunkPlan.key` is ``key``."""
-    f, h, w, text, pos, ct, cy, cx, bs = key.split(",")
+    f, h, w, text, pos, ct, cy, cx, bs, pad = key.split(",")
     layout = VideoLayout(int(f), int(h), int(w), int(text), TextPosition(pos))
-    return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs))
+    return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs), int(pad))
 
 
 def _padded_tokens(

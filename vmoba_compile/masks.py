@@ -73,14 +73,19 @@ def build_block_mask(
     block_chunk, real = idx.block_chunk, idx.real
 
     # The selection extended to every padded query row and to two more columns, built in one
-    # place: text query rows select everything; column C (text keys) is always selected; column
-    # C+1 (padding keys) never is.
-    rows_text = nb * (bs if token_level else 1) - u
+    # place: text query rows select everything; column C (text keys) is selected by every row
+    # but those of the plan's all-padding blocks, which select nothing; column C+1 (padding keys)
+    # is never selected.
+    per = bs if token_level else 1
+    rows_pad = plan.num_pad_blocks * per
+    rows_text = nb * per - u - rows_pad
+    live = sel.new_ones(b, h, u + rows_text, 1)
     if rows_text:
         sel = torch.cat([sel, sel.new_ones(b, h, rows_text, c)], dim=2)
-    sel_ext = torch.cat(
-        [sel, sel.new_ones(*sel.shape[:-1], 1), sel.new_zeros(*sel.shape[:-1], 1)], dim=-1
-    )  # [B, H, rows, C+2]
+    if rows_pad:
+        sel = torch.cat([sel, sel.new_zeros(b, h, rows_pad, c)], dim=2)
+        live = torch.cat([live, sel.new_zeros(b, h, rows_pad, 1)], dim=2)
+    sel_ext = torch.cat([sel, live, sel.new_zeros(*sel.shape[:-1], 1)], dim=-1)  # [B,H,rows,C+2]
 
     # Block-level map over KV blocks: which chunks each query block touches, and whether every
     # real query token of the block selected it (then the block can be full).
