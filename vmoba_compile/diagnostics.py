@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._compat import plan_index
 from .adapters.registry import find_adapter
 from .attention import (
     permute,
@@ -220,24 +221,33 @@ def selection_maps(
     ]
 
 
-def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:
-    plan = plan_for(layout, config, layer)
-    partition = config.partition_for(layer).value
-    s, bs = layout.seq_len, plan.block_size
+def _block_mask(q, k, layout, config, layer_index, text_key_mask=None):
+    """``(plan, index tensors, BlockMask)`` of one call as the op builds them, or None when the
+    layer keeps every chunk (the op then runs dense SDPA)."""
+    plan = plan_for(layout, config, layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
+        return None
+    idx = plan_index(plan, q.device)
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    return plan, idx, plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
+
+
+def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:
+    partition = config.partition_for(layer).value
+    built = _block_mask(q, k, layout, config, layer, tkm)
+    if built is None:
+        s = layout.seq_len
         return LayerSelection(
             module, layer, partition, layout, 1.0, torch.ones(s, s, dtype=torch.bool)
         )
-    idx = plan.index(q.device)
-    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-    bm = plan_blocks(qp, kp, plan, config, tkm, idx).block_mask
+    plan, idx, bm = built
     blocks = bm.to_dense().bool()  # [B, H, NB, NB] in padded chunk order (block level)
     count = idx.block_count.to(torch.float64)
     pairs = count[:, None] * count[None, :]
     density = float(
         (blocks.double() * pairs).sum() / (pairs.sum() * blocks.shape[0] * blocks.shape[1])
     )
-    slot_block = idx.slots // bs
+    slot_block = idx.slots // plan.block_size
     token_map = blocks[0, 0][slot_block][:, slot_block].cpu()
     return LayerSelection(module, layer, partition, layout, density, token_map)
 
@@ -303,13 +313,12 @@ def attention_recall(
         layout, config, layer_index: as for :func:`~vmoba_compile.vmoba_attention`.
         scale: softmax scale (default ``1 / sqrt(D)``).
     """
-    plan = plan_for(layout, config, layer_index)
     b, h, s, d = q.shape
-    if config.keeps_all_chunks(plan.num_chunks):
+    built = _block_mask(q, k, layout, config, layer_index)
+    if built is None:
         return 1.0
-    idx = plan.index(q.device)
-    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-    mask_mod = plan_blocks(qp, kp, plan, config, idx=idx).block_mask.mask_mod
+    _, idx, bm = built
+    mask_mod = bm.mask_mod
     kf = k.float().repeat_interleave(h // k.shape[1], dim=1)
     scale = d**-0.5 if scale is None else scale
     bi = torch.arange(b, device=q.device)[:, None, None, None]
@@ -340,13 +349,8 @@ def block_density(
     1.0 when every chunk is kept (the op then runs dense SDPA). Padding can make it exceed the
     share of chunks selected: the kernel runs on the padded sequence, dense on the real one.
     """
-    plan = plan_for(layout, config, layer_index)
-    if config.keeps_all_chunks(plan.num_chunks):
-        return 1.0
-    idx = plan.index(q.device)
-    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
-    return mask_density(bm, layout.seq_len)
+    built = _block_mask(q, k, layout, config, layer_index, text_key_mask)
+    return 1.0 if built is None else mask_density(built[2], layout.seq_len)
 
 
 def mask_density(block_mask, seq_len: int) -> float:
