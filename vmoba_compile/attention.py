@@ -52,13 +52,12 @@ def _schedule_plans(layout: VideoLayout, config: VMoBAConfig) -> dict:
     }
 
 
-@functools.lru_cache(maxsize=256)
 def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
     """The chunk columns every layer's ``mask_mod`` table gets on ``layout``: the largest chunk
     count among the partitions of ``config.schedule``. With one width and one block count
     (:func:`plan_for`), the layers of a model hand the attention kernel inputs of the same
     shapes, and inductor compiles one kernel for all of them."""
-    return max(plan_for(layout, config, i).num_chunks for i in range(len(config.schedule)))
+    return max(plan.num_chunks for plan in _schedule_plans(layout, config).values())
 
 
 def _check_inputs(
