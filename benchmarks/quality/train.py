@@ -56,9 +56,13 @@ class VideoDiT(torch.nn.Module):
             rope_max_seq_len=1024,
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, net=None
+    ) -> torch.Tensor:
+        """``net``: a compiled ``self.net`` (``torch.compile`` or ``optimize``) to run instead."""
         text = self.classes(labels)[:, None, :]
-        return self.net(x, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        net = self.net if net is None else net
+        return net(x, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
 
 
 def model_config(args) -> dict:
@@ -118,17 +122,9 @@ def main() -> None:
         block = 16 if args.tiny else 128
         config = vc.VMoBAConfig(threshold=args.threshold, block_size=block)
         lowering = "aot_eager" if args.tiny else "inductor"
-        net = vc.optimize(model.net, config, lowering=lowering)
-        run = lambda x, t, labels: net(  # noqa: E731
-            x, timestep=t * 1000, encoder_hidden_states=model.classes(labels)[:, None, :],
-            return_dict=False,
-        )[0]  # fmt: skip
+        run = functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
     elif not args.tiny:
-        net = torch.compile(model.net, dynamic=False)
-        run = lambda x, t, labels: net(  # noqa: E731
-            x, timestep=t * 1000, encoder_hidden_states=model.classes(labels)[:, None, :],
-            return_dict=False,
-        )[0]  # fmt: skip
+        run = functools.partial(model, net=torch.compile(model.net, dynamic=False))
 
     # Videos are made on the CPU, ahead of the GPU, by a pool of processes.
     batch_for = functools.partial(make_batch, args.batch, frames, height, width)
