@@ -84,6 +84,11 @@ def main() -> None:
     p.add_argument("--attention", choices=["dense", "vmoba"], default="dense")
     p.add_argument("--threshold", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=1000, help="total steps (resume continues)")
+    p.add_argument(
+        "--time-budget", type=float, default=None,
+        help="seconds: stop cleanly (validate, save) after the first step that ends past it; the "
+        "learning rate is constant, so runs cut at different steps compare at a common step",
+    )  # fmt: skip
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", default="128x128", help="height x width in pixels")
@@ -139,6 +144,7 @@ def main() -> None:
     val_x, val_y = val_x.to(device, dtype), val_y.to(device)
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
     model.train()
+    start, first = time.perf_counter(), step
     while step < args.steps:
         x0, labels = next(batches)
         x0, labels = x0.to(device, dtype), labels.to(device)
@@ -153,8 +159,15 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         row = {"step": step, "loss": loss.item(), "step_s": time.perf_counter() - t0}
+        if step == first and device == "cuda":  # the first step compiled: where its time went
+            from torch._dynamo.utils import compile_times
+
+            row["compile_times"] = compile_times(repr="str", aggregate=True)
         step += 1
-        if step % args.val_every == 0 or step == args.steps:
+        last = step == args.steps or (
+            args.time_budget is not None and time.perf_counter() - start > args.time_budget
+        )
+        if step % args.val_every == 0 or last:
             with torch.no_grad():
                 row["val_loss"] = flow_loss(
                     run, val_x, val_y, torch.Generator().manual_seed(1)
@@ -163,7 +176,7 @@ def main() -> None:
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or last:
             torch.save(
                 {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                  "args": vars(args), "config": model_config(args)},
@@ -175,6 +188,8 @@ def main() -> None:
                      "config": model_config(args)},
                     args.export,
                 )  # fmt: skip
+        if last:
+            break
     if pool is not None:
         pool.terminate()
 
