@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .layout import ChunkPlan, PlanIndex, plan_from_key
+from .layout import ChunkPlan, LayerPlan, PlanIndex, plan_from_key
 
 __all__ = ["TORCH_VERSION", "compiled_flex_attention", "is_compiling", "plan_index"]
 
@@ -68,7 +68,7 @@ def _(key: str, device: torch.device) -> list[torch.Tensor]:
     return [torch.empty(n, dtype=dt, device=device) for n, dt in shapes]
 
 
-def plan_index(plan: ChunkPlan, device: torch.device) -> PlanIndex:
+def plan_index(plan: ChunkPlan | LayerPlan, device: torch.device) -> PlanIndex:
     """``plan.index(device)``, built once per (plan, device) and kept outside compiled graphs.
 
     Under compilation the tables come from an opaque op, so inductor reads them as plain device

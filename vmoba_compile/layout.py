@@ -30,6 +30,7 @@ from .config import Partition, VMoBAConfig
 
 __all__ = [
     "ChunkPlan",
+    "LayerPlan",
     "PlanIndex",
     "TextPosition",
     "VideoLayout",
@@ -144,6 +145,26 @@ class PlanIndex(NamedTuple):
     sizes: torch.Tensor  # [C] int64: real tokens in each chunk
     onehot: torch.Tensor  # [NB_video, C] float32: 1 where a video block lies in a chunk
     kv_col: torch.Tensor  # [S_pad] int64: selection column of each key slot (C text, C+1 pad)
+
+
+class LayerPlan(NamedTuple):
+    """What the traced part of one layer's op needs to know about its :class:`ChunkPlan`:
+    Python constants only, so that Dynamo takes them as one constant
+    (:func:`~vmoba_compile.attention.layer_plan`).
+
+    ``permute``, ``unpermute``, ``plan_blocks``, ``build_block_mask`` and ``plan_index`` read
+    only these attributes, which a ``ChunkPlan`` has under the same names.
+    """
+
+    key: str
+    block_size: int
+    num_chunks: int
+    num_blocks: int
+    num_video_blocks: int
+    num_pad_blocks: int
+    video_padded: int
+    is_identity: bool
+    columns: int  # the layout's mask_columns(): the selection table width
 
 
 @dataclasses.dataclass(frozen=True)

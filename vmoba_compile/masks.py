@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._compat import materialize_for_mask_mod
-from .layout import ChunkPlan, PlanIndex
+from .layout import ChunkPlan, LayerPlan, PlanIndex
 
 __all__ = ["build_block_mask", "dense_to_indices"]
 
@@ -36,7 +36,7 @@ def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_block_mask(
-    plan: ChunkPlan,
+    plan: ChunkPlan | LayerPlan,
     idx: PlanIndex,
     sel: torch.Tensor,
     *,
