@@ -12,17 +12,20 @@ with SCENARIO one of
 - ``dit-vmoba`` / ``dit-dense``: one training step (forward, backward) of the quality study's
   6-layer video DiT (16K tokens) through ``optimize`` / dense ``torch.compile``.
 
-Prints one JSON line: wall seconds of the first call (compile included), Dynamo's compile-time
-breakdown (largest entries), and the Triton kernels compiled (``*.cubin`` files in a fresh
-``TRITON_CACHE_DIR``), flex templates among them by name.
+Prints one JSON line (also when ``timeout`` cuts the run with SIGTERM): wall seconds of the
+first call (compile included), Dynamo's compile-time breakdown (largest entries), and the Triton
+kernels compiled (``*.cubin`` files in a fresh ``TRITON_CACHE_DIR``), flex templates among them by
+name. ``--cprofile FILE`` also writes the first call's cProfile stats.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import glob
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -57,7 +60,7 @@ def scenario_flex(args):
     def mask_mod(b, h, q, kv):
         return table[b, h, q // 128, col[kv]]
 
-    bm = create_block_mask(mask_mod, 1, 12, s, s, device="cuda")
+    bm = create_block_mask(mask_mod, 1, 12, s, s, device="cuda", _compile=True)
     q, k, v = _qkv(s)
     f = torch.compile(flex_attention, dynamic=False)
     return lambda: f(q, k, v, block_mask=bm)
@@ -85,7 +88,7 @@ def scenario_dit(args, vmoba: bool):
     import vmoba_compile as vc
 
     torch.manual_seed(0)
-    model = VideoDiT(heads=4, head_dim=64, layers=6, patch=4).to("cuda", torch.bfloat16)
+    model = VideoDiT(heads=4, head_dim=64, layers=args.layers, patch=4).to("cuda", torch.bfloat16)
     net = vc.optimize(model.net) if vmoba else torch.compile(model.net, dynamic=False)
     x = torch.randn(4, 3, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
     t = torch.rand(4, device="cuda")
@@ -96,7 +99,9 @@ def scenario_dit(args, vmoba: bool):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario", choices=["flex", "op", "op3", "dit-vmoba", "dit-dense"])
-    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--layer", type=int, default=1, help="op: the layer index")
+    p.add_argument("--layers", type=int, default=6, help="dit-*: transformer blocks")
+    p.add_argument("--cprofile", default=None, help="write cProfile stats of the first call here")
     args = p.parse_args()
     make = {
         "flex": scenario_flex,
@@ -106,17 +111,38 @@ def main() -> None:
         "dit-dense": lambda a: scenario_dit(a, False),
     }[args.scenario]
     fn = make(args)
-    t0 = time.perf_counter()
-    out = fn()
-    out.float().square().mean().backward()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = fn()
-    out.float().square().mean().backward()
-    torch.cuda.synchronize()
-    second = time.perf_counter() - t0
 
+    def on_term(signum, frame):  # `timeout` cut the compile: report what was measured so far
+        raise TimeoutError("cut by SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    prof = cProfile.Profile() if args.cprofile else None
+    first = second = None
+    t0 = time.perf_counter()
+    try:
+        if prof:
+            prof.enable()
+        out = fn()
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        if prof:
+            prof.disable()
+        t0 = time.perf_counter()
+        out = fn()
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+        second = time.perf_counter() - t0
+    except TimeoutError:
+        print(f"cut after {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        if prof:
+            prof.disable()
+            prof.dump_stats(args.cprofile)
+        report(args, first, second)
+
+
+def report(args, first, second) -> None:
     from torch._dynamo.utils import compile_times
 
     names, values = compile_times(repr="csv", aggregate=True)
@@ -129,8 +155,9 @@ def main() -> None:
             dict(
                 scenario=args.scenario,
                 layer=args.layer,
-                first_call_s=round(first, 1),
-                second_call_s=round(second, 3),
+                layers=args.layers,
+                first_call_s=None if first is None else round(first, 1),
+                second_call_s=None if second is None else round(second, 3),
                 compile_times=[(n, round(float(v), 1)) for n, v in times[:18]],
                 triton_kernels=len(kernels),
                 flex_kernels=[k for k in kernels if "flex" in k or "tem_" in k],

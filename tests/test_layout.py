@@ -104,3 +104,41 @@ def test_ragged_3d_grid_from_the_issue():
     plan = make_plan(layout, (4, 8, 8), 128)
     assert plan.num_chunks == 6 * 4 * 7
     assert sum(plan.chunk_sizes) == layout.video_tokens
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_layer_plan_carries_the_plan_of_its_layer(data):
+    # layer_plan rebuilds the config from the fields plans depend on: a field missed there would
+    # give some layer another plan than plan_for's.
+    layout = data.draw(layouts())
+    config = data.draw(configs(layout))
+    layer = data.draw(st.integers(0, 5))
+    from vmoba_compile.attention import layer_plan, mask_columns
+
+    want = plan_for(layout, config, layer)
+    got = layer_plan(layout, config, layer)
+    for field in got._fields:
+        expected = mask_columns(layout, config) if field == "columns" else getattr(want, field)
+        assert getattr(got, field) == expected, field
+
+
+def test_layer_plan_is_one_constant_under_dynamo():
+    from vmoba_compile.attention import layer_plan
+
+    layout = VideoLayout(6, 10, 12, text_tokens=7, text_position="prefix")
+    config = VMoBAConfig(block_size=16, chunk_2d=(5, 4))
+    traced = []
+
+    def f(x):
+        plan = layer_plan(layout, config, 1)
+        traced.append(torch.compiler.is_compiling())
+        return x * plan.num_blocks + plan.columns + plan.is_identity
+
+    out = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
+    plan = layer_plan(layout, config, 1)
+    assert traced == [True]  # traced once, by Dynamo
+    want = float(plan.num_blocks + plan.columns + plan.is_identity)
+    assert torch.equal(out, torch.full((2,), want))
+    with pytest.raises(ValueError, match="layer_index"):
+        layer_plan(layout, config, -1)

@@ -61,21 +61,39 @@ def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
     return max(plan.num_chunks for plan in _schedule_plans(layout, config).values())
 
 
-@torch.compiler.assume_constant_result
 def layer_plan(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> LayerPlan:
-    """:func:`plan_for` and :func:`mask_columns` as one constant for Dynamo.
+    """:func:`plan_for` and :func:`mask_columns` of one layer, as one constant for Dynamo.
 
     Dynamo traces through ``functools.lru_cache`` wrappers, so a model compiled around
     :func:`vmoba_attention` would re-run the chunk-shape search and the plan construction
     bytecode by bytecode for every layer: 20 s of tracing per call at 55K tokens on this
-    machine's CPU, against 0.2 s to run them. Marked as a constant result, the function runs
-    once natively (the plans are pure functions of their arguments) and Dynamo keeps its value.
+    machine's CPU, against 0.2 s to run them. :func:`_layer_plan_constant` is marked as a
+    constant result: Dynamo runs it natively and keeps its value. Its arguments are plain
+    tuples (torch 2.11's Dynamo cannot pass frozen dataclasses to such a function); only the
+    fields the plans depend on go in.
     """
-    return _layer_plan(layout, config, layer_index)
+    config.partition_for(layer_index)  # validates the index where the error can be read
+    pos = layout.text_position.value
+    layout_key = (layout.frames, layout.height, layout.width, layout.text_tokens, pos)
+    schedule = tuple(p.value for p in config.schedule)
+    plan_key = (schedule, config.chunk_1d, config.chunk_2d, config.chunk_3d, config.block_size,
+                config.target_chunk_blocks)  # fmt: skip
+    return LayerPlan(*_layer_plan_constant(layout_key, plan_key, layer_index))
+
+
+@torch.compiler.assume_constant_result
+def _layer_plan_constant(layout_key: tuple, plan_key: tuple, layer_index: int) -> tuple:
+    return tuple(_layer_plan(layout_key, plan_key, layer_index))
 
 
 @functools.lru_cache(maxsize=1024)
-def _layer_plan(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> LayerPlan:
+def _layer_plan(layout_key: tuple, plan_key: tuple, layer_index: int) -> LayerPlan:
+    layout = VideoLayout(*layout_key)
+    schedule, chunk_1d, chunk_2d, chunk_3d, block_size, target_chunk_blocks = plan_key
+    config = VMoBAConfig(
+        schedule=schedule, chunk_1d=chunk_1d, chunk_2d=chunk_2d, chunk_3d=chunk_3d,
+        block_size=block_size, target_chunk_blocks=target_chunk_blocks,
+    )  # fmt: skip
     p = plan_for(layout, config, layer_index)
     return LayerPlan(
         p.key, p.block_size, p.num_chunks, p.num_blocks, p.num_video_blocks, p.num_pad_blocks,
