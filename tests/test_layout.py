@@ -142,3 +142,22 @@ def test_layer_plan_is_one_constant_under_dynamo():
     assert torch.equal(out, torch.full((2,), want))
     with pytest.raises(ValueError, match="layer_index"):
         layer_plan(layout, config, -1)
+
+
+def test_layer_plan_under_dynamo_when_the_layer_index_turns_dynamic():
+    # A function compiled once and called for several layers: from the second layer on, Dynamo
+    # makes the index a symbol (on the H100, every compiled GPU test failed this way before).
+    from vmoba_compile.attention import layer_plan
+
+    layout = VideoLayout(6, 10, 12, text_tokens=7, text_position="prefix")
+    config = VMoBAConfig(block_size=16, chunk_2d=(5, 4))
+
+    def f(x, layer):
+        plan = layer_plan(layout, config, layer)
+        return x * plan.num_chunks + plan.num_video_blocks * 1000
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    for layer in range(4):
+        plan = plan_for(layout, config, layer)
+        want = float(plan.num_chunks + plan.num_video_blocks * 1000)
+        assert compiled(torch.ones(1), layer).item() == want, layer

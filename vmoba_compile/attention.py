@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
-from .config import Granularity, VMoBAConfig
+from .config import Granularity, Partition, VMoBAConfig
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
@@ -69,32 +69,34 @@ def layer_plan(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> La
     bytecode by bytecode for every layer: 20 s of tracing per call at 55K tokens on this
     machine's CPU, against 0.2 s to run them. :func:`_layer_plan_constant` is marked as a
     constant result: Dynamo runs it natively and keeps its value. Its arguments are plain
-    tuples (torch 2.11's Dynamo cannot pass frozen dataclasses to such a function); only the
-    fields the plans depend on go in.
+    constants: torch 2.11's Dynamo cannot hand it frozen dataclasses, and a layer index that
+    Dynamo made dynamic (a function compiled for several layers) is a symbol, not a constant.
+    The layer's partition is a constant in both cases (picking it from the schedule pins the
+    index), and it is all the plan depends on.
     """
-    config.partition_for(layer_index)  # validates the index where the error can be read
+    partition = config.partition_for(layer_index).value
     pos = layout.text_position.value
     layout_key = (layout.frames, layout.height, layout.width, layout.text_tokens, pos)
     schedule = tuple(p.value for p in config.schedule)
     plan_key = (schedule, config.chunk_1d, config.chunk_2d, config.chunk_3d, config.block_size,
                 config.target_chunk_blocks)  # fmt: skip
-    return LayerPlan(*_layer_plan_constant(layout_key, plan_key, layer_index))
+    return LayerPlan(*_layer_plan_constant(layout_key, plan_key, partition))
 
 
 @torch.compiler.assume_constant_result
-def _layer_plan_constant(layout_key: tuple, plan_key: tuple, layer_index: int) -> tuple:
-    return tuple(_layer_plan(layout_key, plan_key, layer_index))
+def _layer_plan_constant(layout_key: tuple, plan_key: tuple, partition: str) -> tuple:
+    return tuple(_layer_plan(layout_key, plan_key, partition))
 
 
 @functools.lru_cache(maxsize=1024)
-def _layer_plan(layout_key: tuple, plan_key: tuple, layer_index: int) -> LayerPlan:
+def _layer_plan(layout_key: tuple, plan_key: tuple, partition: str) -> LayerPlan:
     layout = VideoLayout(*layout_key)
     schedule, chunk_1d, chunk_2d, chunk_3d, block_size, target_chunk_blocks = plan_key
     config = VMoBAConfig(
         schedule=schedule, chunk_1d=chunk_1d, chunk_2d=chunk_2d, chunk_3d=chunk_3d,
         block_size=block_size, target_chunk_blocks=target_chunk_blocks,
     )  # fmt: skip
-    p = plan_for(layout, config, layer_index)
+    p = _schedule_plans(layout, config)[Partition(partition)]
     return LayerPlan(
         p.key, p.block_size, p.num_chunks, p.num_blocks, p.num_video_blocks, p.num_pad_blocks,
         p.video_padded, p.is_identity, mask_columns(layout, config),
