@@ -4,14 +4,16 @@ from vmoba_compile import Granularity, Partition, Scope, Selection, VideoLayout,
 
 
 def test_defaults_and_string_enums():
-    cfg = VMoBAConfig(schedule=["3d", "1D"], selection="topk", scope="query", granularity="token")
+    cfg = VMoBAConfig(schedule=["3d", "1D"], selection="topk", scope="head", granularity="token")
     assert cfg.schedule == (Partition.D3, Partition.D1)
     assert cfg.selection is Selection.TOPK
-    assert cfg.scope is Scope.QUERY
+    assert cfg.scope is Scope.HEAD
     assert cfg.granularity is Granularity.TOKEN
     default = VMoBAConfig()
     assert default.schedule == (Partition.D1, Partition.D2, Partition.D3)
-    assert default.scope is Scope.HEAD and default.block_size == 128
+    # chosen from the quality study (benchmarks/quality/README.md)
+    assert default.scope is Scope.QUERY and default.threshold == 0.4
+    assert default.selection is Selection.THRESHOLD and default.block_size == 128
 
 
 def test_schedule_cycles_over_layers():

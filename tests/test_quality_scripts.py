@@ -33,7 +33,8 @@ def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
     assert [r["config"] for r in rows] == names.split(",")
     assert "| recurrent head thr0.25 |" in out
     for r in rows:
-        assert 0 < r["mean_density"] <= 1 and 0 < r["mean_recall"] <= 1
+        # recall is a float32 share of softmax mass: 1 up to rounding when every block is kept
+        assert 0 < r["mean_density"] <= 1 and 0 < r["mean_recall"] <= 1 + 1e-6
         assert len(r["recall_per_layer"]) == len(r["density_per_layer"]) == 2  # tiny: 2 layers
     assert {r["variant"] for r in rows} == {
         "recurrent 1D-2D-3D, head scope, threshold",

@@ -126,8 +126,8 @@ class VMoBAConfig:
     chunk_3d: tuple[int, int, int] | None = None
     selection: Selection = Selection.THRESHOLD
     topk: int = 4
-    threshold: float = 0.25
-    scope: Scope = Scope.HEAD
+    threshold: float = 0.4
+    scope: Scope = Scope.QUERY
     granularity: Granularity = Granularity.BLOCK
     block_size: int = 128
     target_chunk_blocks: int = 4
