@@ -99,6 +99,7 @@ def run_variant(name, make_model, inputs, device, steps, train_steps) -> dict:
         row["forward_recompiles"] = graphs_compiled() - before
     if device == "cuda":
         row["forward_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(dict(row, partial=True)), flush=True)  # a run cut later still reports
     if train_steps:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
