@@ -5,8 +5,8 @@
 #   bash scripts/gpu_lanes.sh 'PARTS="op pass" bash scripts/gpu_check.sh' \
 #     'STEPS=5000 PARTS=dense bash benchmarks/quality/run_gpu.sh'
 # Each lane is cut at LANE_TIMEOUT seconds (default 540), so that the files still come back
-# within the call's 600 s. Lane i runs with CUDA_VISIBLE_DEVICES=i mod (GPU count), OUT=/tmp/lanes/lane<i> and its own
-# inductor cache; its output goes to lane<i>.log. At the end every lane's files are tarred into
+# within the call's 600 s. Lane i runs with CUDA_VISIBLE_DEVICES=i mod (GPU count),
+# OUT=/tmp/lanes/lane<i> and its own inductor cache; its output goes to lane<i>/lane.log. At the end every lane's files are tarred into
 # $OUT/lanes.tgz, except *.pt files (checkpoints), copied to $OUT/lane<i>/ (at most 8 files come
 # back, 16 MiB each).
 set -o pipefail
