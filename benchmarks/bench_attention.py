@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention, plan_index
-from vmoba_compile.attention import mask_columns, permute, plan_blocks, plan_for
+from vmoba_compile.attention import permute, plan_blocks, plan_for
 from vmoba_compile.diagnostics import mask_density
 
 
@@ -209,15 +209,13 @@ def bench_grid(
             def op(q, k, v, cfg=cfg, layer=layer):
                 return vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
 
-            columns = mask_columns(layout, cfg)
-
-            def select_and_mask(cfg=cfg, plan=plan, columns=columns):
-                # The op's forward mask, built as the op builds it (cached index tensors, the
-                # layout's table width, no query-side tables); a BlockMask cannot leave a
-                # compiled region, so its index tensors are returned.
+            def select_and_mask(cfg=cfg, plan=plan):
+                # The op's forward mask, built as the op builds it (cached index tensors, no
+                # query-side tables); a BlockMask cannot leave a compiled region, so its index
+                # tensors are returned.
                 idx = plan_index(plan, q.device)
                 qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-                sel = plan_blocks(qp, kp, plan, cfg, idx=idx, columns=columns, q_tables=False)
+                sel = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=False)
                 bm = sel.block_mask
                 return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
 
@@ -225,7 +223,7 @@ def bench_grid(
             op_c = torch.compile(op, dynamic=False)
             with torch.no_grad():
                 qp, kp, vp = (permute(z, plan) for z in (q, k, v))
-                bm = plan_blocks(qp, kp, plan, cfg, columns=columns, q_tables=False).block_mask
+                bm = plan_blocks(qp, kp, plan, cfg, q_tables=False).block_mask
                 density = mask_density(bm, s)
                 out = op_c(q, k, v)
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())

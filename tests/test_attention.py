@@ -207,7 +207,7 @@ def test_every_partition_hands_the_kernel_the_same_shapes(grid, whole_blocks) ->
     ones end in all-padding blocks) and the mask_mod table one width, so inductor can compile
     one forward and one backward kernel for the model instead of one per partition. Where the
     automatic chunks fill whole blocks (24x36x64, 16x32x32) no block is partial."""
-    from vmoba_compile.attention import mask_columns, permute, plan_blocks, plan_for
+    from vmoba_compile.attention import permute, plan_blocks, plan_for
 
     layout, config = VideoLayout(*grid), VMoBAConfig()
     q, k = torch.randn(2, 1, 1, layout.seq_len, 16).unbind(0)
@@ -215,7 +215,7 @@ def test_every_partition_hands_the_kernel_the_same_shapes(grid, whole_blocks) ->
     for layer in range(3):
         plan = plan_for(layout, config, layer)
         qp, kp = permute(q, plan), permute(k, plan)
-        bm = plan_blocks(qp, kp, plan, config, columns=mask_columns(layout, config)).block_mask
+        bm = plan_blocks(qp, kp, plan, config).block_mask
         shapes.append(_kernel_inputs(bm))
         partials.append(int(bm.kv_num_blocks.sum()))
     assert shapes[0] == shapes[1] == shapes[2], shapes
@@ -245,7 +245,7 @@ def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
     asked = []
 
     def spy(*args, **kwargs):
-        asked.append(args[7])  # plan_blocks(qp, kp, plan, config, tkm, idx, columns, q_tables)
+        asked.append(args[6])  # plan_blocks(qp, kp, plan, config, tkm, idx, q_tables)
         return plan_blocks(*args, **kwargs)
 
     monkeypatch.setattr(attention, "plan_blocks", spy)

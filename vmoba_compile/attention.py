@@ -35,9 +35,10 @@ __all__ = [
 def plan_for(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> ChunkPlan:
     """The chunk plan that layer ``layer_index`` uses on ``layout``.
 
-    Every partition of ``config.schedule`` gets the same block count on one layout (the plans
-    with fewer blocks end in all-padding blocks), so that with :func:`mask_columns` every layer
-    hands the attention kernel inputs of the same shapes: one kernel to compile for the model.
+    Every partition of ``config.schedule`` gets the same block count and selection-table width
+    on one layout (the plans with fewer blocks end in all-padding blocks, those with fewer chunks
+    in never-selected columns), so that every layer hands the attention kernel inputs of the same
+    shapes: one kernel to compile for the model.
     """
     return _schedule_plans(layout, config)[config.partition_for(layer_index)]
 
@@ -47,18 +48,19 @@ def _schedule_plans(layout: VideoLayout, config: VMoBAConfig) -> dict:
     bs = config.block_size
     chunks = {p: resolve_chunk(config, p, layout) for p in dict.fromkeys(config.schedule)}
     plans = {p: make_plan(layout, chunk, bs) for p, chunk in chunks.items()}
-    most = max(plan.num_blocks for plan in plans.values())
+    blocks = max(plan.num_blocks for plan in plans.values())
+    columns = max(plan.num_chunks for plan in plans.values())
     return {
-        p: make_plan(layout, chunks[p], bs, most - plan.num_blocks) for p, plan in plans.items()
+        p: make_plan(layout, chunks[p], bs, blocks - plan.num_blocks, columns - plan.num_chunks)
+        for p, plan in plans.items()
     }
 
 
 def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
-    """The chunk columns every layer's ``mask_mod`` table gets on ``layout``: the largest chunk
-    count among the partitions of ``config.schedule``. With one width and one block count
-    (:func:`plan_for`), the layers of a model hand the attention kernel inputs of the same
-    shapes, and inductor compiles one kernel for all of them."""
-    return max(plan.num_chunks for plan in _schedule_plans(layout, config).values())
+    """The chunk columns every layer's ``mask_mod`` table gets on ``layout`` (every plan's
+    :attr:`~vmoba_compile.layout.ChunkPlan.columns`): the largest chunk count among the
+    partitions of ``config.schedule``."""
+    return max(plan.columns for plan in _schedule_plans(layout, config).values())
 
 
 def layer_plan(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> LayerPlan:
@@ -99,7 +101,7 @@ def _layer_plan(layout_key: tuple, plan_key: tuple, partition: str) -> LayerPlan
     p = _schedule_plans(layout, config)[Partition(partition)]
     return LayerPlan(
         p.key, p.block_size, p.num_chunks, p.num_blocks, p.num_video_blocks, p.num_pad_blocks,
-        p.video_padded, p.is_identity, mask_columns(layout, config),
+        p.video_padded, p.is_identity, p.columns,
     )  # fmt: skip
 
 
@@ -234,12 +236,11 @@ def plan_blocks(
     config: VMoBAConfig,
     text_key_mask: torch.Tensor | None = None,
     idx: PlanIndex | None = None,
-    columns: int | None = None,
     q_tables: bool = True,
 ) -> BlockPlan:
     """Chunk keys, gates, selection and BlockMask from permuted ``qp`` / ``kp``.
 
-    ``columns`` and ``q_tables``: see :func:`~vmoba_compile.masks.build_block_mask`.
+    ``q_tables``: see :func:`~vmoba_compile.masks.build_block_mask`.
     """
     device, bs = qp.device, plan.block_size
     idx = idx if idx is not None else _compat.plan_index(plan, device)
@@ -258,9 +259,8 @@ def plan_blocks(
     sel = select(gates(q_units, kbar), is_self, unit_real, config)
     token_level = config.granularity is Granularity.TOKEN
     bm = build_block_mask(
-        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, columns=columns,
-        q_tables=q_tables,
-    )  # fmt: skip
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables
+    )
     return BlockPlan(plan, sel, unit_real, is_self, bm)
 
 
@@ -302,6 +302,6 @@ def vmoba_attention(
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     # The same test as FlexAttention's own for whether a backward will run.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, plan.columns, backward).block_mask
+    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, backward).block_mask
     out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options())
     return unpermute(out, plan, idx)

@@ -144,7 +144,10 @@ class PlanIndex(NamedTuple):
     block_count: torch.Tensor  # [NB] int64: real tokens in each block
     sizes: torch.Tensor  # [C] int64: real tokens in each chunk
     onehot: torch.Tensor  # [NB_video, C] float32: 1 where a video block lies in a chunk
-    kv_col: torch.Tensor  # [S_pad] int64: selection column of each key slot (C text, C+1 pad)
+    # Selection-table columns (ChunkPlan.columns = W): a block's or key slot's chunk, W for
+    # text, W + 1 for padding.
+    block_col: torch.Tensor  # [NB] int64
+    kv_col: torch.Tensor  # [S_pad] int64
 
 
 class LayerPlan(NamedTuple):
@@ -164,7 +167,7 @@ class LayerPlan(NamedTuple):
     num_pad_blocks: int
     video_padded: int
     is_identity: bool
-    columns: int  # the layout's mask_columns(): the selection table width
+    columns: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +188,21 @@ class ChunkPlan:
     block_count: tuple[int, ...]  # per block: real tokens in it
     num_video_blocks: int
     num_text_blocks: int
-    # All-padding blocks after the text, so that every partition of a layout has the same block
-    # count (one kernel for all layers); nothing attends them and they attend nothing.
+    # All-padding blocks after the text, and never-selected chunk columns of the selection
+    # table, so that every partition of a layout hands the kernel inputs of the same shapes (one
+    # kernel for all layers); nothing attends the blocks and they attend nothing.
     num_pad_blocks: int = 0
+    num_pad_columns: int = 0
 
     @property
     def num_chunks(self) -> int:
         return len(self.chunk_sizes)
+
+    @property
+    def columns(self) -> int:
+        """Chunk columns of the selection table that ``mask_mod`` reads: the chunks, then the
+        never-selected padding columns."""
+        return self.num_chunks + self.num_pad_columns
 
     @property
     def num_blocks(self) -> int:
@@ -288,10 +299,13 @@ class ChunkPlan:
         sizes = torch.tensor(self.chunk_sizes, device=device, dtype=torch.long)
         chunks = torch.arange(c, device=device)
         onehot = (block_chunk[: self.num_video_blocks, None] == chunks).float()
-        slot_chunk = block_chunk.repeat_interleave(bs)
-        kv_col = torch.where(real, slot_chunk, torch.full_like(slot_chunk, c + 1))
+        block_col = block_chunk + self.num_pad_columns * (block_chunk >= c)
+        slot_col = block_col.repeat_interleave(bs)
+        kv_col = torch.where(real, slot_col, torch.full_like(slot_col, self.columns + 1))
         slots = self.token_slots(device)
-        return PlanIndex(token, real, slots, block_chunk, block_count, sizes, onehot, kv_col)
+        return PlanIndex(
+            token, real, slots, block_chunk, block_count, sizes, onehot, block_col, kv_col
+        )
 
     @property
     def key(self) -> str:
@@ -301,7 +315,7 @@ class ChunkPlan:
             str(v)
             for v in (lay.frames, lay.height, lay.width, lay.text_tokens, lay.text_position.value)
             + self.chunk
-            + (self.block_size, self.num_pad_blocks)
+            + (self.block_size, self.num_pad_blocks, self.num_pad_columns)
         )
 
     def block_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,10 +342,14 @@ def chunk_dims(
 
 @functools.lru_cache(maxsize=256)
 def make_plan(
-    layout: VideoLayout, chunk: tuple[int, int, int], block_size: int, pad_blocks: int = 0
+    layout: VideoLayout,
+    chunk: tuple[int, int, int],
+    block_size: int,
+    pad_blocks: int = 0,
+    pad_columns: int = 0,
 ) -> ChunkPlan:
     """Cut ``layout`` into chunks of ``chunk = (ct, cy, cx)`` tokens (ragged edges allowed),
-    then append ``pad_blocks`` all-padding blocks."""
+    then append ``pad_blocks`` all-padding blocks and ``pad_columns`` never-selected columns."""
     ct, cy, cx = chunk
     ts, ys, xs = (
         _axis_sizes(layout.frames, ct),
@@ -365,14 +383,15 @@ def make_plan(
         num_video_blocks=pos // block_size,
         num_text_blocks=n_text_blocks,
         num_pad_blocks=pad_blocks,
+        num_pad_columns=pad_columns,
     )
 
 
 def plan_from_key(key: str) -> ChunkPlan:
     """The plan whose :attr:`ChunkPlan.key` is ``key``."""
-    f, h, w, text, pos, ct, cy, cx, bs, pad = key.split(",")
+    f, h, w, text, pos, ct, cy, cx, bs, pad, pad_cols = key.split(",")
     layout = VideoLayout(int(f), int(h), int(w), int(text), TextPosition(pos))
-    return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs), int(pad))
+    return make_plan(layout, (int(ct), int(cy), int(cx)), int(bs), int(pad), int(pad_cols))
 
 
 def _padded_tokens(

@@ -42,7 +42,6 @@ def build_block_mask(
     *,
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
-    columns: int | None = None,
     q_tables: bool = True,
 ) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
@@ -55,11 +54,6 @@ def build_block_mask(
         token_level: whether ``sel`` is per token (padding slots' selections are ignored).
         text_key_mask: optional ``[B, L]`` bool, False for text keys nobody may attend
             (key padding); ``L`` = text tokens of the layout.
-        columns: chunk columns of the selection table that ``mask_mod`` reads (default: the
-            plan's chunk count). :func:`~vmoba_compile.vmoba_attention` passes the largest chunk
-            count of the layout's partitions, so that every layer of a model hands the kernel
-            inputs of the same shapes: one forward and one backward kernel to compile instead
-            of one per partition.
         q_tables: build the query-side tables too. Only the backward kernel reads them; an
             inference call skips their two sorts (the mask then has ``q_indices=None``, which
             FlexAttention accepts without gradients and refuses, loudly, with them).
@@ -70,12 +64,13 @@ def build_block_mask(
     device = sel.device
     b, h, u, c = sel.shape
     bs, nb = plan.block_size, plan.num_blocks
-    block_chunk, real = idx.block_chunk, idx.real
+    block_col, real, w = idx.block_col, idx.real, plan.columns
 
-    # The selection extended to every padded query row and to two more columns, built in one
-    # place: text query rows select everything; column C (text keys) is selected by every row
-    # but those of the plan's all-padding blocks, which select nothing; column C+1 (padding keys)
-    # is never selected.
+    # The selection extended to every padded query row and to the plan's W = ``plan.columns``
+    # columns plus two, built in one place: text query rows select every chunk; columns C..W-1
+    # (the layout's other partitions have more chunks) are never selected; column W (text keys)
+    # is selected by every row but those of the plan's all-padding blocks, which select nothing;
+    # column W+1 (padding keys) is never selected.
     per = bs if token_level else 1
     rows_pad = plan.num_pad_blocks * per
     rows_text = nb * per - u - rows_pad
@@ -85,22 +80,23 @@ def build_block_mask(
     if rows_pad:
         sel = torch.cat([sel, sel.new_zeros(b, h, rows_pad, c)], dim=2)
         live = torch.cat([live, sel.new_zeros(b, h, rows_pad, 1)], dim=2)
-    sel_ext = torch.cat([sel, live, sel.new_zeros(*sel.shape[:-1], 1)], dim=-1)  # [B,H,rows,C+2]
+    lead = sel.shape[:-1]
+    sel_ext = torch.cat([sel, sel.new_zeros(*lead, w - c), live, sel.new_zeros(*lead, 1)], dim=-1)
 
     # Block-level map over KV blocks: which chunks each query block touches, and whether every
     # real query token of the block selected it (then the block can be full).
     if token_level:
-        per_tok = sel_ext.reshape(b, h, nb, bs, c + 2)
+        per_tok = sel_ext.reshape(b, h, nb, bs, w + 2)
         slot_real = real.reshape(nb, bs, 1)
         any_c = (per_tok & slot_real).any(dim=3)
         all_c = (per_tok | ~slot_real).all(dim=3)
     else:
         any_c = all_c = sel_ext
-    touched = torch.index_select(any_c, -1, block_chunk)  # [B, H, NB, NB]
-    uniform = torch.index_select(all_c, -1, block_chunk)
+    touched = torch.index_select(any_c, -1, block_col)  # [B, H, NB, NB]
+    uniform = torch.index_select(all_c, -1, block_col)
     kv_full = idx.block_count == bs  # no padding slot in the block
     if text_key_mask is not None:
-        kv_full = kv_full & (block_chunk < c)  # masked text keys need mask_mod
+        kv_full = kv_full & (block_col < c)  # masked text keys need mask_mod
     full = touched & uniform & kv_full
     partial = touched & ~full
     # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
@@ -125,16 +121,8 @@ def build_block_mask(
             ],
             dim=1,
         )
-    # kv_col: the selection column of each key slot: its chunk, then text, then padding.
-    kv_col = idx.kv_col
-    shift = (c if columns is None else columns) - c
-    if shift < 0:
-        raise ValueError(f"columns ({columns}) must be at least the plan's chunk count ({c}).")
-    if shift:  # never-selected columns between the chunks and the text / padding columns
-        gap = sel_ext.new_zeros(*sel_ext.shape[:-1], shift)
-        sel_ext = torch.cat([sel_ext[..., :c], gap, sel_ext[..., c:]], dim=-1)
-        kv_col = kv_col + shift * (kv_col >= c)
-    extra = [sel_ext, kv_col] + ([] if key_ok is None else [key_ok])
+    # kv_col (the plan's): the selection column of each key slot.
+    extra = [sel_ext, idx.kv_col] + ([] if key_ok is None else [key_ok])
     plain = materialize_for_mask_mod(*tensors, *extra)
     tables = dict.fromkeys(
         ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
