@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment facts, the GPU tests, the attention benchmark, the model benchmark.
 # Usage (GPU machine, repo root):
-#   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.25-head bash scripts/gpu_check.sh
+#   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.4 bash scripts/gpu_check.sh
 #   PARTS=model MODEL_GRID=24x36x64 bash scripts/gpu_check.sh   (bench_model, dense then vmoba)
 # The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.

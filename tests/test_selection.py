@@ -141,3 +141,75 @@ def test_block_tables_are_row_major_and_q_side_is_the_transpose(data):
         assert torch.equal(ind[valid], ref_ind[valid])
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
         assert getattr(bm, name).is_contiguous(), name
+
+
+@settings(max_examples=100)
+@given(
+    nq=st.integers(1, 9),
+    nk=st.integers(1, 40),
+    p=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    transpose=st.booleans(),
+)
+def test_dense_to_indices_lists_the_selected_blocks_in_order(nq, nk, p, seed, transpose):
+    """The search-based tables: counts, then the selected block indices in increasing order,
+    then padding that stays a valid block index (the kernels prefetch one entry ahead)."""
+    from vmoba_compile.masks import dense_to_indices
+
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(2, 3, nq, nk, generator=g) < p
+    if transpose:  # the q side hands in a transposed view
+        dense = dense.transpose(-1, -2)
+    num, idx = dense_to_indices(dense)
+    assert num.dtype == idx.dtype == torch.int32 and idx.is_contiguous()
+    assert idx.shape == dense.shape
+    for row, n, ind in zip(dense.reshape(-1, dense.shape[-1]), num.flatten(), idx.flatten(0, -2)):
+        want = row.nonzero().flatten()
+        assert n.item() == want.numel()
+        assert torch.equal(ind[: want.numel()].long(), want)
+        assert bool((ind[want.numel() :] == dense.shape[-1] - 1).all())
+
+
+def _sorted_and_pairwise(monkeypatch, fn):
+    """``fn()`` with the sort-based ranking (eager's) and with the pairwise one (compiled's)."""
+    from vmoba_compile import selection
+
+    monkeypatch.setattr(selection, "_pairwise", lambda n: False)
+    by_sort = fn()
+    monkeypatch.setattr(selection, "_pairwise", lambda n: True)
+    return by_sort, fn()
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_pairwise_ranking_selects_what_the_sort_selects(data):
+    """Under compilation TOPK and THRESHOLD rank by comparison instead of sorting; the selection
+    must be the sort's, ties included (gates drawn from a few dyadic values tie often and sum
+    exactly in any order)."""
+    import pytest
+
+    from vmoba_compile.config import Scope, Selection, VMoBAConfig
+    from vmoba_compile.selection import select
+
+    b, h = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    u, c = data.draw(st.integers(1, 12)), data.draw(st.integers(2, 9))
+    seed = data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans()):
+        g = torch.randint(0, 5, (b, h, u, c), generator=gen).float() / 4
+    else:
+        g = torch.randn(b, h, u, c, generator=gen)
+    own = torch.randint(0, c, (u,), generator=gen)
+    is_self = own[:, None] == torch.arange(c)
+    unit_real = torch.rand(u, generator=gen) < 0.8
+    if data.draw(st.booleans()):
+        cfg = VMoBAConfig(selection=Selection.TOPK, topk=data.draw(st.integers(1, c - 1)))
+    else:
+        cfg = VMoBAConfig(
+            selection=Selection.THRESHOLD,
+            threshold=data.draw(st.sampled_from([0.05, 0.1, 0.25, 0.4, 0.5, 0.75, 0.9])),
+            scope=data.draw(st.sampled_from(list(Scope))),
+        )
+    with pytest.MonkeyPatch.context() as mp:
+        by_sort, pairwise = _sorted_and_pairwise(mp, lambda: select(g, is_self, unit_real, cfg))
+    assert torch.equal(by_sort, pairwise), (cfg, g, by_sort ^ pairwise)

@@ -25,14 +25,20 @@ __all__ = ["build_block_mask", "dense_to_indices"]
 def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[..., NQ, NK]`` bool block map -> (``[..., NQ]`` counts, ``[..., NQ, NK]`` indices).
 
-    The index list keeps its full width NK (FLEX_NOTES trap 2); the selected blocks come first.
+    The index list keeps its full width NK (FLEX_NOTES trap 2): the selected blocks first, in
+    increasing order, then the last block repeated (the kernels read only the first ``count``).
     """
-    # Contiguous in and out: argsort keeps a transposed input's strides, and the flex kernels
-    # read index tables as row-major (a transposed q-side table gave wrong gradients on the H100).
+    # No sort: the j-th selected block is the first whose running count reaches j + 1, a binary
+    # search in the row's cumulative sum. Inductor turned the argsort this replaces into a Triton
+    # bitonic network that took 62 s to compile at 55K tokens (benchmarks/README.md); a scan and
+    # a search compile in well under a second. Contiguous in and out: the flex kernels read index
+    # tables as row-major (a transposed q-side table gave wrong gradients on the H100).
     dense = dense.contiguous()
-    num = dense.sum(dim=-1, dtype=torch.int32)
-    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
-    return num, idx.to(torch.int32)
+    nk = dense.shape[-1]
+    running = torch.cumsum(dense, dim=-1, dtype=torch.int32)
+    want = torch.arange(1, nk + 1, dtype=torch.int32, device=dense.device).expand_as(running)
+    idx = torch.searchsorted(running, want.contiguous(), out_int32=True)
+    return running[..., -1].contiguous(), idx.clamp_(max=nk - 1)
 
 
 def build_block_mask(

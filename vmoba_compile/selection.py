@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _compat
 from .config import Scope, Selection, VMoBAConfig
 
 __all__ = ["chunk_keys", "gates", "select"]
@@ -50,13 +51,36 @@ def gates(q_units: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
     return torch.matmul(q_units.float(), kbar.transpose(-1, -2))
 
 
+# Rows up to this long are ranked by pairwise comparison under compilation instead of sorted:
+# inductor turns a sort of at most 512 elements into a Triton bitonic network whose compile is
+# slow (a 512-wide table sort: 62 s for one kernel, benchmarks/README.md), while a comparison
+# matrix is one plain reduction kernel; longer rows go to aten's sort, which compiles nothing.
+_PAIRWISE_MAX = 1024
+
+
+def _pairwise(n: int) -> bool:
+    """Rank rows of ``n`` elements by comparison: only under compilation (eager, the
+    ``[..., n, n]`` comparison matrix would be materialized; a TOKEN-granularity call at 55K
+    tokens would need gigabytes) and only for rows short enough."""
+    return _compat.is_compiling() and n <= _PAIRWISE_MAX
+
+
+def _descending_rank(x: torch.Tensor, pairwise: bool) -> torch.Tensor:
+    """Position of each element of the last dim in a stable descending sort of its row."""
+    if not pairwise:
+        return torch.argsort(torch.argsort(x, dim=-1, descending=True, stable=True), dim=-1)
+    n = x.shape[-1]
+    other, me = x[..., None, :], x[..., :, None]
+    pos = torch.arange(n, device=x.device)
+    earlier = pos[None, :] < pos[:, None]  # [me, other]: the other element comes first
+    return ((other > me) | ((other == me) & earlier)).sum(-1)
+
+
 def _topk(g: torch.Tensor, is_self: torch.Tensor, k: int) -> torch.Tensor:
-    # Rank by a stable descending sort with the self chunk forced first, then compare ranks:
-    # exactly k per unit even with tied gates, and no scatter (FLEX_NOTES trap 4).
+    # Rank with the self chunk forced first, then compare ranks: exactly k per unit even with
+    # tied gates, and no scatter (FLEX_NOTES trap 4).
     g = torch.where(is_self, torch.full_like(g, float("inf")), g)
-    order = torch.argsort(g, dim=-1, descending=True, stable=True)
-    rank = torch.argsort(order, dim=-1)
-    return rank < k
+    return _descending_rank(g, _pairwise(g.shape[-1])) < k
 
 
 def _cumsum_last(x: torch.Tensor, tile: int = 1024) -> torch.Tensor:
@@ -94,18 +118,31 @@ def _threshold(
     safe_total = torch.where(has_mass, total, torch.ones_like(total))
     # All normalized gates zero (every gate equal): nothing to rank by, so keep everything.
     need = torch.clamp(tau - torch.where(has_mass, own / safe_total, torch.zeros_like(own)), min=0)
-    # Candidates are the non-self pairs of real units; the rest sort last with value -1.
+    # Candidates are the non-self pairs of real units; the rest rank last with value -1.
     cand = valid & ~is_self
     flat = torch.where(cand, gn, torch.full_like(gn, -1.0))
     if scope is Scope.HEAD:
         flat = flat.reshape(b, h, 1, u * c)
+    # Walk down the candidates in descending order: keep positions up to and including the first
+    # whose accumulated share reaches `need`, i.e. every position whose share *before* it is
+    # still short; the first is always kept (quirk of the reference kept by the spec). The cut is
+    # turned into a value threshold so that the selection is a comparison, not a scatter back
+    # through the sort order.
+    if _pairwise(flat.shape[-1]):
+        # The same walk without a sort: the share before an element's first position in the
+        # sorted order is the share of the strictly larger values. A candidate is kept when that
+        # is still short of `need`, or when nothing is larger (the first position).
+        larger = flat[..., None, :] > flat[..., :, None]  # [..., me, other]
+        share = torch.clamp(flat, min=0) / safe_total
+        before = torch.where(larger, share[..., None, :], torch.zeros_like(share[..., None, :]))
+        first = ~larger.any(-1)
+        keep = first | (before.sum(-1) < need)
+        if scope is Scope.HEAD:
+            keep = keep.reshape(b, h, u, c)
+        return (cand & keep) | is_self
     vals = torch.sort(flat, dim=-1, descending=True).values
     share = torch.clamp(vals, min=0) / safe_total
     before = _cumsum_last(share) - share  # share accumulated before each position
-    # Walk: keep positions up to and including the first whose accumulated share reaches `need`,
-    # i.e. every position whose share *before* it is still short; the first is always kept (quirk
-    # of the reference kept by the spec). The cut is turned into a value threshold so that the
-    # selection is a comparison, not a scatter back through the sort order.
     n_keep = torch.clamp((before < need).sum(dim=-1, keepdim=True), min=1)
     cut = torch.gather(vals, -1, n_keep - 1)
     if scope is Scope.HEAD:

@@ -82,7 +82,7 @@ def flow_loss(model, x0, labels, g) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attention", choices=["dense", "vmoba"], default="dense")
-    p.add_argument("--threshold", type=float, default=0.25)
+    p.add_argument("--threshold", type=float, default=vc.VMoBAConfig().threshold)
     p.add_argument("--steps", type=int, default=1000, help="total steps (resume continues)")
     p.add_argument(
         "--time-budget", type=float, default=None,
