@@ -18,11 +18,20 @@ def _run(*args: str) -> str:
 
 
 def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
-    ckpt = str(tmp_path / "t.pt")
-    first = _run("benchmarks/quality/train.py", "--tiny", "--steps", "2", "--ckpt", ckpt)
-    assert [json.loads(line)["step"] for line in first.splitlines()] == [0, 1]
-    second = _run("benchmarks/quality/train.py", "--tiny", "--steps", "3", "--ckpt", ckpt)
+    ckpt, export = str(tmp_path / "t.pt"), str(tmp_path / "w.pt")
+    tiny = ("benchmarks/quality/train.py", "--tiny", "--final-val-batches", "2", "--export", export)
+    first = [json.loads(line) for line in _run(*tiny, "--steps", "2", "--ckpt", ckpt).splitlines()]
+    assert [r["step"] for r in first] == [0, 1, 2]  # two steps, then the final validation
+    second = _run(*tiny, "--steps", "3", "--ckpt", ckpt)
     assert "resumed from" in second and '"step": 2' in second
+    final = json.loads(second.splitlines()[-1])
+    assert final["step"] == 3 and final["final_val_batches"] == 2
+    # The exported weights, evaluated alone, give the run's final validation loss: the number
+    # that compares runs is a function of the weights, not of the run's state.
+    again = json.loads(_run(*tiny[:4], "--eval-weights", export).splitlines()[-1])
+    assert again["step"] == 3 and again["final_val_loss"] == pytest.approx(final["final_val_loss"])
+    first_loss = first[-1]["final_val_loss"]
+    assert first_loss != pytest.approx(final["final_val_loss"])  # a training step changed it
     names = "recurrent head thr0.25,recurrent topk2,1d only head thr0.4"
     out = _run(
         "benchmarks/quality/evaluate.py", "--tiny", "--ckpt", ckpt, "--out", str(tmp_path / "q"),

@@ -97,15 +97,28 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", default=None, help="checkpoint to resume from and write (training)")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--log", default=None)
     p.add_argument("--export", default=None, help="with every checkpoint, the weights alone here")
     p.add_argument("--workers", type=int, default=4, help="processes generating the videos")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--final-val-batches", type=int, default=16,
+        help="at the end, the validation loss over this many batches (fixed videos, noise and "
+        "times, the same for every run): the number runs are compared by; the periodic "
+        "validation uses one batch and is noisy",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval-weights", default=None,
+        help="exported weights (--export of an earlier run): print their final validation "
+        "loss under --attention and exit, training nothing",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
     args = p.parse_args()
+    if not (args.ckpt or args.eval_weights):
+        p.error("--ckpt FILE is required for training (it is resumed from when it exists)")
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -115,7 +128,11 @@ def main() -> None:
     model = VideoDiT(**model_config(args)).to(device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
-    if os.path.exists(args.ckpt):
+    if args.eval_weights:
+        state = torch.load(args.eval_weights, map_location=device)
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    elif os.path.exists(args.ckpt):  # resume
         state = torch.load(args.ckpt, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -130,6 +147,24 @@ def main() -> None:
         run = functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
     elif not args.tiny:
         run = functools.partial(model, net=torch.compile(model.net, dynamic=False))
+
+    def final_validation() -> dict:
+        losses = []
+        with torch.no_grad():
+            for i in range(args.final_val_batches):
+                x, y = make_batch(args.batch, frames, height, width, seed=10**6 + 1 + i)
+                g = torch.Generator().manual_seed(10**6 + i)
+                losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
+        return {"step": step, "final_val_loss": sum(losses) / len(losses),
+                "final_val_batches": len(losses), "attention": args.attention}  # fmt: skip
+
+    if args.eval_weights:
+        row = dict(final_validation(), weights=args.eval_weights)
+        print(json.dumps(row), flush=True)
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return
 
     # Videos are made on the CPU, ahead of the GPU, by a pool of processes.
     batch_for = functools.partial(make_batch, args.batch, frames, height, width)
@@ -192,6 +227,11 @@ def main() -> None:
             break
     if pool is not None:
         pool.terminate()
+    if args.final_val_batches:
+        row = final_validation()
+        print(json.dumps(row), flush=True)
+        if log:
+            log.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
