@@ -61,14 +61,14 @@ def launch_configs(name: str, source: str):
         return decorator
 
     kinds = ("pointwise", "reduction", "persistent_reduction", "template")
-    with mock.patch.multiple(th, **{k: capture(k) for k in kinds}):
-        with mock.patch("torch._inductor.runtime.triton_helpers.set_driver_to_gpu", lambda: None):
-            # Triton reads a kernel's source back from its file.
-            path = os.path.join(tempfile.mkdtemp(prefix="kernel_"), f"{name}.py")
-            with open(path, "w") as f:
-                f.write(source)
-            scope = {"__file__": path, "__name__": f"kernel_{name}"}
-            exec(compile(source, path, "exec"), scope)
+    # Triton reads a kernel's source back from its file.
+    path = os.path.join(tempfile.mkdtemp(prefix="kernel_"), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    no_driver = mock.patch("torch._inductor.runtime.triton_helpers.set_driver_to_gpu", lambda: None)
+    with mock.patch.multiple(th, **{k: capture(k) for k in kinds}), no_driver:
+        scope = {"__file__": path, "__name__": f"kernel_{name}"}
+        exec(compile(source, path, "exec"), scope)
     return scope[name], seen["meta"], seen["configs"]
 
 

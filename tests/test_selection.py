@@ -163,7 +163,8 @@ def test_dense_to_indices_lists_the_selected_blocks_in_order(nq, nk, p, seed, tr
     num, idx = dense_to_indices(dense)
     assert num.dtype == idx.dtype == torch.int32 and idx.is_contiguous()
     assert idx.shape == dense.shape
-    for row, n, ind in zip(dense.reshape(-1, dense.shape[-1]), num.flatten(), idx.flatten(0, -2)):
+    rows = dense.reshape(-1, dense.shape[-1])
+    for row, n, ind in zip(rows, num.flatten(), idx.flatten(0, -2), strict=True):
         want = row.nonzero().flatten()
         assert n.item() == want.numel()
         assert torch.equal(ind[: want.numel()].long(), want)
@@ -213,3 +214,28 @@ def test_pairwise_ranking_selects_what_the_sort_selects(data):
     with pytest.MonkeyPatch.context() as mp:
         by_sort, pairwise = _sorted_and_pairwise(mp, lambda: select(g, is_self, unit_real, cfg))
     assert torch.equal(by_sort, pairwise), (cfg, g, by_sort ^ pairwise)
+
+
+def test_mask_mod_reads_selections_past_the_first_word():
+    """mask_mod reads the selection as 31-column words: a plan with 64 chunks (three words)
+    must give the reference mask for keys in every word, with text keys after the last chunk."""
+    from vmoba_compile import VideoLayout, VMoBAConfig
+
+    layout = VideoLayout(2, 8, 8, text_tokens=5)
+    q, k = _inputs(layout, 7)
+    for granularity in ("block", "token"):
+        config = VMoBAConfig(
+            block_size=16, chunk_1d=(1,), chunk_2d=(1, 1), chunk_3d=(1, 2, 2), selection="topk",
+            topk=5, granularity=granularity,
+        )  # fmt: skip
+        plan = plan_for(layout, config, 1)
+        assert plan.num_chunks == 64 and plan.columns + 2 > 2 * 31
+        bm = _selection(q, k, layout, config, 1).block_mask
+        sp = plan.padded_len
+        token_mask = create_mask(bm.mask_mod, q.shape[0], q.shape[1], sp, sp, device="cpu")
+        slots = plan.token_slots(q.device)
+        mine = token_mask[:, :, slots][:, :, :, slots]
+        ref = reference_mask(q, k, layout=layout, config=config, layer_index=1)
+        assert torch.equal(mine, ref), f"{granularity}: {(mine != ref).sum().item()} differ"
+        # every video key (so chunks of all three words) is attended by some query
+        assert bool(ref.any(2).flatten(0, 1).any(0).all())
