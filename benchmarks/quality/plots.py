@@ -9,6 +9,7 @@ train_vmoba.jsonl, eval.json, samples.pt); writes PNGs and summary.md into it. N
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -26,42 +27,60 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def training(folder: str) -> list[str]:
-    """Train-loss curves (moving average of 10 steps; the same batches and noise in both runs)
-    and validation points; a table over the steps both runs reached."""
+    """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
+    and validation points; a table over the steps every run reached, and the final validation
+    (16 fixed batches, ``final_val.jsonl``) of each run's exported weights."""
     runs = {}
-    for att in ("dense", "vmoba"):
-        path = os.path.join(folder, f"train_{att}.jsonl")
-        if os.path.exists(path) and os.path.getsize(path):
-            runs[att] = read_jsonl(path)
+    for path in sorted(glob.glob(os.path.join(folder, "train_*.jsonl"))):
+        rows = [r for r in read_jsonl(path) if "loss" in r]  # final validation rows apart
+        if rows:
+            runs[os.path.basename(path)[len("train_") : -len(".jsonl")]] = rows
     if not runs:
         return []
     common = min(len(rows) for rows in runs.values())
-    window = (max(common - 20, 1), common)  # the last 20 steps both runs made
+    window = (max(common - 200, 1), common)  # the last 200 steps every run made
     fig, ax = plt.subplots(figsize=(6, 4))
     lines = [
         f"| run | steps run | median step (s), steps >= 10 | first step (s, compile) "
-        f"| mean train loss, steps {window[0]}-{window[1] - 1} | last val loss (step) |",
+        f"| mean train loss, steps {window[0]}-{window[1] - 1} "
+        f"| mean of the last 5 one-batch val losses (steps) |",
         "|---|---|---|---|---|---|",
     ]
-    for att, rows in runs.items():
+    for name, rows in runs.items():
         loss = [r["loss"] for r in rows]
-        smooth = [sum(loss[max(0, i - 9) : i + 1]) / len(loss[max(0, i - 9) : i + 1])
+        k = 50
+        smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1])
                   for i in range(len(loss))]  # fmt: skip
-        ax.plot(range(len(loss)), smooth, label=f"{att} train (avg 10)")
+        ax.plot(range(len(loss)), smooth, label=f"{name} train (avg {k})")
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if val:
-            ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{att} validation")
+            ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{name} validation")
         steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
         mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
-        last = f"{val[-1][1]:.4f} ({val[-1][0]})" if val else "-"
+        tail = val[-5:]
+        last = "-"
+        if tail:
+            last = f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
         lines.append(
-            f"| {att} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
+            f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
             f"| {mean:.4f} | {last} |"
         )
+    final = os.path.join(folder, "final_val.jsonl")
+    if os.path.exists(final):
+        lines += [
+            "",
+            "| weights | attention | steps | final validation loss (16 fixed batches) |",
+            "|---|---|---|---|",
+        ]
+        for r in read_jsonl(final):
+            lines.append(
+                f"| `{os.path.basename(r['weights'])}` | {r['attention']} | {r['step']} "
+                f"| {r['final_val_loss']:.4f} |"
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "loss_curves.png"), dpi=120)

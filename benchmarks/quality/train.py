@@ -79,6 +79,19 @@ def flow_loss(model, x0, labels, g) -> torch.Tensor:
     return (pred.float() - (noise - x0).float()).square().mean()
 
 
+def few_threads(fn, *args):
+    """``fn(*args)`` on at most 2 intra-op threads (as the pool's workers run): video generation
+    is many small tensor ops. On the shared 64-core GPU host, busy compiling, the first 16-batch
+    final validations did not finish within 150 s (0.05 s a batch here); threads contending
+    with the compile workers are the suspect, not confirmed."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attention", choices=["dense", "vmoba"], default="dense")
@@ -116,12 +129,16 @@ def main() -> None:
         "loss under --attention and exit, training nothing",
     )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
+    p.add_argument(
+        "--device", default=None,
+        help="cuda (default) or cpu (float32; e.g. --eval-weights without a GPU)",
+    )  # fmt: skip
     args = p.parse_args()
     if not (args.ckpt or args.eval_weights):
         p.error("--ckpt FILE is required for training (it is resumed from when it exists)")
 
-    device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     height, width = (16, 24) if args.tiny else (int(v) for v in args.size.split("x"))
     frames = 4 if args.tiny else args.frames
     torch.manual_seed(args.seed)
@@ -145,14 +162,14 @@ def main() -> None:
         config = vc.VMoBAConfig(threshold=args.threshold, block_size=block)
         lowering = "aot_eager" if args.tiny else "inductor"
         run = functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
-    elif not args.tiny:
+    elif device == "cuda":
         run = functools.partial(model, net=torch.compile(model.net, dynamic=False))
 
     def final_validation() -> dict:
         losses = []
         with torch.no_grad():
             for i in range(args.final_val_batches):
-                x, y = make_batch(args.batch, frames, height, width, seed=10**6 + 1 + i)
+                x, y = few_threads(make_batch, args.batch, frames, height, width, 10**6 + 1 + i)
                 g = torch.Generator().manual_seed(10**6 + i)
                 losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
         return {"step": step, "final_val_loss": sum(losses) / len(losses),
@@ -175,7 +192,7 @@ def main() -> None:
     else:
         pool = mp.get_context("spawn").Pool(args.workers, torch.set_num_threads, (2,))
         batches = pool.imap(batch_for, seeds, chunksize=4)
-    val_x, val_y = make_batch(args.batch, frames, height, width, seed=10**6)
+    val_x, val_y = few_threads(make_batch, args.batch, frames, height, width, 10**6)
     val_x, val_y = val_x.to(device, dtype), val_y.to(device)
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
     model.train()
