@@ -81,7 +81,31 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_variant(name, make_model, inputs, device, steps, train_steps, forward=True) -> dict:
+def profile_step(step, device: str, rows: int = 20) -> str:
+    """One more training step under torch.profiler: the kernels (or ops on CPU) by device time,
+    then the ops by memory they allocated; where a step's time and memory go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts, profile_memory=True) as prof:
+        step()
+        sync(device)
+    avg = prof.key_averages()
+    by_time = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    by_mem = "self_cuda_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
+    return "\n".join(
+        [
+            f"-- one training step, by {by_time}:",
+            avg.table(sort_by=by_time, row_limit=rows, max_name_column_width=90),
+            f"-- by {by_mem}:",
+            avg.table(sort_by=by_mem, row_limit=rows, max_name_column_width=90),
+        ]
+    )
+
+
+def run_variant(
+    name, make_model, inputs, device, steps, train_steps, forward=True, profile=False
+) -> dict:
     from diffusers import WanTransformer3DModel  # noqa: F401  (fail early without diffusers)
 
     torch._dynamo.reset()
@@ -122,6 +146,9 @@ def run_variant(name, make_model, inputs, device, steps, train_steps, forward=Tr
         row["train_recompiles"] = graphs_compiled() - before
         if device == "cuda":
             row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(dict(row, partial=True)), flush=True)
+        if profile:
+            print(profile_step(step, device), flush=True)
     if isinstance(wrapped, vc.VMoBAModule):
         row["rewritten_calls"] = len(wrapped.report.rewritten)
     return row
@@ -139,6 +166,10 @@ def main() -> None:
         help="train without activation checkpointing (at 55K tokens 30 layers do not fit then)",
     )  # fmt: skip
     p.add_argument("--text", type=int, default=512, help="text tokens (cross-attention)")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="after the timed training steps, print torch.profiler tables of one more step",
+    )  # fmt: skip
     p.add_argument(
         "--no-forward", action="store_true",
         help="training only: skip the inference compile and timing (its graph is a separate "
@@ -187,7 +218,9 @@ def main() -> None:
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]
     rows = [
-        run_variant(n, f, inputs, device, args.steps, args.train_steps, not args.no_forward)
+        run_variant(
+            n, f, inputs, device, args.steps, args.train_steps, not args.no_forward, args.profile
+        )
         for n, f in variants
     ]
     for r in rows:

@@ -50,3 +50,21 @@ def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
         "recurrent 1D-2D-3D, top-k (per query block)",
         "1D only, head scope, threshold",
     }
+
+
+def test_bench_model_tiny_reports_both_variants_without_recompiles(tmp_path) -> None:
+    """The end-to-end benchmark's CPU smoke run (aot_eager, tiny dims): both variants train,
+    the VMoBA one with every layer's call rewritten, neither recompiles across steps, and
+    --profile prints the profiler's tables. (The 2x4x4 grid keeps every chunk, so the rewritten
+    calls take the op's dense path: CPU FlexAttention has no backward.)"""
+    out = tmp_path / "m.json"
+    text = _run(
+        "benchmarks/bench_model.py", "--tiny", "--grid", "2x4x4", "--layers", "2", "--steps", "2",
+        "--train-steps", "2", "--no-forward", "--profile", "--out", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense torch.compile", "vmoba optimize"]
+    assert all(r["train_recompiles"] == 0 and r["train_step_ms"] > 0 for r in rows)
+    assert "cold_compile_s" not in rows[0]  # --no-forward: no inference compile
+    assert rows[1]["rewritten_calls"] == 2
+    assert text.count("-- one training step, by self_cpu_time_total") == 2
