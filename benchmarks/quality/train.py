@@ -173,7 +173,8 @@ def main() -> None:
                 g = torch.Generator().manual_seed(10**6 + i)
                 losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
         return {"step": step, "final_val_loss": sum(losses) / len(losses),
-                "final_val_batches": len(losses), "attention": args.attention}  # fmt: skip
+                "final_val_batches": len(losses), "attention": args.attention,
+                "per_batch": losses}  # fmt: skip
 
     if args.eval_weights:
         row = dict(final_validation(), weights=args.eval_weights)
