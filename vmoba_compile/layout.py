@@ -134,6 +134,11 @@ def _axis_sizes(n: int, c: int) -> list[int]:
     return [c] * (n // c) + ([n % c] if n % c else [])
 
 
+# Selection columns per int32 word of the table ``mask_mod`` reads (bit 31 left clear): one word
+# load per query row and a shift per key, instead of a gather per score element.
+SELECTION_WORD_BITS = 31
+
+
 class PlanIndex(NamedTuple):
     """The device index tensors of one :class:`ChunkPlan`, built once per attention call."""
 
@@ -144,10 +149,12 @@ class PlanIndex(NamedTuple):
     block_count: torch.Tensor  # [NB] int64: real tokens in each block
     sizes: torch.Tensor  # [C] int64: real tokens in each chunk
     onehot: torch.Tensor  # [NB_video, C] float32: 1 where a video block lies in a chunk
-    # Selection-table columns (ChunkPlan.columns = W): a block's or key slot's chunk, W for
-    # text, W + 1 for padding.
+    # Selection-table columns (ChunkPlan.columns = W): a block's chunk, W for text, W + 1 for
+    # padding; each key slot's column as the word of the mask_mod table that holds it and the
+    # bit in that word (SELECTION_WORD_BITS columns a word).
     block_col: torch.Tensor  # [NB] int64
-    kv_col: torch.Tensor  # [S_pad] int64
+    kv_word: torch.Tensor  # [S_pad] int64
+    kv_bit: torch.Tensor  # [S_pad] int64
 
 
 class LayerPlan(NamedTuple):
@@ -302,9 +309,10 @@ class ChunkPlan:
         block_col = block_chunk + self.num_pad_columns * (block_chunk >= c)
         slot_col = block_col.repeat_interleave(bs)
         kv_col = torch.where(real, slot_col, torch.full_like(slot_col, self.columns + 1))
+        kv_word, kv_bit = kv_col // SELECTION_WORD_BITS, kv_col % SELECTION_WORD_BITS
         slots = self.token_slots(device)
         return PlanIndex(
-            token, real, slots, block_chunk, block_count, sizes, onehot, block_col, kv_col
+            token, real, slots, block_chunk, block_count, sizes, onehot, block_col, kv_word, kv_bit
         )
 
     @property

@@ -17,11 +17,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._compat import materialize_for_mask_mod
+from .layout import SELECTION_WORD_BITS as _BITS
 from .layout import ChunkPlan, LayerPlan, PlanIndex
 
 __all__ = ["build_block_mask", "dense_to_indices"]
-
-_BITS = 31  # selection columns per int32 word of the mask_mod table (bit 31 left clear)
 
 
 def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +73,11 @@ def build_block_mask(
     bs, nb = plan.block_size, plan.num_blocks
     block_col, real, w = idx.block_col, idx.real, plan.columns
 
-    # The selection extended to every padded query row and to the plan's W = ``plan.columns``
-    # columns plus two, built in one place: text query rows select every chunk; columns C..W-1
-    # (the layout's other partitions have more chunks) are never selected; column W (text keys)
-    # is selected by every row but those of the plan's all-padding blocks, which select nothing;
-    # column W+1 (padding keys) is never selected.
+    # The selection extended to every padded query row and to whole words of the plan's
+    # W = ``plan.columns`` columns plus two, built in one place: text query rows select every
+    # chunk; columns C..W-1 (the layout's other partitions have more chunks) are never selected;
+    # column W (text keys) is selected by every row but those of the plan's all-padding blocks,
+    # which select nothing; column W+1 (padding keys) and the rest of the last word never are.
     per = bs if token_level else 1
     rows_pad = plan.num_pad_blocks * per
     rows_text = nb * per - u - rows_pad
@@ -89,12 +88,14 @@ def build_block_mask(
         sel = torch.cat([sel, sel.new_zeros(b, h, rows_pad, c)], dim=2)
         live = torch.cat([live, sel.new_zeros(b, h, rows_pad, 1)], dim=2)
     lead = sel.shape[:-1]
-    sel_ext = torch.cat([sel, sel.new_zeros(*lead, w - c), live, sel.new_zeros(*lead, 1)], dim=-1)
+    words = -(-(w + 2) // _BITS)
+    tail = words * _BITS - w - 1  # column W+1 and the rest of the last word
+    sel_ext = torch.cat([sel, sel.new_zeros(*lead, w - c), live, sel.new_zeros(*lead, tail)], -1)
 
     # Block-level map over KV blocks: which chunks each query block touches, and whether every
     # real query token of the block selected it (then the block can be full).
     if token_level:
-        per_tok = sel_ext.reshape(b, h, nb, bs, w + 2)
+        per_tok = sel_ext.reshape(b, h, nb, bs, words * _BITS)
         slot_real = real.reshape(nb, bs, 1)
         any_c = (per_tok & slot_real).any(dim=3)
         all_c = (per_tok | ~slot_real).all(dim=3)
@@ -129,21 +130,17 @@ def build_block_mask(
             ],
             dim=1,
         )
-    # The selection as bits: 31 columns per int32 word, so that mask_mod loads one word per
-    # query row and shifts it by a per-key amount. Indexing the bool table by (query, column)
-    # instead was one gather per score element: with every block partial (TOKEN granularity at
-    # 55K tokens) the kernel ran 3.1x slower than dense flex (benchmarks/README.md).
-    words = -(-(w + 2) // _BITS)
-    packed = torch.cat([sel_ext, sel_ext.new_zeros(*lead, words * _BITS - w - 2)], dim=-1)
+    # The selection as bits, one contiguous [B, H, R] int32 table per word (mask_mod indexes with
+    # tensors only: a constant word index among them makes Dynamo's indexing data-dependent).
+    # Indexing the bool table by (query, column) instead was one gather per score element: with
+    # every block partial (TOKEN granularity at 55K tokens) the kernel ran 3.1x slower than dense
+    # flex (benchmarks/README.md).
     shifts = torch.arange(_BITS, dtype=torch.int32, device=device)
-    # One contiguous [B, H, R] table per word (mask_mod indexes with tensors only: a constant
-    # word index among them makes Dynamo's indexing data-dependent).
     word_tables = []
     for i in range(words):
-        part = packed[..., i * _BITS : (i + 1) * _BITS].to(torch.int32)
+        part = sel_ext[..., i * _BITS : (i + 1) * _BITS].to(torch.int32)
         word_tables.append((part << shifts).sum(-1, dtype=torch.int32))
-    kv_col = idx.kv_col  # the plan's: the selection column of each key slot
-    extra = [*word_tables, kv_col // _BITS, kv_col % _BITS]
+    extra = [*word_tables, idx.kv_word, idx.kv_bit]
     extra += [] if key_ok is None else [key_ok]
     plain = materialize_for_mask_mod(*tensors, *extra)
     tables = dict.fromkeys(
