@@ -22,7 +22,6 @@ from .selection import chunk_keys, gates, select
 __all__ = [
     "BlockPlan",
     "layer_plan",
-    "mask_columns",
     "permute",
     "plan_blocks",
     "plan_for",
@@ -56,15 +55,8 @@ def _schedule_plans(layout: VideoLayout, config: VMoBAConfig) -> dict:
     }
 
 
-def mask_columns(layout: VideoLayout, config: VMoBAConfig) -> int:
-    """The chunk columns every layer's ``mask_mod`` table gets on ``layout`` (every plan's
-    :attr:`~vmoba_compile.layout.ChunkPlan.columns`): the largest chunk count among the
-    partitions of ``config.schedule``."""
-    return max(plan.columns for plan in _schedule_plans(layout, config).values())
-
-
 def layer_plan(layout: VideoLayout, config: VMoBAConfig, layer_index: int) -> LayerPlan:
-    """:func:`plan_for` and :func:`mask_columns` of one layer, as one constant for Dynamo.
+    """:func:`plan_for` of one layer, as one constant for Dynamo.
 
     Dynamo traces through ``functools.lru_cache`` wrappers, so a model compiled around
     :func:`vmoba_attention` would re-run the chunk-shape search and the plan construction
