@@ -103,9 +103,67 @@ def profile_step(step, device: str, rows: int = 20) -> str:
     )
 
 
+def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
+    """One more training step with CUDA allocation history: replays its allocations and frees,
+    and lists the blocks alive at the step's peak by the line (source shown) that allocated them;
+    where a peak's bytes come from."""
+    import linecache
+    from collections import defaultdict
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    if dump:
+        import pickle
+
+        with open(dump, "wb") as f:
+            pickle.dump(snap, f)
+    blocks = [b for seg in snap["segments"] for b in seg["blocks"]]
+    # alive after the step: parameters, optimizer state (their allocations predate the trace)
+    base = sum(b["size"] for b in blocks if b["state"] == "active_allocated")
+    live: dict[int, tuple[int, list]] = {}
+    cur = peak = 0
+    at_peak: dict[int, tuple[int, list]] = {}
+    for e in snap["device_traces"][0] if snap["device_traces"] else []:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], e.get("frames", []))
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif e["action"] in ("free_completed",) and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]
+
+    def where(frames) -> str:
+        for fr in frames:  # the first frame outside torch's own Python: the generated code or ours
+            fn = fr.get("filename", "")
+            if "/torch/" in fn and "torchinductor" not in fn:
+                continue
+            src = linecache.getline(fn, fr.get("line", 0)).strip()
+            return f"{os.path.basename(fn)}:{fr.get('line')} {fr.get('name')} | {src[:110]}"
+        return "?"
+
+    by = defaultdict(lambda: [0, 0])
+    for size, frames in at_peak.values():
+        k = where(frames)
+        by[k][0] += size
+        by[k][1] += 1
+    lines = [
+        f"-- memory at the step's peak: {peak / 2**30:.2f} GiB allocated during the step, on top "
+        f"of what was alive before it (after the step {base / 2**30:.2f} GiB are alive); "
+        f"by allocating line:"
+    ]
+    for k, (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{size / 2**30:8.3f} GiB {n:5d} blocks  {k}")
+    return "\n".join(lines)
+
+
 def run_variant(
-    name, make_model, inputs, device, steps, train_steps, forward=True, profile=False
-) -> dict:
+    name, make_model, inputs, device, steps, train_steps, forward=True, profile=False,
+    memory=False, dump=None,
+) -> dict:  # fmt: skip
     from diffusers import WanTransformer3DModel  # noqa: F401  (fail early without diffusers)
 
     torch._dynamo.reset()
@@ -139,6 +197,7 @@ def run_variant(
         step()
         sync(device)
         row["train_cold_s"] = time.perf_counter() - t0
+        row["graphs_compiled"] = graphs_compiled()  # > 1 per variant: graph breaks
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = graphs_compiled()
@@ -149,6 +208,8 @@ def run_variant(
         print(json.dumps(dict(row, partial=True)), flush=True)
         if profile:
             print(profile_step(step, device), flush=True)
+        if memory and device == "cuda":
+            print(memory_at_peak(step, dump=dump), flush=True)
     if isinstance(wrapped, vc.VMoBAModule):
         row["rewritten_calls"] = len(wrapped.report.rewritten)
     return row
@@ -170,6 +231,12 @@ def main() -> None:
         "--profile", action="store_true",
         help="after the timed training steps, print torch.profiler tables of one more step",
     )  # fmt: skip
+    p.add_argument(
+        "--memory", action="store_true",
+        help="after the timed training steps, list the CUDA blocks alive at one more step's peak "
+        "by the source line that allocated them",
+    )  # fmt: skip
+    p.add_argument("--memory-dump", default=None, help="with --memory: pickle the snapshot here")
     p.add_argument(
         "--no-forward", action="store_true",
         help="training only: skip the inference compile and timing (its graph is a separate "
@@ -217,12 +284,8 @@ def main() -> None:
     variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]
-    rows = [
-        run_variant(
-            n, f, inputs, device, args.steps, args.train_steps, not args.no_forward, args.profile
-        )
-        for n, f in variants
-    ]
+    opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
+    rows = [run_variant(n, f, inputs, device, *opts, args.memory_dump) for n, f in variants]
     for r in rows:
         print(json.dumps(r))
     keys = [k for k in rows[0] if k != "variant"]
