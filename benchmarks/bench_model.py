@@ -139,7 +139,7 @@ def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
     def where(frames) -> str:
         for fr in frames:  # the first frame outside torch's own Python: the generated code or ours
             fn = fr.get("filename", "")
-            if "/torch/" in fn and "torchinductor" not in fn:
+            if not fn.endswith(".py") or ("/torch/" in fn and "torchinductor" not in fn):
                 continue
             src = linecache.getline(fn, fr.get("line", 0)).strip()
             return f"{os.path.basename(fn)}:{fr.get('line')} {fr.get('name')} | {src[:110]}"

@@ -164,3 +164,30 @@ def test_layer_plan_under_dynamo_when_the_layer_index_turns_dynamic():
         plan = plan_for(layout, config, layer)
         want = float(plan.num_chunks + plan.num_video_blocks * 1000)
         assert compiled(torch.ones(1), layer).item() == want, layer
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_permutation_gradients_equal_the_scatter_they_replace(data):
+    # permute / unpermute backpropagate by gathering in the other direction; the reference is
+    # autograd through plain index_select (whose backward is index_add), padding included.
+    layout = data.draw(layouts())
+    config = data.draw(configs(layout))
+    plan = plan_for(layout, config, data.draw(st.integers(0, 2)))
+    token, real = plan.slot_tokens("cpu")
+    slots = plan.token_slots("cpu")
+    x = torch.randn(2, 3, layout.seq_len, 4, dtype=torch.float64, requires_grad=True)
+    xp = torch.randn(2, 3, plan.padded_len, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, plan.padded_len, 4, dtype=torch.float64)
+    u = torch.randn(2, 3, layout.seq_len, 4, dtype=torch.float64)
+
+    (got,) = torch.autograd.grad((permute(x, plan) * w).sum(), x)
+    ref = torch.where(real[:, None], torch.index_select(x, 2, token), 0.0)
+    (want,) = torch.autograd.grad((ref * w).sum(), x)
+    assert torch.allclose(got, want)
+    (got,) = torch.autograd.grad((unpermute(xp, plan) * u).sum(), xp)
+    (want,) = torch.autograd.grad((torch.index_select(xp, 2, slots) * u).sum(), xp)
+    assert torch.allclose(got, want)
+    # second order: each backward is itself differentiable (the other direction's Function)
+    small = x[:1, :1, :, :2].detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: unpermute(permute(t, plan) * 2.0, plan), small)

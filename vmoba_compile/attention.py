@@ -178,28 +178,72 @@ def _run_flex(q, k, v, block_mask, scale, kernel_options=None):
     return flex_attention(q, k, v, **kw)
 
 
+def _gather_slots(x: torch.Tensor, token: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    g = torch.index_select(x, 2, token)
+    return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class _Permute(torch.autograd.Function):
+    """Call order -> padded chunk order. The two orders are one bijection between tokens and
+    real slots, so the backward of each direction is the other direction's gather: no
+    ``index_add`` (an atomic scatter, or for bf16 under inductor a sort-based aten fallback)."""
+
+    @staticmethod
+    def forward(x, token, real, slots):
+        return _gather_slots(x, token, real)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, token, real, slots = inputs
+        ctx.save_for_backward(token, real, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, real, slots = ctx.saved_tensors
+        return _Unpermute.apply(grad, token, real, slots), None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """Padded chunk order -> call order; padding slots get no gradient (see :class:`_Permute`)."""
+
+    @staticmethod
+    def forward(x, token, real, slots):
+        return torch.index_select(x, 2, slots)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, token, real, slots = inputs
+        ctx.save_for_backward(token, real, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, real, slots = ctx.saved_tensors
+        return _Permute.apply(grad, token, real, slots), None, None, None
+
+
 def permute(
     x: torch.Tensor, plan: ChunkPlan | LayerPlan, idx: PlanIndex | None = None
 ) -> torch.Tensor:
     """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads).
 
-    ``idx`` (``_compat.plan_index(plan, device)``) lets one call share the index tensors.
+    ``idx`` (``_compat.plan_index(plan, device)``) lets one call share the index tensors. The
+    gradient is :func:`unpermute` of the incoming gradient (a gather, not a scatter).
     """
     if plan.is_identity:
         return x
     idx = idx if idx is not None else _compat.plan_index(plan, x.device)
-    g = torch.index_select(x, 2, idx.token)
-    return torch.where(idx.real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
+    return _Permute.apply(x, idx.token, idx.real, idx.slots)
 
 
 def unpermute(
     x: torch.Tensor, plan: ChunkPlan | LayerPlan, idx: PlanIndex | None = None
 ) -> torch.Tensor:
-    """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order."""
+    """Inverse of :func:`permute`: ``[B, H, S_pad, D]`` -> ``[B, H, S, D]`` in call order; its
+    gradient is :func:`permute` of the incoming gradient (zero on padding slots)."""
     if plan.is_identity:
         return x
     idx = idx if idx is not None else _compat.plan_index(plan, x.device)
-    return torch.index_select(x, 2, idx.slots)
+    return _Unpermute.apply(x, idx.token, idx.real, idx.slots)
 
 
 @dataclasses.dataclass
