@@ -103,6 +103,37 @@ def profile_step(step, device: str, rows: int = 20) -> str:
     )
 
 
+_MASKS: list | None = None
+
+
+def _mask_spy(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``vmoba_compile::materialize`` on CUDA, recording each mask's density: it receives every
+    block table of one mask (kv partial/full, and q partial/full for a backward)."""
+    if _MASKS is not None:
+        four_d = sum(x.dim() == 4 for x in xs)  # the index tables: 4 with q tables, else 2
+        counts = [x for x in xs if x.dim() == 3]
+        nb = xs[1].shape[-1]
+        pairs = counts[0].float().mean() + counts[2 if four_d == 4 else 1].float().mean()
+        _MASKS.append(float(pairs) / nb)
+    return [x.clone() for x in xs]
+
+
+def mask_densities(step) -> list[float]:
+    """The block density of every VMoBA mask one more ``step`` builds (computed query-key block
+    pairs over all pairs of the padded sequence, mean over batch and heads), in call order."""
+    global _MASKS
+    if not getattr(mask_densities, "registered", False):
+        torch.library.register_kernel("vmoba_compile::materialize", "cuda", _mask_spy)
+        mask_densities.registered = True
+    _MASKS = []
+    try:
+        step()
+        torch.cuda.synchronize()
+        return [round(d, 3) for d in _MASKS]
+    finally:
+        _MASKS = None
+
+
 def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
     """One more training step with CUDA allocation history: replays its allocations and frees,
     and lists the blocks alive at the step's peak by the line (source shown) that allocated them;
@@ -182,6 +213,10 @@ def run_variant(
             row["forward_recompiles"] = graphs_compiled() - before
         if device == "cuda":
             row["forward_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if isinstance(wrapped, vc.VMoBAModule):
+                with torch.no_grad():
+                    d = mask_densities(lambda: wrapped(**inputs))
+                row["forward_density_mean"] = round(sum(d) / max(len(d), 1), 3)
         print(json.dumps(dict(row, partial=True)), flush=True)  # a run cut later still reports
     if train_steps:
         model.train()
@@ -206,6 +241,10 @@ def run_variant(
         if device == "cuda":
             row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(dict(row, partial=True)), flush=True)
+        if device == "cuda" and isinstance(wrapped, vc.VMoBAModule):
+            d = mask_densities(step)  # forward and recomputation of every layer
+            row["train_density_mean"] = round(sum(d) / max(len(d), 1), 3)
+            row["train_densities"] = d
         if profile:
             print(profile_step(step, device), flush=True)
         if memory and device == "cuda":
