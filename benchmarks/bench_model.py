@@ -193,7 +193,7 @@ def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
 
 def run_variant(
     name, make_model, inputs, device, steps, train_steps, forward=True, profile=False,
-    memory=False, dump=None,
+    memory=False, dump=None, lr=1e-5,
 ) -> dict:  # fmt: skip
     from diffusers import WanTransformer3DModel  # noqa: F401  (fail early without diffusers)
 
@@ -220,7 +220,7 @@ def run_variant(
         print(json.dumps(dict(row, partial=True)), flush=True)  # a run cut later still reports
     if train_steps:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
         def step():
             out = wrapped(**inputs)[0]
@@ -238,6 +238,8 @@ def run_variant(
         before = graphs_compiled()
         row["train_step_ms"] = median_ms(step, device, train_steps)
         row["train_recompiles"] = graphs_compiled() - before
+        # non-finite weights make threshold selection keep every chunk (density 1.0)
+        row["params_finite"] = all(bool(p.isfinite().all()) for p in model.parameters())
         if device == "cuda":
             row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(dict(row, partial=True)), flush=True)
@@ -264,6 +266,10 @@ def main() -> None:
     p.add_argument(
         "--no-checkpointing", action="store_true",
         help="train without activation checkpointing (at 55K tokens 30 layers do not fit then)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr", type=float, default=1e-5,
+        help="AdamW learning rate of the timed steps (0: same kernels, weights unchanged)",
     )  # fmt: skip
     p.add_argument("--text", type=int, default=512, help="text tokens (cross-attention)")
     p.add_argument(
@@ -324,7 +330,8 @@ def main() -> None:
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]
     opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
-    rows = [run_variant(n, f, inputs, device, *opts, args.memory_dump) for n, f in variants]
+    opts += (args.memory_dump, args.lr)
+    rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
     for r in rows:
         print(json.dumps(r))
     keys = [k for k in rows[0] if k != "variant"]
