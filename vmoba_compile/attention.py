@@ -183,6 +183,11 @@ def _gather_slots(x: torch.Tensor, token: torch.Tensor, real: torch.Tensor) -> t
     return torch.where(real[:, None], g, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _save_indices(ctx, inputs, output):
+    """``setup_context`` of both directions: the backward needs only the index tensors."""
+    ctx.save_for_backward(*inputs[1:])
+
+
 class _Permute(torch.autograd.Function):
     """Call order -> padded chunk order. The two orders are one bijection between tokens and
     real slots, so the backward of each direction is the other direction's gather: no
@@ -192,10 +197,7 @@ class _Permute(torch.autograd.Function):
     def forward(x, token, real, slots):
         return _gather_slots(x, token, real)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, token, real, slots = inputs
-        ctx.save_for_backward(token, real, slots)
+    setup_context = staticmethod(_save_indices)
 
     @staticmethod
     def backward(ctx, grad):
@@ -210,10 +212,7 @@ class _Unpermute(torch.autograd.Function):
     def forward(x, token, real, slots):
         return torch.index_select(x, 2, slots)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, token, real, slots = inputs
-        ctx.save_for_backward(token, real, slots)
+    setup_context = staticmethod(_save_indices)
 
     @staticmethod
     def backward(ctx, grad):
