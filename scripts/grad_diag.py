@@ -1,0 +1,222 @@
+"""Where do non-finite gradients come from? (GPU diagnostic for the 55K-token training step.)
+
+Run (GPU, repo root)::
+
+    python scripts/grad_diag.py model --variants dense-ckpt,vmoba-ckpt [--layers 3]
+    python scripts/grad_diag.py op [--layers 3]
+
+``model``: the Wan-2.1-1.3B config at ``--layers`` layers, bf16, one training step
+(forward, ``out.float().square().mean()``, backward; no optimizer) per variant:
+``dense|vmoba`` x ``ckpt|nockpt``, plus ``+inf`` (an inference forward under ``no_grad``
+first, as ``bench_model`` does). For every variant: the loss, whether the output is finite, the
+parameters whose gradient is not finite (grouped by block), and, against the first variant, the
+cosine similarity of each block's gradient.
+
+``op``: the same model run eagerly with VMoBA attention (``vmoba_eager``; only flex is compiled),
+per-layer finiteness of dq / dk / dv (tensor hooks), then each layer's captured q, k, v through
+``vmoba_attention`` alone in bf16 and in float32 (same selection: gates are float32 either way),
+and random q, k, v of the same shape: output and gradient errors of bf16 against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+from bench_model import WAN_1_3B  # noqa: E402
+
+import vmoba_compile as vc  # noqa: E402
+
+
+def _inputs(grid: str, device: str, dtype: torch.dtype, text_dim: int) -> dict:
+    t, h, w = (int(v) for v in grid.split("x"))
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 16, t, 2 * h, 2 * w, generator=g).to(device, dtype),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, 512, text_dim, generator=g).to(device, dtype),
+        "return_dict": False,
+    }
+
+
+def _model(cfg: dict, device: str, dtype: torch.dtype, ckpt: bool):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(**cfg).to(device, dtype).train()
+    if ckpt:
+        m.enable_gradient_checkpointing()
+    return m
+
+
+def _block(name: str) -> str:
+    hit = re.match(r"blocks\.(\d+)\.", name)
+    return f"block{hit.group(1)}" if hit else name.split(".")[0]
+
+
+def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
+    ref = None
+    for variant in args.variants.split(","):
+        kind, ckpt, *extra = variant.split("-")
+        torch._dynamo.reset()
+        m = _model(cfg, device, dtype, ckpt == "ckpt")
+        config = vc.VMoBAConfig(block_size=16) if device == "cpu" else vc.VMoBAConfig()
+        if kind == "dense":
+            run = torch.compile(
+                m, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+            )
+        else:
+            run = vc.optimize(m, config, lowering=lowering)
+        t0 = time.perf_counter()
+        if "inf" in extra:
+            with torch.no_grad():
+                run(**inputs)
+        out = run(**inputs)[0]
+        loss = out.float().square().mean()
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        grads = {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.grad is not None}
+        bad = [n for n, g in grads.items() if not bool(g.isfinite().all())]
+        row = {
+            "variant": variant,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "loss": loss.item(),
+            "out_finite": bool(out.isfinite().all()),
+            "grads": len(grads),
+            "nonfinite_grads": len(bad),
+            "nonfinite_by_block": {},
+        }
+        for n in bad:
+            row["nonfinite_by_block"].setdefault(_block(n), []).append(
+                n.split(".", 2)[-1] if n.startswith("blocks.") else n
+            )
+        if ref is None:
+            ref = grads
+        else:
+            cos = {}
+            for n, g in grads.items():
+                b = _block(n)
+                dot, na, nb = cos.get(b, (0.0, 0.0, 0.0))
+                r = ref[n]
+                cos[b] = (dot + float((g * r).sum()), na + float(g.square().sum()),
+                          nb + float(r.square().sum()))  # fmt: skip
+            row["cos_vs_first"] = {
+                b: round(d / math.sqrt(a * c), 4) if a * c > 0 else None
+                for b, (d, a, c) in cos.items()
+            }
+        print(json.dumps(row), flush=True)
+        del m, run, out, loss, grads
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / (b.float().norm() + 1e-30))
+
+
+def _op_grads(q, k, v, gout, layout, config, layer):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = vc.vmoba_attention(q, k, v, layout=layout, config=config, layer_index=layer)
+    out.backward(gout.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def run_op(args, device, dtype, cfg, inputs) -> None:
+    config = vc.VMoBAConfig(block_size=16) if device == "cpu" else vc.VMoBAConfig()
+    m = _model(cfg, device, dtype, False)
+    seen = []
+
+    def hook_qkv(name):
+        def hook(grad):
+            seen.append((name, bool(grad.isfinite().all()), float(grad.float().abs().max())))
+
+        return hook
+
+    # Eager model, VMoBA attention; q/k/v of each call kept and their gradients watched.
+    from vmoba_compile import diagnostics
+
+    captured = []
+    orig = diagnostics.vmoba_attention
+
+    def spy(q, k, v, **kw):
+        i = len(captured)
+        captured.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kw))
+        for name, t in (("dq", q), ("dk", k), ("dv", v)):
+            if t.requires_grad:
+                t.register_hook(hook_qkv(f"layer{i}.{name}"))
+        return orig(q, k, v, **kw)
+
+    diagnostics.vmoba_attention = spy  # this diagnostic process only
+    try:
+        with vc.diagnostics.vmoba_eager(m, config):
+            out = m(**inputs)[0]
+        loss = out.float().square().mean()
+        loss.backward()
+    finally:
+        diagnostics.vmoba_attention = orig
+    bad = [n for n, p in m.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+    print(json.dumps({"eager_model": True, "loss": loss.item(), "out_finite": bool(out.isfinite().all()),
+                      "nonfinite_params": bad[:20], "n_nonfinite": len(bad),
+                      "qkv_grads": seen}), flush=True)  # fmt: skip
+    del m, out, loss
+    g = torch.Generator(device=device).manual_seed(1)
+    for i, (q, k, v, kw) in enumerate(captured):
+        layout, layer = kw["layout"], kw["layer_index"]
+        for source in ("captured", "random"):
+            if source == "random":
+                q, k, v = (torch.randn(x.shape, generator=g, device=device, dtype=dtype)
+                           for x in (q, k, v))  # fmt: skip
+            gout = torch.randn(q.shape, generator=g, device=device, dtype=torch.float32)
+            lo = _op_grads(q, k, v, gout, layout, config, layer)
+            hi = _op_grads(q.float(), k.float(), v.float(), gout, layout, config, layer)
+            row = {"layer": i, "source": source, "layout": str(layout)}
+            for name, a, b in zip(("out", "dq", "dk", "dv"), lo, hi, strict=True):
+                row[name] = {"finite": bool(a.isfinite().all()), "ref_finite": bool(b.isfinite().all()),
+                             "rel_err": round(_rel(a, b), 5), "absmax": float(a.float().abs().max())}  # fmt: skip
+                if not row[name]["finite"]:
+                    bad_rows = (~a.isfinite()).any(-1)  # [B, H, S]
+                    row[name]["nonfinite_rows"] = int(bad_rows.sum())
+                    row[name]["first_rows"] = bad_rows.nonzero()[:5].tolist()
+            print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["model", "op"])
+    p.add_argument("--grid", default="24x36x64")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--variants", default="dense-ckpt,vmoba-ckpt")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny dims, aot_eager)")
+    args = p.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    base = (
+        dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64)
+        if args.tiny
+        else WAN_1_3B
+    )
+    cfg = dict(base, num_layers=args.layers)
+    inputs = _inputs(args.grid, device, dtype, cfg["text_dim"])
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(
+        f"# {name} | torch {torch.__version__} | grid {args.grid} | layers {args.layers}",
+        flush=True,
+    )
+    if args.mode == "model":
+        run_model(args, device, dtype, cfg, inputs, "aot_eager" if args.tiny else "inductor")
+    else:
+        run_op(args, device, dtype, cfg, inputs)
+
+
+if __name__ == "__main__":
+    main()
