@@ -165,9 +165,9 @@ def run_op(args, device, dtype, cfg, inputs) -> None:
     finally:
         diagnostics.vmoba_attention = orig
     bad = [n for n, p in m.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-    print(json.dumps({"eager_model": True, "loss": loss.item(), "out_finite": bool(out.isfinite().all()),
-                      "nonfinite_params": bad[:20], "n_nonfinite": len(bad),
-                      "qkv_grads": seen}), flush=True)  # fmt: skip
+    row = {"eager_model": True, "loss": loss.item(), "out_finite": bool(out.isfinite().all())}
+    row.update(nonfinite_params=bad[:20], n_nonfinite=len(bad), qkv_grads=seen)
+    print(json.dumps(row), flush=True)
     del m, out, loss
     g = torch.Generator(device=device).manual_seed(1)
     for i, (q, k, v, kw) in enumerate(captured):
@@ -181,8 +181,12 @@ def run_op(args, device, dtype, cfg, inputs) -> None:
             hi = _op_grads(q.float(), k.float(), v.float(), gout, layout, config, layer)
             row = {"layer": i, "source": source, "layout": str(layout)}
             for name, a, b in zip(("out", "dq", "dk", "dv"), lo, hi, strict=True):
-                row[name] = {"finite": bool(a.isfinite().all()), "ref_finite": bool(b.isfinite().all()),
-                             "rel_err": round(_rel(a, b), 5), "absmax": float(a.float().abs().max())}  # fmt: skip
+                row[name] = {
+                    "finite": bool(a.isfinite().all()),
+                    "ref_finite": bool(b.isfinite().all()),
+                    "rel_err": round(_rel(a, b), 5),
+                    "absmax": float(a.float().abs().max()),
+                }
                 if not row[name]["finite"]:
                     bad_rows = (~a.isfinite()).any(-1)  # [B, H, S]
                     row[name]["nonfinite_rows"] = int(bad_rows.sum())
