@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 import torch
 
@@ -75,14 +76,19 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
                 m, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
             )
         else:
-            run = vc.optimize(m, config, lowering=lowering)
+            opts = {} if not args.options else {"options": _options(args.options)}
+            run = vc.optimize(m, config, lowering=lowering, **opts)
         t0 = time.perf_counter()
-        if "inf" in extra:
-            with torch.no_grad():
-                run(**inputs)
-        out = run(**inputs)[0]
-        loss = out.float().square().mean()
-        loss.backward()
+        try:
+            if "inf" in extra:
+                with torch.no_grad():
+                    run(**inputs)
+            out = run(**inputs)[0]
+            loss = out.float().square().mean()
+            loss.backward()
+        except Exception:  # an inductor nan_asserts failure names the kernel's buffer
+            print(json.dumps({"variant": variant, "error": traceback.format_exc()[-6000:]}))
+            continue
         if device == "cuda":
             torch.cuda.synchronize()
         grads = {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.grad is not None}
@@ -97,6 +103,17 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
             "nonfinite_by_block": {},
         }
         for n in bad:
+            gb = grads[n]
+            detail = {
+                "shape": list(gb.shape),
+                "nan": int(gb.isnan().sum()),
+                "inf": int(gb.isinf().sum()),
+            }
+            if n.endswith(
+                "scale_shift_table"
+            ):  # shift, scale, gate (attn); shift, scale, gate (ffn)
+                detail["chunks_finite"] = [bool(c.isfinite().all()) for c in gb.unbind(-2)]
+            row.setdefault("detail", {})[n] = detail
             row["nonfinite_by_block"].setdefault(_block(n), []).append(
                 n.split(".", 2)[-1] if n.startswith("blocks.") else n
             )
@@ -118,6 +135,17 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
         del m, run, out, loss, grads
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _options(text: str) -> dict:
+    """``"a=1,b=false"`` -> inductor options for this compile."""
+    out = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(out[key], str) and out[key].isdigit():
+            out[key] = int(out[key])
+    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,6 +228,7 @@ def main() -> None:
     p.add_argument("--grid", default="24x36x64")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--variants", default="dense-ckpt,vmoba-ckpt")
+    p.add_argument("--options", default="", help="inductor options for optimize: a=1,b=false")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny dims, aot_eager)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
