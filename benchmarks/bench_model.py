@@ -59,6 +59,18 @@ def header(device: str) -> str:
     return f"{name} | torch {torch.__version__} | triton {tv} | git {sha or '?'}"
 
 
+def parse_options(text: str) -> dict:
+    """``"a=1,b.c=false"`` -> ``{"a": 1, "b.c": False}`` (inductor options)."""
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        low = value.strip().lower()
+        out[key.strip()] = {"true": True, "false": False}.get(
+            low, int(low) if low.lstrip("-").isdigit() else value
+        )
+    return out
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -287,6 +299,10 @@ def main() -> None:
         help="training only: skip the inference compile and timing (its graph is a separate "
         "compile; a time-limited run can measure the two in separate processes)",
     )  # fmt: skip
+    p.add_argument(
+        "--options", default="",
+        help="inductor options of both variants' compiles, e.g. triton.mix_order_reduction=false",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -308,6 +324,7 @@ def main() -> None:
     }
     config = vc.VMoBAConfig(block_size=16) if args.tiny else vc.VMoBAConfig()
     lowering = "aot_eager" if args.tiny else "inductor"
+    inductor = {"options": parse_options(args.options)} if args.options else {}
 
     def build():
         torch.manual_seed(0)
@@ -319,11 +336,11 @@ def main() -> None:
     def dense():
         m = build()
         backend = "aot_eager" if args.tiny else "inductor"
-        return m, torch.compile(m, dynamic=False, backend=backend)
+        return m, torch.compile(m, dynamic=False, backend=backend, **inductor)
 
     def vmoba():
         m = build()
-        return m, vc.optimize(m, config, lowering=lowering)
+        return m, vc.optimize(m, config, lowering=lowering, **inductor)
 
     print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
     variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]

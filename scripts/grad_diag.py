@@ -7,10 +7,13 @@ Run (GPU, repo root)::
 
 ``model``: the Wan-2.1-1.3B config at ``--layers`` layers, bf16, one training step
 (forward, ``out.float().square().mean()``, backward; no optimizer) per variant:
-``dense|vmoba`` x ``ckpt|nockpt``, plus ``+inf`` (an inference forward under ``no_grad``
-first, as ``bench_model`` does). For every variant: the loss, whether the output is finite, the
-parameters whose gradient is not finite (grouped by block), and, against the first variant, the
-cosine similarity of each block's gradient.
+``dense|vmoba|eager`` x ``ckpt|nockpt``, plus ``-inf`` (an inference forward under ``no_grad``
+first, as ``bench_model`` does); ``eager`` runs the model uncompiled with VMoBA attention
+(``vmoba_eager``: only flex is compiled). ``--options a=1,b=false``: inductor options of the
+compiled variants. For every variant: the loss, whether the output is finite, the parameters
+whose gradient is not finite (grouped by block, with NaN / inf counts), whether those entries sit
+where they sat in the first run that had some, and against the first variant the cosine
+similarity of each block's gradient over the entries finite in both.
 
 ``op``: the same model run eagerly with VMoBA attention (``vmoba_eager``; only flex is compiled),
 per-layer finiteness of dq / dk / dv (tensor hooks), then each layer's captured q, k, v through
@@ -33,9 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-from bench_model import WAN_1_3B  # noqa: E402
+from bench_model import WAN_1_3B, parse_options  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
+from vmoba_compile import diagnostics  # noqa: E402
 
 
 def _inputs(grid: str, device: str, dtype: torch.dtype, text_dim: int) -> dict:
@@ -65,18 +69,23 @@ def _block(name: str) -> str:
 
 
 def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
-    ref = None
+    ref = nan_at = None
     for variant in args.variants.split(","):
         kind, ckpt, *extra = variant.split("-")
         torch._dynamo.reset()
         m = _model(cfg, device, dtype, ckpt == "ckpt")
         config = vc.VMoBAConfig(block_size=16) if device == "cpu" else vc.VMoBAConfig()
+        opts = {} if not args.options else {"options": parse_options(args.options)}
         if kind == "dense":
-            run = torch.compile(
-                m, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
-            )
+            backend = "aot_eager" if device == "cpu" else "inductor"
+            run = torch.compile(m, dynamic=False, backend=backend, **opts)
+        elif kind == "eager":  # VMoBA attention, model not compiled (only flex is)
+
+            def run(*a, m=m, config=config, **kw):
+                with diagnostics.vmoba_eager(m, config):
+                    return m(*a, **kw)
+
         else:
-            opts = {} if not args.options else {"options": _options(args.options)}
             run = vc.optimize(m, config, lowering=lowering, **opts)
         t0 = time.perf_counter()
         try:
@@ -117,6 +126,12 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
             row["nonfinite_by_block"].setdefault(_block(n), []).append(
                 n.split(".", 2)[-1] if n.startswith("blocks.") else n
             )
+        if nan_at is None and bad:
+            nan_at = {n: grads[n].isnan().nonzero().tolist()[:8] for n in bad}
+        elif bad:  # the same entries again? (a race or uninitialized memory moves them)
+            row["nan_entries_same_as_first_nonfinite_run"] = all(
+                grads[n].isnan().nonzero().tolist()[:8] == at for n, at in nan_at.items()
+            ) and set(bad) == set(nan_at)
         if ref is None:
             ref = grads
         else:
@@ -125,6 +140,8 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
                 b = _block(n)
                 dot, na, nb = cos.get(b, (0.0, 0.0, 0.0))
                 r = ref[n]
+                ok = g.isfinite() & r.isfinite()  # cosine over the entries finite in both
+                g, r = torch.where(ok, g, 0), torch.where(ok, r, 0)
                 cos[b] = (dot + float((g * r).sum()), na + float(g.square().sum()),
                           nb + float(r.square().sum()))  # fmt: skip
             row["cos_vs_first"] = {
@@ -135,17 +152,6 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
         del m, run, out, loss, grads
         if device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _options(text: str) -> dict:
-    """``"a=1,b=false"`` -> inductor options for this compile."""
-    out = {}
-    for item in text.split(","):
-        key, value = item.split("=")
-        out[key] = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(out[key], str) and out[key].isdigit():
-            out[key] = int(out[key])
-    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,8 +177,6 @@ def run_op(args, device, dtype, cfg, inputs) -> None:
         return hook
 
     # Eager model, VMoBA attention; q/k/v of each call kept and their gradients watched.
-    from vmoba_compile import diagnostics
-
     captured = []
     orig = diagnostics.vmoba_attention
 
@@ -186,7 +190,7 @@ def run_op(args, device, dtype, cfg, inputs) -> None:
 
     diagnostics.vmoba_attention = spy  # this diagnostic process only
     try:
-        with vc.diagnostics.vmoba_eager(m, config):
+        with diagnostics.vmoba_eager(m, config):
             out = m(**inputs)[0]
         loss = out.float().square().mean()
         loss.backward()
