@@ -8,11 +8,13 @@ Run (GPU, repo root)::
 ``model``: the Wan-2.1-1.3B config at ``--layers`` layers, bf16, one training step
 (forward, ``out.float().square().mean()``, backward; no optimizer) per variant:
 ``dense|vmoba|eager`` x ``ckpt|nockpt``, plus ``-inf`` (an inference forward under ``no_grad``
-first, as ``bench_model`` does); ``eager`` runs the model uncompiled with VMoBA attention
-(``vmoba_eager``: only flex is compiled). ``--options a=1,b=false``: inductor options of the
-compiled variants. For every variant: the loss, whether the output is finite, the parameters
-whose gradient is not finite (grouped by block, with NaN / inf counts), whether those entries sit
-where they sat in the first run that had some, and against the first variant the cosine
+first, as ``bench_model`` does) and ``-nomix`` (without inductor's mix-order reductions);
+``eager`` runs the model uncompiled with VMoBA attention (``vmoba_eager``: only flex is
+compiled). ``--options a=1,b=false``: inductor options of the compiled variants. For every
+variant: the loss, whether the output is finite, the parameters whose gradient is not finite
+(grouped by block, with NaN / inf counts), whether those entries sit where they sat in the first
+run that had some, the relative difference of each ``scale_shift_table`` gradient from the first
+variant's, and against the first variant the cosine
 similarity of each block's gradient over the entries finite in both.
 
 ``op``: the same model run eagerly with VMoBA attention (``vmoba_eager``; only flex is compiled),
@@ -75,7 +77,10 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
         torch._dynamo.reset()
         m = _model(cfg, device, dtype, ckpt == "ckpt")
         config = vc.VMoBAConfig(block_size=16) if device == "cpu" else vc.VMoBAConfig()
-        opts = {} if not args.options else {"options": parse_options(args.options)}
+        options = parse_options(args.options) if args.options else {}
+        if "nomix" in extra:  # this variant without inductor's mix-order reductions
+            options["triton.mix_order_reduction"] = False
+        opts = {"options": options} if options else {}
         if kind == "dense":
             backend = "aot_eager" if device == "cpu" else "inductor"
             run = torch.compile(m, dynamic=False, backend=backend, **opts)
@@ -144,6 +149,11 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
                 g, r = torch.where(ok, g, 0), torch.where(ok, r, 0)
                 cos[b] = (dot + float((g * r).sum()), na + float(g.square().sum()),
                           nb + float(r.square().sum()))  # fmt: skip
+            row["modulation_rel_diff_vs_first"] = {
+                n: round(float((grads[n] - ref[n]).norm() / ref[n].norm()), 5)
+                for n in grads
+                if n.endswith("scale_shift_table") and ref[n].isfinite().all()
+            }
             row["cos_vs_first"] = {
                 b: round(d / math.sqrt(a * c), 4) if a * c > 0 else None
                 for b, (d, a, c) in cos.items()
