@@ -8,7 +8,8 @@ Run (GPU, repo root)::
 ``model``: the Wan-2.1-1.3B config at ``--layers`` layers, bf16, one training step
 (forward, ``out.float().square().mean()``, backward; no optimizer) per variant:
 ``dense|vmoba|eager`` x ``ckpt|nockpt``, plus ``-inf`` (an inference forward under ``no_grad``
-first, as ``bench_model`` does) and ``-nomix`` (without inductor's mix-order reductions);
+first, as ``bench_model`` does) and ``-nomix`` / ``-mix`` (inductor's mix-order reductions
+off / on; torch.compile's default is on, optimize's off);
 ``eager`` runs the model uncompiled with VMoBA attention (``vmoba_eager``: only flex is
 compiled). ``--options a=1,b=false``: inductor options of the compiled variants. For every
 variant: the loss, whether the output is finite, the parameters whose gradient is not finite
@@ -78,8 +79,8 @@ def run_model(args, device, dtype, cfg, inputs, lowering) -> None:
         m = _model(cfg, device, dtype, ckpt == "ckpt")
         config = vc.VMoBAConfig(block_size=16) if device == "cpu" else vc.VMoBAConfig()
         options = parse_options(args.options) if args.options else {}
-        if "nomix" in extra:  # this variant without inductor's mix-order reductions
-            options["triton.mix_order_reduction"] = False
+        if "nomix" in extra or "mix" in extra:  # inductor's mix-order reductions off / on
+            options["triton.mix_order_reduction"] = "mix" in extra
         opts = {"options": options} if options else {}
         if kind == "dense":
             backend = "aot_eager" if device == "cpu" else "inductor"

@@ -15,7 +15,7 @@ from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VM
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
-__all__ = ["VMoBAControls", "VMoBAModule", "explain", "optimize"]
+__all__ = ["VMoBAControls", "VMoBAModule", "explain", "optimize", "safe_inductor_defaults"]
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering")
 
@@ -133,6 +133,22 @@ def _refuse_regional(model: torch.nn.Module) -> None:
         )
 
 
+def safe_inductor_defaults() -> dict[str, Any]:
+    """Inductor options every compile of :func:`optimize` starts from (``options=`` overrides).
+
+    ``triton.mix_order_reduction=False``: inductor's mix-order reductions (torch 2.10 and later,
+    on by default) leave the gradient of a chunked modulation table unwritten (pytorch/pytorch
+    issue 193061: the ``.chunk(6)`` of Wan's and many DiTs' ``scale_shift_table``), so
+    ``scale_shift_table`` and the time embedder get stale memory as gradients. On the H100 at
+    55,296 tokens that memory held NaN for the VMoBA model (benchmarks/README.md, seventh session)
+    and finite garbage for the dense one. Off, the gradients match the uncompiled model's.
+    """
+    triton = getattr(torch._inductor.config, "triton", None)
+    if triton is not None and hasattr(triton, "mix_order_reduction"):
+        return {"triton.mix_order_reduction": False}
+    return {}
+
+
 def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(_COMPILE_KEYS))
     if "dynamic" in unknown:
@@ -148,7 +164,7 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
     mode, extra = options.get("mode"), options.get("options") or {}
     if not isinstance(extra, dict):
         raise TypeError(f"options must be a dict of inductor options; got {type(extra).__name__}.")
-    patches: dict[str, Any] = {}
+    patches: dict[str, Any] = safe_inductor_defaults()
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(extra)
@@ -370,7 +386,9 @@ def optimize(
             adapter or to override it. Calls whose length differs stay dense.
         strict: raise (with the report) when a compiled forward call rewrote nothing.
         **compile_options: ``fullgraph``, ``mode`` and ``options`` as in ``torch.compile``,
-            applied to this compile only. Shapes are static (``dynamic=False``).
+            applied to this compile only. Shapes are static (``dynamic=False``). ``options``
+            start from :func:`safe_inductor_defaults` (mix-order reductions off: they give
+            wrong ``scale_shift_table`` gradients) and override them.
             ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
 
     Returns:
