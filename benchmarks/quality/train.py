@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_video import MOTIONS, make_batch  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
+from vmoba_compile.optimize import safe_inductor_defaults  # noqa: E402
 
 TEXT_DIM = 64
 
@@ -163,7 +164,11 @@ def main() -> None:
         lowering = "aot_eager" if args.tiny else "inductor"
         run = functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
     elif device == "cuda":
-        run = functools.partial(model, net=torch.compile(model.net, dynamic=False))
+        # optimize's inductor options for dense too: torch 2.10+'s mix-order reductions leave
+        # the chunked scale_shift_table gradient unwritten (pytorch#193061, benchmarks/README.md)
+        opts = safe_inductor_defaults()
+        net = torch.compile(model.net, dynamic=False, options=opts or None)
+        run = functools.partial(model, net=net)
 
     def final_validation() -> dict:
         losses = []
