@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-from bench_model import WAN_1_3B, median_ms  # noqa: E402
+from bench_model import WAN_1_3B, median_ms, wan_inputs  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
 
@@ -57,15 +57,8 @@ def main() -> None:
     p.add_argument("--modes", default="ckpt,nockpt")
     args = p.parse_args()
     torch.library.register_kernel("vmoba_compile::materialize", "cuda", _spy)
-    t, h, w = (int(v) for v in args.grid.split("x"))
-    g = torch.Generator().manual_seed(0)
     cfg = dict(WAN_1_3B, num_layers=args.layers)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, t, 2 * h, 2 * w, generator=g).cuda().bfloat16(),
-        "timestep": torch.tensor([500], device="cuda"),
-        "encoder_hidden_states": torch.randn(1, 512, 4096, generator=g).cuda().bfloat16(),
-        "return_dict": False,
-    }
+    inputs = wan_inputs(args.grid, "cuda", torch.bfloat16, cfg["text_dim"])
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         torch.manual_seed(0)

@@ -36,24 +36,15 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-from bench_model import WAN_1_3B, parse_options  # noqa: E402
+from bench_model import TINY, WAN_1_3B, parse_options, wan_inputs  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
 from vmoba_compile import diagnostics  # noqa: E402
-
-
-def _inputs(grid: str, device: str, dtype: torch.dtype, text_dim: int) -> dict:
-    t, h, w = (int(v) for v in grid.split("x"))
-    g = torch.Generator().manual_seed(0)
-    return {
-        "hidden_states": torch.randn(1, 16, t, 2 * h, 2 * w, generator=g).to(device, dtype),
-        "timestep": torch.tensor([500], device=device),
-        "encoder_hidden_states": torch.randn(1, 512, text_dim, generator=g).to(device, dtype),
-        "return_dict": False,
-    }
 
 
 def _model(cfg: dict, device: str, dtype: torch.dtype, ckpt: bool):
@@ -187,26 +178,33 @@ def run_op(args, device, dtype, cfg, inputs) -> None:
 
         return hook
 
-    # Eager model, VMoBA attention; q/k/v of each call kept and their gradients watched.
+    # Eager model, VMoBA attention; q/k/v of each self-attention call kept and their gradients
+    # watched by a mode inside vmoba_eager's, which sees each SDPA call first and hands it on.
+    t, h, w = (int(x) for x in args.grid.split("x"))
+    layout = vc.VideoLayout(t, h, w)
     captured = []
-    orig = diagnostics.vmoba_attention
 
-    def spy(q, k, v, **kw):
-        i = len(captured)
-        captured.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kw))
-        for name, t in (("dq", q), ("dk", k), ("dv", v)):
-            if t.requires_grad:
-                t.register_hook(hook_qkv(f"layer{i}.{name}"))
-        return orig(q, k, v, **kw)
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, fargs=(), kwargs=None):
+            kwargs = kwargs or {}
+            a = {**dict(zip(("query", "key", "value"), fargs, strict=False)), **kwargs}
+            q, k, v = (a.get(n) for n in ("query", "key", "value"))
+            if (
+                func is F.scaled_dot_product_attention
+                and q.shape[2] == k.shape[2] == layout.seq_len
+            ):
+                i = len(captured)
+                kw = {"layout": layout, "layer_index": i}
+                captured.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kw))
+                for name, x in (("dq", q), ("dk", k), ("dv", v)):
+                    if x.requires_grad:
+                        x.register_hook(hook_qkv(f"layer{i}.{name}"))
+            return func(*fargs, **kwargs)
 
-    diagnostics.vmoba_attention = spy  # this diagnostic process only
-    try:
-        with diagnostics.vmoba_eager(m, config):
-            out = m(**inputs)[0]
-        loss = out.float().square().mean()
-        loss.backward()
-    finally:
-        diagnostics.vmoba_attention = orig
+    with diagnostics.vmoba_eager(m, config), Record():
+        out = m(**inputs)[0]
+    loss = out.float().square().mean()
+    loss.backward()
     bad = [n for n, p in m.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
     row = {"eager_model": True, "loss": loss.item(), "out_finite": bool(out.isfinite().all())}
     row.update(nonfinite_params=bad[:20], n_nonfinite=len(bad), qkv_grads=seen)
@@ -248,13 +246,9 @@ def main() -> None:
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    base = (
-        dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64)
-        if args.tiny
-        else WAN_1_3B
-    )
+    base = TINY if args.tiny else WAN_1_3B
     cfg = dict(base, num_layers=args.layers)
-    inputs = _inputs(args.grid, device, dtype, cfg["text_dim"])
+    inputs = wan_inputs(args.grid, device, dtype, cfg["text_dim"])
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(
         f"# {name} | torch {torch.__version__} | grid {args.grid} | layers {args.layers}",
