@@ -171,14 +171,23 @@ def main() -> None:
         run = functools.partial(model, net=net)
 
     def final_validation() -> dict:
+        t_val = time.perf_counter()
+        seeds = [10**6 + 1 + i for i in range(args.final_val_batches)]
+        make = functools.partial(make_batch, args.batch, frames, height, width)
+        if args.tiny or args.workers < 1:
+            made = [few_threads(make, s) for s in seeds]
+        else:  # a fresh pool, as training's: the GPU host's main process did not finish these
+            # videos in 100-150 s (sessions 5-6); the training pool may still hold queued work
+            with mp.get_context("spawn").Pool(args.workers, torch.set_num_threads, (2,)) as vp:
+                made = vp.map(make, seeds)
         losses = []
         with torch.no_grad():
-            for i in range(args.final_val_batches):
-                x, y = few_threads(make_batch, args.batch, frames, height, width, 10**6 + 1 + i)
+            for i, (x, y) in enumerate(made):
                 g = torch.Generator().manual_seed(10**6 + i)
                 losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
         return {"step": step, "final_val_loss": sum(losses) / len(losses),
                 "final_val_batches": len(losses), "attention": args.attention,
+                "final_val_s": round(time.perf_counter() - t_val, 1),
                 "per_batch": losses}  # fmt: skip
 
     if args.eval_weights:
