@@ -1,0 +1,110 @@
+"""Inductor's peak-memory planning graphs, for studying the order of a compiled backward offline.
+
+Run a compile with ``TORCH_TRACE=DIR`` and the inductor option
+``reorder_for_peak_memory_debug=true`` (e.g. ``bench_model.py --options
+reorder_for_peak_memory_debug=true``); inductor then writes each graph's fused nodes, their buffers,
+sizes and dependencies into the trace. This script:
+
+- ``extract DIR OUT``: copies every such graph out of the trace as ``OUT/<graph>.json`` (the trace
+  itself is too large to bring back from the GPU machine);
+- ``simulate FILE.json``: replays the graph in its recorded order and reports the peak, and which
+  buffers are alive there (by size), the way inductor's ``estimate_peak_memory`` counts them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+
+
+def extract(trace_dir: str, out: str) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for path in glob.glob(os.path.join(trace_dir, "*.log")):
+        name, payload = None, []
+        with open(path) as f:
+            for line in f:
+                if line.startswith("\t"):
+                    if name is not None:
+                        payload.append(line[1:])
+                    continue
+                if name is not None:
+                    dest = os.path.join(out, f"{name}.json")
+                    with open(dest, "w") as g:
+                        g.write("".join(payload))
+                    written.append(dest)
+                    name, payload = None, []
+                m = re.search(r'"artifact": \{"name": "([^"]+_fused)"', line)
+                if m:
+                    name = re.sub(r"[^\w.-]", "_", m.group(1))
+        if name is not None:
+            dest = os.path.join(out, f"{name}.json")
+            with open(dest, "w") as g:
+                g.write("".join(payload))
+            written.append(dest)
+    return written
+
+
+def load(path: str) -> tuple[list[dict], dict[str, dict]]:
+    with open(path) as f:
+        g = json.load(f)
+    return g["nodes"], {b["name"]: b for b in g["buffers"]}
+
+
+def consumers(nodes: list[dict], bufs: dict[str, dict]) -> dict[str, set[str]]:
+    """Buffer name -> names of the nodes that read it (a buffer's ``deps`` are the buffers its
+    defining node reads)."""
+    owner = {b: n["name"] for n in nodes for b in n["buffer_names"]}
+    users: dict[str, set[str]] = {b: set() for b in bufs}
+    for b in bufs.values():
+        if b["name"] in owner:
+            for d in b["deps"]:
+                users.setdefault(d, set()).add(owner[b["name"]])
+    return users
+
+
+def peak(order: list[dict], bufs: dict[str, dict], users: dict[str, set[str]]):
+    """Peak bytes of ``order`` and the buffers alive there, counted as inductor's
+    ``estimate_peak_memory`` does: a buffer is allocated at its node's step (an input at step 0)
+    and freed after its last reader's step (an output stays to the end)."""
+    pos = {n["name"]: i for i, n in enumerate(order)}
+    owner = {b: i for i, n in enumerate(order) for b in n["buffer_names"]}
+    steps = len(order)
+    mem = [0] * (steps + 1)
+    span = {}
+    for b in bufs.values():
+        if not b["is_input"] and b["name"] not in owner:
+            continue
+        start = 0 if b["is_input"] else owner[b["name"]]
+        readers = [pos[u] for u in users.get(b["name"], ()) if u in pos]
+        stop = steps - 1 if b["is_output"] else max(readers, default=start)
+        span[b["name"]] = (start, stop)
+        mem[start] += b["size_alloc"]
+        mem[stop + 1] -= b["size_free"]
+    cur, best, at = 0, 0, 0
+    for i in range(steps):
+        cur += mem[i]
+        if cur > best:
+            best, at = cur, i
+    live = [n for n, (s, e) in span.items() if s <= at <= e]
+    return best, at, live
+
+
+def main() -> None:
+    if sys.argv[1] == "extract":
+        for p in extract(sys.argv[2], sys.argv[3]):
+            print(p, os.path.getsize(p))
+    elif sys.argv[1] == "simulate":
+        nodes, bufs = load(sys.argv[2])
+        users = consumers(nodes, bufs)
+        best, at, live = peak(nodes, bufs, users)
+        print(f"{len(nodes)} nodes, {len(bufs)} buffers; peak {best / 2**30:.2f} GiB at node {at}")
+        for name in sorted(live, key=lambda n: -bufs[n]["size_free"])[:20]:
+            print(f"  {bufs[name]['size_free'] / 2**20:9.1f} MiB {name}")
+
+
+if __name__ == "__main__":
+    main()
