@@ -32,6 +32,7 @@ from vmoba_compile import (  # noqa: E402
     vmoba_reference,
 )
 from vmoba_compile.adapters import find_adapter  # noqa: E402
+from vmoba_compile.scheduling import keep_program_order  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi's RoPE
 
@@ -398,6 +399,22 @@ def test_mix_order_reductions_are_off_unless_asked_for(override) -> None:
     _, backend = opt._variant(opt.vmoba.dense_layers)
     assert backend.config_patches["triton.mix_order_reduction"] is bool(override)
     assert torch._inductor.config.triton.mix_order_reduction is before  # global untouched
+
+
+@pytest.mark.parametrize("override", [None, "off"])
+def test_compile_keeps_program_order_unless_asked_not_to(override) -> None:
+    # The scheduler pass that keeps fused kernels in program order (training memory with
+    # activation checkpointing) is in optimize's compile options; options= can turn it off; the
+    # global inductor config is untouched.
+    if not hasattr(torch._inductor.config, "_post_fusion_custom_pass"):
+        pytest.skip("this torch has no post-fusion scheduler hook")
+    kwargs = {} if override is None else {"options": {"_post_fusion_custom_pass": None}}
+    before = torch._inductor.config._post_fusion_custom_pass
+    opt = optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
+    _, backend = opt._variant(opt.vmoba.dense_layers)
+    want = None if override else keep_program_order
+    assert backend.config_patches["_post_fusion_custom_pass"] is want
+    assert torch._inductor.config._post_fusion_custom_pass is before
 
 
 def test_optimized_model_delegates_attributes_and_parameters() -> None:
