@@ -68,3 +68,27 @@ def test_bench_model_tiny_reports_both_variants_without_recompiles(tmp_path) -> 
     assert "cold_compile_s" not in rows[0]  # --no-forward: no inference compile
     assert rows[1]["rewritten_calls"] == 2
     assert text.count("-- one training step, by self_cpu_time_total") == 2
+
+
+def test_every_sweep_config_has_the_settings_its_name_says(monkeypatch) -> None:
+    """The evaluation's names are what the README's tables print: each must be set explicitly,
+    not inherited from defaults that later change (the default scope became "query" and turned
+    the "head" rows into query-scope rows)."""
+    monkeypatch.syspath_prepend("benchmarks/quality")
+    import evaluate
+
+    from vmoba_compile.config import Granularity, Scope, Selection
+
+    for name, (_, knob, cfg) in evaluate.configs(tiny=False).items():
+        words = name.split()
+        if name.startswith("recurrent"):
+            assert [p.value for p in cfg.schedule] == ["1d", "2d", "3d"], name
+        else:
+            assert [p.value for p in cfg.schedule] == [words[0]], name
+        if "topk" in name:
+            assert cfg.selection is Selection.TOPK and cfg.topk == knob, name
+            continue
+        assert cfg.selection is Selection.THRESHOLD and cfg.threshold == knob, name
+        assert cfg.scope is (Scope.QUERY if "query" in words else Scope.HEAD), name
+        token = "token" in words
+        assert cfg.granularity is (Granularity.TOKEN if token else Granularity.BLOCK), name
