@@ -7,13 +7,19 @@ sizes and dependencies into the trace. This script:
 
 - ``extract DIR OUT``: copies every such graph out of the trace as ``OUT/<graph>.json`` (the trace
   itself is too large to bring back from the GPU machine);
-- ``simulate FILE.json``: replays the graph in its recorded order and reports the peak, and which
-  buffers are alive there (by size), the way inductor's ``estimate_peak_memory`` counts them.
+- ``simulate FILE.json[.gz]``: replays the graph in its recorded order (the order inductor had
+  after fusion) and in the order :func:`vmoba_compile.scheduling.keep_program_order` gives it,
+  and reports each one's peak and the largest buffers alive there, counted the way inductor's
+  ``estimate_peak_memory`` counts them.
+
+The eighth session's graphs (8-layer Wan-1.3B training backward, 55,296 tokens, H100) are in
+``benchmarks/results/h100_2026-11-27_s8c3_*_backward_memory_graph.json.gz``.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -49,7 +55,7 @@ def extract(trace_dir: str, out: str) -> list[str]:
 
 
 def load(path: str) -> tuple[list[dict], dict[str, dict]]:
-    with open(path) as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
         g = json.load(f)
     return g["nodes"], {b["name"]: b for b in g["buffers"]}
 
@@ -93,6 +99,34 @@ def peak(order: list[dict], bufs: dict[str, dict], users: dict[str, set[str]]):
     return best, at, live
 
 
+class _Node:
+    """A recorded node as the scheduler pass sees one: its buffers, the buffers it reads, and its
+    program position (the smallest ``opN`` index in its name: inductor names operations in the
+    order it created them)."""
+
+    def __init__(self, node: dict, bufs: dict[str, dict]) -> None:
+        self.node = node
+        self.names = set(node["buffer_names"])
+        self.unmet_dependencies = [
+            _Dep(d) for b in node["buffer_names"] for d in bufs[b]["deps"] if d not in self.names
+        ]
+        self.min_order = min((int(i) for i in re.findall(r"op(\d+)", node["name"])), default=0)
+
+    def get_buffer_names(self) -> set[str]:
+        return self.names
+
+
+class _Dep:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def program_order(nodes: list[dict], bufs: dict[str, dict]) -> list[dict]:
+    from vmoba_compile.scheduling import keep_program_order
+
+    return [n.node for n in keep_program_order([_Node(n, bufs) for n in nodes])]
+
+
 def main() -> None:
     if sys.argv[1] == "extract":
         for p in extract(sys.argv[2], sys.argv[3]):
@@ -100,10 +134,12 @@ def main() -> None:
     elif sys.argv[1] == "simulate":
         nodes, bufs = load(sys.argv[2])
         users = consumers(nodes, bufs)
-        best, at, live = peak(nodes, bufs, users)
-        print(f"{len(nodes)} nodes, {len(bufs)} buffers; peak {best / 2**30:.2f} GiB at node {at}")
-        for name in sorted(live, key=lambda n: -bufs[n]["size_free"])[:20]:
-            print(f"  {bufs[name]['size_free'] / 2**20:9.1f} MiB {name}")
+        print(f"{len(nodes)} nodes, {len(bufs)} buffers")
+        for label, order in (("recorded", nodes), ("program", program_order(nodes, bufs))):
+            best, at, live = peak(order, bufs, users)
+            print(f"{label} order: peak {best / 2**30:.2f} GiB at node {at}; largest alive:")
+            for name in sorted(live, key=lambda n: -bufs[n]["size_free"])[:8]:
+                print(f"  {bufs[name]['size_free'] / 2**20:9.1f} MiB {name}")
 
 
 if __name__ == "__main__":

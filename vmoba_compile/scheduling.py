@@ -2,22 +2,23 @@
 
 Why: with activation checkpointing, the VMoBA model's training backward (Wan-1.3B config, 55,296
 tokens, 8 layers, H100, torch 2.11) peaked at 26.9 GiB against dense ``torch.compile``'s 10.1 GiB,
-and 30 layers ran out of memory. The FX graph inductor receives is in a good order (one layer's
-recomputation at a time: ``benchmarks/README.md``, eighth session). After fusion, inductor re-sorts
-its kernels with a depth-first topological sort by each kernel's earliest member; a kernel that
-fused an early node with a later one pulls the later one's inputs, and their whole chains of
-recomputed activations, ahead of where they were needed, for several layers at once. Inductor's
-peak-memory pass (``reorder_for_peak_memory``) then tries three other orders and keeps the one with
-the lowest estimate: for the dense graph its LPMF order gets 7.7 GiB, for the VMoBA graph none of
-them beats the scrambled 25 GiB (36-58 GiB estimated), so that one ran.
+and 30 layers ran out of memory. The FX graph inductor receives was not the cause: its peak does
+not grow with depth (tiny Wan on the CPU, 2 and 8 layers) and on the H100 it is alike for dense
+and VMoBA. After fusion, inductor re-sorts its kernels depth-first, visiting them by their
+earliest member and placing each one's inputs first, so a kernel that fused an early node with a
+later one brings the later one's whole input chain (recomputed activations) forward. Inductor's
+peak-memory pass (``reorder_for_peak_memory``) then estimates three other orders and keeps the
+lowest: for the dense graph its LPMF order got 7.7 GiB; for the VMoBA graph none beat the
+re-sorted order's 25 GiB (35-58 GiB), so that one ran.
 
 :func:`keep_program_order` is inductor's ``_post_fusion_custom_pass``: a Kahn topological sort
 that, of the kernels whose inputs are ready, always runs the one that came first in the program
-(smallest ``min_order``). A kernel is never moved before its inputs are computed, and nothing is
-pulled forward by a fused neighbour. Replayed on the recorded planning graph of that backward
-(``scripts/memory_graph.py``), this order's estimated peak is 8.7 GiB (dense: 8.4). Inductor's
-peak-memory pass still runs afterwards and keeps whichever order it estimates lowest, ours
-included, so the pass cannot raise the estimate it is judged by.
+(smallest ``min_order``); nothing is pulled forward by a fused neighbour. Replayed on the recorded
+planning graph of that backward (``scripts/memory_graph.py``), the same fused kernels in this
+order peak at 8.7 GiB instead of 25.8 (dense's graph: 8.4). Measured on the H100 with the pass,
+the 8-layer step peaks at 10.3 GiB (dense 10.1) and 30 layers at 19.5 GiB (dense 19.4)
+(``benchmarks/README.md``, eighth session). Inductor's peak-memory pass still runs afterwards and
+keeps whichever order it estimates lowest, ours included.
 """
 
 from __future__ import annotations
