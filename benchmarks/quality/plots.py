@@ -28,13 +28,17 @@ def read_jsonl(path: str) -> list[dict]:
 
 def training(folder: str) -> list[str]:
     """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
-    and validation points; a table over the steps every run reached, and the final validation
-    (16 fixed batches, ``final_val.jsonl``) of each run's exported weights."""
-    runs = {}
+    and validation points; a table over the steps every run reached with the final validation
+    the run wrote at its end (16 fixed batches), and the final validation of exported weights
+    computed apart (``final_val.jsonl``)."""
+    runs, finals = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "train_*.jsonl"))):
-        rows = [r for r in read_jsonl(path) if "loss" in r]  # final validation rows apart
-        if rows:
-            runs[os.path.basename(path)[len("train_") : -len(".jsonl")]] = rows
+        name = os.path.basename(path)[len("train_") : -len(".jsonl")]
+        rows = read_jsonl(path)
+        if any("loss" in r for r in rows):
+            runs[name] = [r for r in rows if "loss" in r]  # final validation rows apart
+            done = [r["final_val_loss"] for r in rows if "final_val_loss" in r]
+            finals[name] = f"{done[-1]:.5f}" if done else "-"
     if not runs:
         return []
     common = min(len(rows) for rows in runs.values())
@@ -43,8 +47,8 @@ def training(folder: str) -> list[str]:
     lines = [
         f"| run | steps run | median step (s), steps >= 10 | first step (s, compile) "
         f"| mean train loss, steps {window[0]}-{window[1] - 1} "
-        f"| mean of the last 5 one-batch val losses (steps) |",
-        "|---|---|---|---|---|---|",
+        f"| mean of the last 5 one-batch val losses (steps) | final validation, 16 batches |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, rows in runs.items():
         loss = [r["loss"] for r in rows]
@@ -63,7 +67,7 @@ def training(folder: str) -> list[str]:
             last = f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
         lines.append(
             f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
-            f"| {mean:.4f} | {last} |"
+            f"| {mean:.4f} | {last} | {finals[name]} |"
         )
     final = os.path.join(folder, "final_val.jsonl")
     if os.path.exists(final):
