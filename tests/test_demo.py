@@ -137,3 +137,23 @@ def test_vmoba_eager_equals_the_reference_inside_its_block_only(family: str) -> 
     assert (out.double() - ref.double()).abs().max() < 1e-3
     assert (out - dense).abs().max() > 1e-4, "eager VMoBA left the model dense"
     assert torch.equal(after, dense)
+
+
+def test_vmoba_eager_refuses_a_checkpointed_training_forward() -> None:
+    """With gradient checkpointing the backward recomputes blocks outside the override, which
+    torch.utils.checkpoint reports only deep in the backward (CheckpointError): vmoba_eager says
+    so at the forward call instead; an inference forward of the same model still runs. (CPU
+    FlexAttention has no backward, so training without checkpointing is a GPU matter.)"""
+    from test_optimize import first, sparse_config
+
+    from vmoba_compile.diagnostics import vmoba_eager
+
+    model, args, kwargs = tm.build("wan")
+    config = sparse_config("wan")
+    model.train()
+    model.enable_gradient_checkpointing()
+    with vmoba_eager(model, config):
+        with torch.no_grad():
+            first(model(*args, **kwargs))
+        with pytest.raises(RuntimeError, match="disable_gradient_checkpointing"):
+            model(*args, **kwargs)

@@ -171,7 +171,9 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
     (same layer schedule, layouts from the adapter); every other call stays dense. No compile of
     the model: for comparing many configurations quickly (each ``optimize`` compiles the model
     again) and for debugging. On CUDA only the attention kernel is compiled. Scoped to this
-    block and thread: a ``TorchFunctionMode`` and module hooks, nothing is patched.
+    block and thread: a ``TorchFunctionMode`` and module hooks, nothing is patched. Not for
+    training a model with gradient checkpointing on (its backward's recomputation would not see
+    the override): that raises at the forward call.
 
     Example::
 
@@ -183,6 +185,16 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
     grids: list = []
 
     def enter(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+            raise RuntimeError(
+                f"vmoba_eager cannot run a training forward of {type(module).__name__} with "
+                "gradient checkpointing on: the backward recomputes the blocks outside this "
+                "block's attention override, so torch.utils.checkpoint would fail with "
+                "CheckpointError (different tensors saved). Call "
+                "model.disable_gradient_checkpointing() for eager runs, run under "
+                "torch.no_grad(), or train through vmoba_compile.optimize(model), which handles "
+                "checkpointing."
+            )
         grids[:] = [adapter.grid(module, args, kwargs)]
 
     def replace(module: str, a: dict) -> torch.Tensor | None:
