@@ -131,3 +131,31 @@ def test_recorded_wan_backward_needs_well_under_half_the_memory(monkeypatch) -> 
     ours = memory_graph.peak(memory_graph.program_order(nodes, bufs), bufs, users)[0]
     assert recorded > 25 * 2**30
     assert ours < 0.4 * recorded
+
+
+def test_inductor_hands_the_pass_nodes_it_can_read() -> None:
+    """Against the installed torch: inductor calls the hook with scheduler nodes that have what the
+    pass reads (``get_buffer_names``, ``unmet_dependencies``, ``min_order``), and the compiled
+    function, scheduled by the pass, still computes the eager result."""
+    import torch
+
+    seen: list[list] = []
+
+    def spy(nodes):
+        seen.append(list(nodes))
+        return keep_program_order(nodes)
+
+    def f(x, w):
+        h = torch.relu(x @ w)  # an extern matmul, then fused pointwise and reduction kernels
+        return (h.sin() + h.sum(0)).cos() @ w.t(), h.amax(1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, options={"_post_fusion_custom_pass": spy})
+    x, w = torch.randn(32, 16), torch.randn(16, 16)
+    got, want = compiled(x, w), f(x, w)
+    assert seen and len(seen[0]) >= 2
+    for node in seen[0]:
+        assert isinstance(node.min_order, int) and node.get_buffer_names()
+        assert all(isinstance(d.name, str) for d in node.unmet_dependencies)
+    for g, e in zip(got, want, strict=True):  # fused float32 kernels round differently;
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)  # a bad order reads garbage
