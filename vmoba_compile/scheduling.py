@@ -39,19 +39,11 @@ def keep_program_order(nodes: list[Any]) -> list[Any]:
     buffer written by another node of ``nodes``. If they do not form a DAG (never seen), the input
     order is returned unchanged.
     """
-    writer: dict[str, Any] = {}
-    for node in nodes:
-        for name in node.get_buffer_names():
-            writer[name] = node
-    position = {id(node): i for i, node in enumerate(nodes)}
+    writer = {name: i for i, node in enumerate(nodes) for name in node.get_buffer_names()}
     waiting = [0] * len(nodes)
     readers: list[list[int]] = [[] for _ in nodes]
     for i, node in enumerate(nodes):
-        sources = {
-            position[id(writer[dep.name])]
-            for dep in node.unmet_dependencies
-            if dep.name in writer and writer[dep.name] is not node
-        }
+        sources = {writer[d.name] for d in node.unmet_dependencies if writer.get(d.name, i) != i}
         waiting[i] = len(sources)
         for j in sources:
             readers[j].append(i)
