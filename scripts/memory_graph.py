@@ -27,30 +27,26 @@ import sys
 
 
 def extract(trace_dir: str, out: str) -> list[str]:
+    """Each planning-graph artifact of the trace: a metadata line naming ``*_fused``, then its
+    payload as tab-indented lines."""
     os.makedirs(out, exist_ok=True)
-    written = []
+    graphs: dict[str, list[str]] = {}
     for path in glob.glob(os.path.join(trace_dir, "*.log")):
-        name, payload = None, []
+        payload = None
         with open(path) as f:
             for line in f:
                 if line.startswith("\t"):
-                    if name is not None:
+                    if payload is not None:
                         payload.append(line[1:])
                     continue
-                if name is not None:
-                    dest = os.path.join(out, f"{name}.json")
-                    with open(dest, "w") as g:
-                        g.write("".join(payload))
-                    written.append(dest)
-                    name, payload = None, []
                 m = re.search(r'"artifact": \{"name": "([^"]+_fused)"', line)
-                if m:
-                    name = re.sub(r"[^\w.-]", "_", m.group(1))
-        if name is not None:
-            dest = os.path.join(out, f"{name}.json")
-            with open(dest, "w") as g:
-                g.write("".join(payload))
-            written.append(dest)
+                payload = graphs.setdefault(re.sub(r"[^\w.-]", "_", m.group(1)), []) if m else None
+    written = []
+    for name, lines in graphs.items():
+        dest = os.path.join(out, f"{name}.json")
+        with open(dest, "w") as g:
+            g.write("".join(lines))
+        written.append(dest)
     return written
 
 
