@@ -95,11 +95,12 @@ def configs(tiny: bool) -> dict[str, tuple[str, float, vc.VMoBAConfig]]:
     # Every knob the names promise is set here, not taken from the defaults (which change: the
     # default scope became "query" after the fourth session's evaluation).
     base = dict(block_size=16 if tiny else 128)
+    head = dict(base, scope="head")
     cfg = vc.VMoBAConfig
     out = {}
     for t in THRESHOLDS:
         variant = "recurrent 1D-2D-3D, head scope, threshold"
-        out[f"recurrent head thr{t}"] = (variant, t, cfg(threshold=t, scope="head", **base))
+        out[f"recurrent head thr{t}"] = (variant, t, cfg(threshold=t, **head))
     for k in TOPKS:
         variant = "recurrent 1D-2D-3D, top-k (per query block)"
         out[f"recurrent topk{k}"] = (variant, k, cfg(selection="topk", topk=k, **base))
@@ -109,16 +110,12 @@ def configs(tiny: bool) -> dict[str, tuple[str, float, vc.VMoBAConfig]]:
             out[f"{part} only head thr{t}"] = (
                 variant,
                 t,
-                cfg(schedule=(part,), threshold=t, scope="head", **base),
+                cfg(schedule=(part,), threshold=t, **head),
             )
         variant = "recurrent, query scope, threshold"
         out[f"recurrent query thr{t}"] = (variant, t, cfg(threshold=t, scope="query", **base))
         variant = "recurrent, head scope, threshold, TOKEN granularity"
-        out[f"recurrent token thr{t}"] = (
-            variant,
-            t,
-            cfg(threshold=t, scope="head", granularity="token", **base),
-        )
+        out[f"recurrent token thr{t}"] = (variant, t, cfg(threshold=t, granularity="token", **head))
     return out
 
 
