@@ -386,35 +386,31 @@ def test_bad_compile_options(kwargs, exc, pattern) -> None:
         optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
 
 
-@pytest.mark.parametrize("override", [None, True])
-def test_mix_order_reductions_are_off_unless_asked_for(override) -> None:
-    # Inductor's mix-order reductions leave a chunked scale_shift_table's gradient unwritten
-    # (pytorch#193061; NaN at 55K tokens on the H100): optimize's compile turns them off, and an
-    # explicit option still wins. What the backend hands compile_fx is checked.
-    if not hasattr(torch._inductor.config.triton, "mix_order_reduction"):
-        pytest.skip("this torch has no mix-order reductions")
-    kwargs = {} if override is None else {"options": {"triton.mix_order_reduction": override}}
-    before = torch._inductor.config.triton.mix_order_reduction
+@pytest.mark.parametrize(
+    "key, default, explicit",
+    [
+        # Inductor's mix-order reductions leave a chunked scale_shift_table's gradient unwritten
+        # (pytorch#193061; NaN at 55K tokens on the H100): off unless asked for.
+        ("triton.mix_order_reduction", False, True),
+        # The scheduler pass that keeps fused kernels in program order (training memory with
+        # activation checkpointing): on unless turned off.
+        ("_post_fusion_custom_pass", keep_program_order, None),
+    ],
+)
+@pytest.mark.parametrize("override", [False, True])
+def test_compile_option_defaults_and_overrides(key, default, explicit, override) -> None:
+    # optimize's compile gets the default, an explicit option still wins, and the global
+    # inductor config is untouched. What the backend hands compile_fx is checked.
+    *path, name = key.split(".")
+    holder = functools.reduce(getattr, path, torch._inductor.config)
+    if not hasattr(holder, name):
+        pytest.skip(f"this torch has no inductor option {key}")
+    kwargs = {"options": {key: explicit}} if override else {}
+    before = getattr(holder, name)
     opt = optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
     _, backend = opt._variant(opt.vmoba.dense_layers)
-    assert backend.config_patches["triton.mix_order_reduction"] is bool(override)
-    assert torch._inductor.config.triton.mix_order_reduction is before  # global untouched
-
-
-@pytest.mark.parametrize("override", [None, "off"])
-def test_compile_keeps_program_order_unless_asked_not_to(override) -> None:
-    # The scheduler pass that keeps fused kernels in program order (training memory with
-    # activation checkpointing) is in optimize's compile options; options= can turn it off; the
-    # global inductor config is untouched.
-    if not hasattr(torch._inductor.config, "_post_fusion_custom_pass"):
-        pytest.skip("this torch has no post-fusion scheduler hook")
-    kwargs = {} if override is None else {"options": {"_post_fusion_custom_pass": None}}
-    before = torch._inductor.config._post_fusion_custom_pass
-    opt = optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
-    _, backend = opt._variant(opt.vmoba.dense_layers)
-    want = None if override else keep_program_order
-    assert backend.config_patches["_post_fusion_custom_pass"] is want
-    assert torch._inductor.config._post_fusion_custom_pass is before
+    assert backend.config_patches[key] is (explicit if override else default)
+    assert getattr(holder, name) is before  # global untouched
 
 
 def test_optimized_model_delegates_attributes_and_parameters() -> None:
