@@ -334,8 +334,9 @@ def main() -> None:
     # Both variants start from the same inductor options: the dense baseline needs the
     # mix-order workaround as much as optimize (its scale_shift_table gradients are garbage
     # without it, benchmarks/README.md), and the comparison stays like for like.
-    inductor = {"options": {**safe_inductor_defaults(), **parse_options(args.options)}}
-    inductor = {} if args.tiny else inductor  # the tiny run lowers with aot_eager
+    inductor = {}  # the tiny run lowers with aot_eager: no inductor options
+    if not args.tiny:
+        inductor = {"options": {**safe_inductor_defaults(), **parse_options(args.options)}}
 
     def build():
         torch.manual_seed(0)
