@@ -93,6 +93,11 @@ def few_threads(fn, *args):
         torch.set_num_threads(n)
 
 
+def video_pool(workers: int):
+    """Processes that make the videos (spawned, 2 intra-op threads each, as ``few_threads``)."""
+    return mp.get_context("spawn").Pool(workers, torch.set_num_threads, (2,))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attention", choices=["dense", "vmoba"], default="dense")
@@ -178,7 +183,7 @@ def main() -> None:
             made = [few_threads(make, s) for s in seeds]
         else:  # a fresh pool, as training's: the GPU host's main process did not finish these
             # videos in 100-150 s (sessions 5-6); the training pool may still hold queued work
-            with mp.get_context("spawn").Pool(args.workers, torch.set_num_threads, (2,)) as vp:
+            with video_pool(args.workers) as vp:
                 made = vp.map(make, seeds)
         losses = []
         with torch.no_grad():
@@ -205,7 +210,7 @@ def main() -> None:
     if args.tiny or args.workers < 1:
         batches = map(batch_for, seeds)
     else:
-        pool = mp.get_context("spawn").Pool(args.workers, torch.set_num_threads, (2,))
+        pool = video_pool(args.workers)
         batches = pool.imap(batch_for, seeds, chunksize=4)
     val_x, val_y = few_threads(make_batch, args.batch, frames, height, width, 10**6)
     val_x, val_y = val_x.to(device, dtype), val_y.to(device)
