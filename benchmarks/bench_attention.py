@@ -112,6 +112,11 @@ KERNEL_OPTIONS = {
     "n128s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     "w4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     "tma": dict(USE_TMA=True),
+    # forward-only variations on TMA (fwd_ options leave the backward's defaults)
+    "tma-pre": dict(USE_TMA=True, PRESCALE_QK=True),
+    "tma-n128": dict(USE_TMA=True, fwd_BLOCK_N=128, fwd_num_stages=2),
+    "tma-s4": dict(USE_TMA=True, fwd_num_stages=4),
+    "tma-safe": dict(USE_TMA=True, ROWS_GUARANTEED_SAFE=True),
 }
 
 

@@ -318,6 +318,11 @@ def main() -> None:
         help="inductor options of both variants' compiles, over optimize's safe defaults "
         "(mix-order reductions off); triton.mix_order_reduction=true measures with them",
     )  # fmt: skip
+    p.add_argument(
+        "--regional", action="store_true",
+        help="compile the blocks, not the whole model: optimize(regional=True) and, for dense, "
+        "each block's module.compile() (diffusers' compile_repeated_blocks)",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -348,13 +353,18 @@ def main() -> None:
     def dense():
         m = build()
         backend = "aot_eager" if args.tiny else "inductor"
+        if args.regional:
+            for block in m.blocks:
+                block.compile(dynamic=False, backend=backend, **inductor)
+            return m, m
         return m, torch.compile(m, dynamic=False, backend=backend, **inductor)
 
     def vmoba():
         m = build()
-        return m, vc.optimize(m, config, lowering=lowering, **inductor)
+        return m, vc.optimize(m, config, lowering=lowering, regional=args.regional, **inductor)
 
-    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
+    how = "regional (blocks compiled)" if args.regional else "whole model compiled"
+    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers | {how}")
     variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]

@@ -147,6 +147,8 @@ class CallContext:
         dense_layers: layer indices kept dense by the runtime controls.
         data_dependent_text: the adapter's flag (text count known at run time only).
         param_names: ``id(parameter or buffer) -> name`` in the model (see :func:`frame_prefix`).
+        regional: the optimized model's :class:`~vmoba_compile.regional.RegionalBlocks` when
+            its blocks are compiled one variant at a time (a block's frame is then expected).
         calls: decisions of the graphs compiled during this forward call.
     """
 
@@ -159,6 +161,7 @@ class CallContext:
     dense_layers: frozenset[int] = frozenset()
     data_dependent_text: bool = False
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    regional: Any = None
     calls: list[AttentionCall] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
@@ -478,7 +481,7 @@ def rewrite_graph(
             module = owner_path(node, ctx.layer_of, prefix)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
-            if prefix and not isinstance(choice, str):
+            if prefix and ctx.regional is None and not isinstance(choice, str):
                 choice = (
                     f"compiled in a frame of {prefix.rstrip('.')} alone (a graph break in a "
                     f"parent module); Dynamo reuses that graph for sibling blocks, so one layer's "

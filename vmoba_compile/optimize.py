@@ -14,6 +14,7 @@ from .adapters.registry import find_adapter
 from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
 from .config import VMoBAConfig
 from .layout import VideoLayout
+from .regional import BlockCall, RegionalBlocks, find_blocks
 from .scheduling import keep_program_order
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "safe_inductor_defaults",
 ]
 
-_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering")
+_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional")
 
 
 class VMoBAControls:
@@ -124,11 +125,21 @@ class VMoBAControls:
         )
 
 
-def _compiled_blocks(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None)]
+def _compiled_blocks(model: torch.nn.Module, cls: type | None = None) -> list[str]:
+    """Submodules compiled on their own (``module.compile()``), or with ``cls`` those whose
+    compiled call is a ``cls``."""
+    found = [(n, getattr(m, "_compiled_call_impl", None)) for n, m in model.named_modules()]
+    return [n for n, c in found if c is not None and (cls is None or isinstance(c, cls))]
 
 
 def _refuse_regional(model: torch.nn.Module) -> None:
+    ours = _compiled_blocks(model, BlockCall)
+    if ours:
+        raise RuntimeError(
+            f"{type(model).__name__} was already optimized with regional=True (its blocks "
+            f"{ours[0]}, ... call that optimized model). Optimize a model once: keep using the "
+            f"first optimized model, or reload the model."
+        )
     done = _compiled_blocks(model)
     if done:
         shown = ", ".join(done[:3]) + (", ..." if len(done) > 3 else "")
@@ -193,7 +204,10 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
     fullgraph = bool(options.get("fullgraph", False))
-    return {"fullgraph": fullgraph, "patches": patches, "lowering": lowering}
+    regional = options.get("regional", False)
+    if not isinstance(regional, bool):
+        raise TypeError(f"regional must be True or False; got {regional!r}.")
+    return {"fullgraph": fullgraph, "patches": patches, "lowering": lowering, "regional": regional}
 
 
 class VMoBAModule(torch.nn.Module):
@@ -232,6 +246,13 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_warned = False
         self.vmoba = VMoBAControls()
         self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
+        self._vmoba_regional: RegionalBlocks | None = None
+        self._vmoba_backends: list[VMoBABackend] = []
+        if compile_options.get("regional"):
+            blocks = find_blocks(model, self._vmoba_layer_of)
+            self._vmoba_regional = RegionalBlocks(
+                model, blocks, self._compile_block_variant, self.report.add
+            )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -270,9 +291,24 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_compiled[key] = fn, backend
         return fn, backend
 
+    def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any) -> Any:
+        """One compiled block variant of regional compilation (see :mod:`.regional`)."""
+        opts = self._vmoba_compile
+        kw = dict(dynamic=False, fullgraph=opts["fullgraph"])
+        if key == ("dense",):
+            if opts["lowering"] == "inductor":
+                return torch.compile(fn, options=opts["patches"] or None, **kw)
+            return torch.compile(fn, backend="aot_eager", **kw)
+        backend = VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"])
+        self._vmoba_backends.append(backend)
+        return torch.compile(fn, backend=backend, **kw)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if any(getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules):
+        impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
+        if any(c is not None and not isinstance(c, BlockCall) for c in impls):
             _refuse_regional(self._orig_mod)  # compile_repeated_blocks ran after optimize
+        if self._vmoba_regional is not None:
+            return self._forward_regional(args, kwargs)
         controls = self.vmoba
         if controls.dense_now:
             out = self._variant("dense")[0](*args, **kwargs)
@@ -286,12 +322,33 @@ class VMoBAModule(torch.nn.Module):
         controls._called()
         if backend.graph_runs == runs:
             self._ran_without_graphs()
+        self._check_strict(ctx)
+        return out
+
+    def _forward_regional(self, args: tuple, kwargs: dict) -> Any:
+        """The model runs as written; each block call runs its compiled variant."""
+        controls, regional = self.vmoba, self._vmoba_regional
+        dense = controls.dense_layers
+        if controls.dense_now:
+            dense = frozenset(self._vmoba_layer_of.values())
+        ctx = _context(self, args, kwargs, dense)
+        ctx.regional = regional
+        expect = any(regional.key(i, ctx) != ("dense",) for i in range(len(regional.paths)))
+        runs = sum(b.graph_runs for b in self._vmoba_backends)
+        with _call_scope(ctx):
+            out = self._orig_mod(*args, **kwargs)
+        controls._called()
+        if expect and sum(b.graph_runs for b in self._vmoba_backends) == runs:
+            self._ran_without_graphs()
+        self._check_strict(ctx)
+        return out
+
+    def _check_strict(self, ctx: CallContext) -> None:
         if self._vmoba_strict and ctx.calls and not any(c.rewritten for c in ctx.calls):
             raise RuntimeError(
                 f"strict=True and no attention call was rewritten:\n{self.report}\n"
                 f"Pass layout= if the adapter's grid is wrong, or strict=False to run dense."
             )
-        return out
 
     def _ran_without_graphs(self) -> None:
         msg = (
@@ -412,6 +469,11 @@ def optimize(
             wrong ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels
             kept in program order: training memory) and override them.
             ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
+            ``regional=True`` compiles the repeated blocks instead of the whole model: one
+            compiled block per partition of the schedule (and per grid), shared by the blocks
+            of that partition; the rest of the model runs uncompiled. Cold compile falls with
+            the depth (:mod:`vmoba_compile.regional`). The blocks' ``_compiled_call_impl`` is
+            set, as ``module.compile()`` does; called directly, the model runs as written.
 
     Returns:
         A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call
@@ -420,7 +482,8 @@ def optimize(
     Raises:
         ValueError: no adapter knows the model and no layout was given (the message lists the
             known families).
-        RuntimeError: submodules are already compiled on their own (regional compilation).
+        RuntimeError: submodules are already compiled on their own (regional compilation, or
+            an earlier ``optimize(model, regional=True)``).
     """
     config, adapter = _resolve(model, config, layout)
     _refuse_regional(model)

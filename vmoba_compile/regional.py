@@ -1,0 +1,231 @@
+"""Regional compilation: compile the repeated blocks, one compiled function per partition.
+
+Compiling the whole model hands Dynamo and inductor a graph of every block: at 30 Wan-1.3B
+blocks and 55,296 tokens the cold compile took 155 s (forward) and 329 s (training) on the H100
+(benchmarks/README.md). A model's blocks are copies of one class, so one compiled block could
+serve them all, as diffusers' ``compile_repeated_blocks`` does; but then every layer would get the
+partition of the first one. Here each block call goes to a compiled function chosen by what the
+block must run: the partition of each of its VMoBA layers (or dense) and the video grid. Each
+such *variant* is its own function object with its own code object, so Dynamo keeps its cache
+(and its recompile limit) apart from the others, and blocks of one variant share its graph.
+The recurrent 1D-2D-3D schedule then compiles three blocks, whatever the depth.
+
+Everything outside the blocks (embeddings, RoPE, the output head) runs uncompiled, as with
+diffusers' regional compilation.
+
+Activation checkpointing (diffusers' ``torch.utils.checkpoint``, non-reentrant, around each
+block) recomputes a block in the backward, outside the optimized model's forward. The block
+call then finds its variant from the forward call that took the same input tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .compiler import CURRENT_CONTEXT, AttentionCall, CallContext
+
+__all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
+
+
+def find_blocks(model: torch.nn.Module, layer_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """The repeated block of each VMoBA layer: the outermost entry of a ``ModuleList`` (or
+    ``Sequential``) above its self-attention module.
+
+    Returns:
+        Block path -> the layer indices inside it, in model order.
+
+    Raises:
+        ValueError: a self-attention module sits in no module list.
+    """
+    modules = dict(model.named_modules())
+    blocks: dict[str, list[int]] = {}
+    for path, layer in sorted(layer_of.items(), key=lambda kv: kv[1]):
+        parts = path.split(".")
+        block = None
+        for i in range(1, len(parts)):
+            parent = modules.get(".".join(parts[: i - 1])) if i > 1 else model
+            if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)):
+                block = ".".join(parts[:i])
+                break
+        if block is None:
+            raise ValueError(
+                f"regional=True compiles the repeated blocks, but the self-attention module "
+                f"'{path}' of {type(model).__name__} is in no ModuleList. Use optimize(model) "
+                f"without regional=True (whole-model compile)."
+            )
+        blocks.setdefault(block, []).append(layer)
+    return {b: tuple(layers) for b, layers in blocks.items()}
+
+
+def _block_call(self, *args, **kwargs):
+    return self._call_impl(*args, **kwargs)
+
+
+def _fresh_function(name: str) -> Callable[..., Any]:
+    """``_block_call`` under a new code object: Dynamo caches compiled frames per code object,
+    so each variant gets its own cache entries and recompile limit."""
+    code = _block_call.__code__.replace(co_name=name)
+    return types.FunctionType(code, _block_call.__globals__, name)
+
+
+class BlockCall:
+    """A block's ``_compiled_call_impl`` (the hook ``nn.Module.__call__`` runs, as after
+    ``module.compile()``): hands the call to :class:`RegionalBlocks`."""
+
+    def __init__(self, owner: RegionalBlocks, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.owner.call(self.index, args, kwargs)
+
+
+class RegionalBlocks:
+    """The blocks of one optimized model and their compiled variants.
+
+    Args:
+        model: the model (its blocks get a :class:`BlockCall` as ``_compiled_call_impl``).
+        blocks: :func:`find_blocks`'s map.
+        compile_variant: ``(key, fn, on_graph) -> compiled fn``: compiles ``fn(block, *args,
+            **kwargs)`` for one variant; ``key`` is ``("dense",)`` or ``(partitions, grid
+            text, data-dependent text)``; ``on_graph`` is the VMoBA backend's report callback.
+        report_add: the optimized model's ``report.add``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        blocks: dict[str, tuple[int, ...]],
+        compile_variant: Callable[..., Callable[..., Any]],
+        report_add: Callable[[str, list[AttentionCall]], None],
+    ) -> None:
+        self.paths = list(blocks)
+        self.layers = [blocks[p] for p in self.paths]
+        self.modules = [model.get_submodule(p) for p in self.paths]
+        self._compile_variant = compile_variant
+        self._report_add = report_add
+        self.variants: dict[tuple, Callable[..., Any]] = {}
+        # (block index, id of its first tensor input) -> (weakref to it, variant key, context):
+        # what a checkpointed block's recomputation in the backward must run.
+        self._taken: dict[tuple[int, int], tuple[weakref.ref, tuple, CallContext]] = {}
+        for i, m in enumerate(self.modules):
+            m._compiled_call_impl = BlockCall(self, i)
+
+    def key(self, index: int, ctx: CallContext) -> tuple:
+        parts = tuple(
+            "dense" if layer in ctx.dense_layers else ctx.config.partition_for(layer).value
+            for layer in self.layers[index]
+        )
+        if all(p == "dense" for p in parts):
+            return ("dense",)
+        return (parts, ctx.describe(), ctx.data_dependent_text)
+
+    def variant(self, key: tuple, index: int) -> Callable[..., Any]:
+        """The compiled function of ``key`` (made on first use; ``index``: the block whose call
+        makes it, which Dynamo traces)."""
+        fn = self.variants.get(key)
+        if fn is None:
+            name = "vmoba_block_" + ("_".join(key[0]) if key != ("dense",) else "dense")
+
+            def on_graph(where: str, calls: list[AttentionCall]) -> None:
+                ctx = CURRENT_CONTEXT.get()
+                shared = [i for i in range(len(self.paths)) if ctx and self.key(i, ctx) == key]
+                self._report_add(
+                    f"{where}; block {self.paths[index]}'s graph, run by "
+                    f"{len(shared) or 1} blocks",
+                    self._expand(index, shared or [index], calls, ctx),
+                )
+
+            fn = self._compile_variant(key, _fresh_function(name), on_graph)
+            self.variants[key] = fn
+        return fn
+
+    def _expand(
+        self, index: int, shared: list[int], calls: list[AttentionCall], ctx: CallContext | None
+    ) -> list[AttentionCall]:
+        """The decisions of block ``index``'s graph, repeated for every block that runs it
+        (module path and layer index of each)."""
+        src = self.paths[index] + "."
+        layer_of = ctx.layer_of if ctx is not None else {}
+        out = []
+        for i in shared:
+            dst = self.paths[i] + "."
+            for c in calls:
+                module = dst + c.module[len(src) :] if c.module.startswith(src) else c.module
+                layer = layer_of.get(module, c.layer_index) if c.rewritten else None
+                out.append(dataclasses.replace(c, module=module, layer_index=layer))
+        return out
+
+    def call(self, index: int, args: tuple, kwargs: dict) -> Any:
+        block = self.modules[index]
+        ctx = CURRENT_CONTEXT.get()
+        if ctx is not None and ctx.regional is self:
+            key = self.key(index, ctx)
+            if torch.is_grad_enabled():
+                self._remember(index, args, kwargs, key, ctx)
+            return self.variant(key, index)(block, *args, **kwargs)
+        if torch._C._current_graph_task_id() != -1:
+            taken = self._recalled(index, args, kwargs)
+            if taken is not None:
+                key, saved = taken
+                token = CURRENT_CONTEXT.set(saved)
+                try:
+                    return self.variant(key, index)(block, *args, **kwargs)
+                finally:
+                    CURRENT_CONTEXT.reset(token)
+        # The user's model called directly (not through the optimized model): run it as written.
+        return block._call_impl(*args, **kwargs)
+
+    @staticmethod
+    def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                return a
+        return None
+
+    def _remember(self, index: int, args: tuple, kwargs: dict, key: tuple, ctx) -> None:
+        x = self._first_tensor(args, kwargs)
+        if x is None:
+            return
+        slot = (index, id(x))
+        taken = self._taken
+
+        def forget(_ref: weakref.ref, slot=slot) -> None:
+            entry = taken.get(slot)
+            if entry is not None and entry[0] is _ref:
+                del taken[slot]
+
+        taken[slot] = (weakref.ref(x, forget), key, ctx)
+
+    def _recalled(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, Any] | None:
+        """The variant a recomputed block ran in its forward: found by its input tensor (the
+        same object under non-reentrant checkpointing); else the one variant this block ran in
+        every forward whose input is still alive; else an error."""
+        x = self._first_tensor(args, kwargs)
+        entry = self._taken.get((index, id(x))) if x is not None else None
+        if entry is not None and entry[0]() is x:
+            return entry[1], entry[2]
+        alive = {e[1]: e for (i, _), e in self._taken.items() if i == index and e[0]() is not None}
+        if len(alive) == 1:
+            e = next(iter(alive.values()))
+            return e[1], e[2]
+        if not alive:
+            return None
+        raise RuntimeError(
+            f"block '{self.paths[index]}' was recomputed in the backward (activation "
+            f"checkpointing) on an input its forward did not take, and forward calls still "
+            f"alive ran it as {len(alive)} different variants (grids or dense settings), so the "
+            f"variant to recompute is ambiguous. Use non-reentrant checkpointing around each "
+            f"block (diffusers' default, torch.utils.checkpoint(..., use_reentrant=False)), or "
+            f"run backward before the next forward of another grid or dense setting."
+        )
+
+    def uninstall(self) -> None:
+        for m in self.modules:
+            if isinstance(getattr(m, "_compiled_call_impl", None), BlockCall):
+                m._compiled_call_impl = None
