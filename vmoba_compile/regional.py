@@ -48,7 +48,7 @@ def find_blocks(model: torch.nn.Module, layer_of: dict[str, int]) -> dict[str, t
     for path, layer in sorted(layer_of.items(), key=lambda kv: kv[1]):
         parts = path.split(".")
         block = None
-        for i in range(1, len(parts)):
+        for i in range(1, len(parts) + 1):
             parent = modules.get(".".join(parts[: i - 1])) if i > 1 else model
             if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)):
                 block = ".".join(parts[:i])
@@ -136,8 +136,7 @@ class RegionalBlocks:
                 ctx = CURRENT_CONTEXT.get()
                 shared = [i for i in range(len(self.paths)) if ctx and self.key(i, ctx) == key]
                 self._report_add(
-                    f"{where}; block {self.paths[index]}'s graph, run by "
-                    f"{len(shared) or 1} blocks",
+                    f"{where}; block {self.paths[index]}'s graph, run by {len(shared) or 1} blocks",
                     self._expand(index, shared or [index], calls, ctx),
                 )
 

@@ -1,0 +1,185 @@
+"""``optimize(model, regional=True)``: one compiled block per partition variant (CPU, aot_eager).
+
+The oracles are the model run with ``vmoba_reference`` in its video self-attention calls (as in
+test_optimize.py) and the whole-model ``optimize``, which computes the same math: regional
+compilation changes what is compiled, never the result. Training runs the eager FlexAttention
+math (its CPU device check is lifted for the test: flex has no CPU backward kernel, but its
+eager reference path differentiates).
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from conftest import ATOL_F32, max_err
+
+pytest.importorskip("diffusers")
+
+import tiny_models as tm  # noqa: E402
+from test_optimize import (  # noqa: E402
+    _CHUNKS,
+    TOY_LAYOUT,
+    ToyAttention,
+    check_report,
+    first,
+    reference_forward,
+    toy_inputs,
+)
+
+from vmoba_compile import VMoBAConfig, optimize  # noqa: E402
+from vmoba_compile.regional import find_blocks  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
+
+CONFIG = VMoBAConfig(**_CHUNKS)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+def _cpu_flex_backward():
+    import torch.nn.attention.flex_attention as fa
+
+    return mock.patch.object(fa, "_validate_device", lambda q, k, v: None)
+
+
+def test_one_compiled_block_per_partition_matches_reference() -> None:
+    model, args, kwargs = tm.build("wan", num_layers=4)
+    opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
+    with torch.no_grad():
+        got = first(opt(*args, **kwargs))
+        again = first(opt(*args, **kwargs))
+        want = reference_forward(model, args, kwargs, CONFIG)
+        dense = first(model(*args, **kwargs))  # called directly: runs as written
+    assert max_err(got, want) < ATOL_F32
+    assert torch.equal(again, got)
+    assert max_err(dense, want) > 100 * ATOL_F32, "the test cannot tell VMoBA from dense"
+    variants = opt._vmoba_regional.variants
+    assert sorted(k[0] for k in variants) == [("1d",), ("2d",), ("3d",)]  # 4 layers, 3 graphs
+    assert len(opt.report.graphs) == 3
+    check_report("wan", model, args, kwargs, opt.report, CONFIG)  # every layer, its partition
+
+
+def test_second_grid_and_dense_controls() -> None:
+    model, args, kwargs = tm.build("wan", num_layers=3)
+    opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
+    args2, kwargs2 = tm.build_inputs("wan", model, 1)
+    with torch.no_grad():
+        opt(*args, **kwargs)
+        got2 = first(opt(*args2, **kwargs2))
+        want2 = reference_forward(model, args2, kwargs2, CONFIG)
+        opt.vmoba.dense_layers = {1}
+        got_d = first(opt(*args, **kwargs))
+        want_d = reference_forward(model, args, kwargs, CONFIG, dense_layers=frozenset({1}))
+        opt.vmoba.dense_layers = set()
+        opt.vmoba.dense_steps = 1
+        opt.vmoba.reset()
+        warm = first(opt(*args, **kwargs))  # step 0: dense warm-up
+        after = first(opt(*args, **kwargs))
+        plain = first(model(*args, **kwargs))
+        want = reference_forward(model, args, kwargs, CONFIG)
+    assert max_err(got2, want2) < ATOL_F32
+    assert max_err(got_d, want_d) < ATOL_F32
+    assert max_err(got_d, want) > 100 * ATOL_F32
+    assert max_err(warm, plain) < ATOL_F32
+    assert max_err(after, want) < ATOL_F32
+    grids = {k[1] for k in opt._vmoba_regional.variants if k != ("dense",)}
+    assert len(grids) == 2 and ("dense",) in opt._vmoba_regional.variants
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_gradients_equal_whole_model(checkpointing: bool) -> None:
+    """With diffusers' checkpointing the backward recomputes each block outside the optimized
+    model's forward; the recomputation must run the variant its forward ran."""
+    model, args, kwargs = tm.build("wan", num_layers=3)
+    model.train()
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        first(run()).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with _cpu_flex_backward():
+        want = grads(lambda: optimize(model, CONFIG, lowering="aot_eager")(*args, **kwargs))
+        plain = grads(lambda: model(*args, **kwargs))
+        torch._dynamo.reset()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
+        out = first(opt(*args, **kwargs))
+        recorded = len(opt._vmoba_regional._taken)
+        model.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert recorded == 3  # one forward record per block, for a recomputation
+    assert not opt._vmoba_regional._taken  # released with the forward's tensors
+    assert got.keys() == want.keys() and got
+    assert max(max_err(got[n], want[n]) for n in got) < 1e-6
+    assert max(max_err(plain[n], want[n]) for n in got) > 1e-4
+
+
+class TwoPerBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = ToyAttention("self"), ToyAttention("self")
+
+    def forward(self, x, ctx):
+        return self.b(self.a(x, ctx), ctx)
+
+
+class TwoPerBlockVideo(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(TwoPerBlock() for _ in range(n))
+
+    def forward(self, x, ctx):
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+
+def test_blocks_with_two_layers_get_the_partition_of_each() -> None:
+    """Layers (0, 1), (2, 3), (4, 5) on the 1D-2D-3D schedule: blocks (1d, 2d), (3d, 1d),
+    (2d, 3d): three variants, each the whole-model result."""
+    torch.manual_seed(0)
+    model = TwoPerBlockVideo(3)
+    x, ctx = toy_inputs()
+    assert find_blocks(model, {f"blocks.{i // 2}.{'ab'[i % 2]}": i for i in range(6)}) == {
+        "blocks.0": (0, 1),
+        "blocks.1": (2, 3),
+        "blocks.2": (4, 5),
+    }
+    with torch.no_grad():
+        want = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")(x, ctx)
+        torch._dynamo.reset()
+        opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
+        got = opt(x, ctx)
+    assert max_err(got, want) < 1e-6
+    keys = sorted(k[0] for k in opt._vmoba_regional.variants)
+    assert keys == [("1d", "2d"), ("2d", "3d"), ("3d", "1d")]
+    assert [c.partition for c in opt.report.rewritten] == ["1d", "2d", "3d", "1d", "2d", "3d"]
+
+
+class NoList(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = ToyAttention("self")
+
+    def forward(self, x, ctx):
+        return self.attn(x, ctx)
+
+
+def test_refusals() -> None:
+    with pytest.raises(ValueError, match="in no ModuleList"):
+        optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional=True)
+    with pytest.raises(TypeError, match="regional must be True or False"):
+        optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional="yes")
+    model = TwoPerBlockVideo(2)
+    optimize(model, CONFIG, layout=TOY_LAYOUT, regional=True)
+    with pytest.raises(RuntimeError, match="already optimized with regional=True"):
+        optimize(model, CONFIG, layout=TOY_LAYOUT)
