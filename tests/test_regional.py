@@ -92,10 +92,10 @@ def test_second_grid_and_dense_controls() -> None:
     assert len(grids) == 2 and ("dense",) in opt._vmoba_regional.variants
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_gradients_equal_whole_model(checkpointing: bool) -> None:
+def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
     """With diffusers' checkpointing the backward recomputes each block outside the optimized
-    model's forward; the recomputation must run the variant its forward ran."""
+    model's forward; the recomputation must run the variant its forward ran (run in the eager
+    block instead, it raises CheckpointError: the saved tensors differ)."""
     model, args, kwargs = tm.build("wan", num_layers=3)
     model.train()
 
@@ -108,8 +108,7 @@ def test_training_gradients_equal_whole_model(checkpointing: bool) -> None:
         want = grads(lambda: optimize(model, CONFIG, lowering="aot_eager")(*args, **kwargs))
         plain = grads(lambda: model(*args, **kwargs))
         torch._dynamo.reset()
-        if checkpointing:
-            model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
         opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
         out = first(opt(*args, **kwargs))
         recorded = len(opt._vmoba_regional._taken)
