@@ -106,9 +106,11 @@ CONFIGS = {
     "token-thr0.4": VMoBAConfig(granularity="token"),
     "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
 }
-# FlexAttention kernel options to compare (H100 defaults for bf16, D=128: BLOCK_M 128, BLOCK_N 64,
-# 8 warps, 3 stages). Append "+NAME" to a config name: block-thr0.4+n128s2.
+# FlexAttention kernel options to compare (PyTorch's H100 defaults for bf16, D=128: BLOCK_M 128,
+# BLOCK_N 64, 8 warps, 3 stages; ours add CUDA_KERNEL_OPTIONS). Append "+NAME" to a config name:
+# block-thr0.4+n128s2.
 KERNEL_OPTIONS = {
+    "torch": {},  # PyTorch's defaults (the library's CUDA defaults: vmoba_compile.config)
     "n128s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     "w4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     "tma": dict(USE_TMA=True),

@@ -1,6 +1,7 @@
 import pytest
 
 from vmoba_compile import Granularity, Partition, Scope, Selection, VideoLayout, VMoBAConfig
+from vmoba_compile.config import CUDA_KERNEL_OPTIONS
 
 
 def test_defaults_and_string_enums():
@@ -44,7 +45,6 @@ def test_schedule_cycles_over_layers():
         ({"block_size": 8}, "block_size"),
         ({"chunk_3d": (2, 0, 2)}, "chunk_3d"),
         ({"target_chunk_blocks": 0}, "target_chunk_blocks"),
-        ({"kernel_options": {}}, "kernel_options"),
         ({"kernel_options": {"BLOCK_M": 1.5}}, "kernel_options"),
         ({"kernel_options": [1, 2]}, "kernel_options"),
     ],
@@ -80,4 +80,11 @@ def test_kernel_options_are_hashable_and_order_free():
     b = VMoBAConfig(kernel_options=(("BLOCK_N", 128), ("num_warps", 8)))
     assert a == b and hash(a) == hash(b)
     assert a.flex_kernel_options() == {"BLOCK_N": 128, "num_warps": 8}
-    assert VMoBAConfig().flex_kernel_options() is None
+    assert a.flex_kernel_options("cpu") == {"BLOCK_N": 128, "num_warps": 8}
+
+
+def test_default_kernel_options_are_per_device_and_empty_means_pytorchs():
+    assert VMoBAConfig().flex_kernel_options("cuda") == CUDA_KERNEL_OPTIONS
+    assert VMoBAConfig().flex_kernel_options("cpu") is None
+    assert VMoBAConfig(kernel_options={}).flex_kernel_options("cuda") is None
+    assert VMoBAConfig(kernel_options={}) != VMoBAConfig()

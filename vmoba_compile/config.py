@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from enum import Enum
 
-__all__ = ["Granularity", "Partition", "Scope", "Selection", "VMoBAConfig"]
+__all__ = ["CUDA_KERNEL_OPTIONS", "Granularity", "Partition", "Scope", "Selection", "VMoBAConfig"]
 
 
 class Partition(str, Enum):
@@ -82,15 +82,24 @@ def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
         items = sorted(dict(value).items())
     except (TypeError, ValueError):
         items = None
-    if not items or not all(
+    if items is None or not all(
         isinstance(k, str) and k and isinstance(v, (int, bool)) for k, v in items
     ):
         raise ValueError(
-            f"VMoBAConfig.kernel_options must be None or a non-empty mapping of FlexAttention "
-            f"kernel option names to ints or bools, e.g. {{'BLOCK_M': 128, 'BLOCK_N': 128, "
-            f"'num_warps': 8, 'num_stages': 2}}; got {value!r}."
+            f"VMoBAConfig.kernel_options must be None (the library's defaults), {{}} (PyTorch's "
+            f"defaults) or a mapping of FlexAttention kernel option names to ints or bools, e.g. "
+            f"{{'BLOCK_M': 128, 'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 2}}; got {value!r}."
         )
     return tuple(items)
+
+
+# FlexAttention kernel options of VMoBAConfig(kernel_options=None) on CUDA. Measured on the H100
+# at 55,296 tokens (benchmarks/README.md, ninth session), default config, 2D and 3D layers:
+# USE_TMA (tensor-memory loads) took the forward from 12.77-12.97 to 12.04-12.15 ms and forward +
+# backward from 45.79-46.46 to 44.74-44.82 ms; PRESCALE_QK (q scaled once instead of every score)
+# took the forward to 11.56-11.65 ms but forward + backward to 49.26-49.58 ms, so it applies to
+# the forward kernel only. Where TMA cannot be used (alignment, older GPUs) inductor falls back.
+CUDA_KERNEL_OPTIONS: dict[str, int | bool] = {"USE_TMA": True, "fwd_PRESCALE_QK": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +123,13 @@ class VMoBAConfig:
         target_chunk_blocks: when a chunk shape is automatic, chunks aim at about this many
             blocks of ``block_size`` tokens (and at a whole number of blocks, to avoid padding).
         kernel_options: FlexAttention ``kernel_options`` for the attention kernel (tile sizes
-            ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, and the
-            backward's ``BLOCK_M1`` ... ``BLOCK_N2``), as a mapping of name to int or bool; None
-            keeps PyTorch's defaults. Stored as sorted ``(name, value)`` pairs (hashable).
-            ``benchmarks/bench_attention.py --configs NAME+OPTIONS`` measures candidates.
+            ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, the
+            backward's ``BLOCK_M1`` ... ``BLOCK_N2``; a ``fwd_`` / ``bwd_`` prefix applies one
+            to one direction), as a mapping of name to int or bool. None: on CUDA
+            :data:`CUDA_KERNEL_OPTIONS` (measured on the H100), elsewhere PyTorch's defaults;
+            ``{}``: PyTorch's defaults everywhere. Stored as sorted ``(name, value)`` pairs
+            (hashable). ``benchmarks/bench_attention.py --configs NAME+OPTIONS`` measures
+            candidates.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
@@ -178,9 +190,12 @@ class VMoBAConfig:
             raise ValueError(f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}.")
         object.__setattr__(self, "kernel_options", _kernel_options(self.kernel_options))
 
-    def flex_kernel_options(self) -> dict[str, int | bool] | None:
-        """``kernel_options`` as the dict ``flex_attention`` takes (None: PyTorch's defaults)."""
-        return None if self.kernel_options is None else dict(self.kernel_options)
+    def flex_kernel_options(self, device_type: str = "cuda") -> dict[str, int | bool] | None:
+        """``kernel_options`` as the dict ``flex_attention`` takes on ``device_type`` (None:
+        PyTorch's defaults)."""
+        if self.kernel_options is None:
+            return dict(CUDA_KERNEL_OPTIONS) if device_type == "cuda" else None
+        return dict(self.kernel_options) or None
 
     def partition_for(self, layer_index: int) -> Partition:
         """The partition of rewritten layer ``layer_index`` on the recurrent schedule."""
