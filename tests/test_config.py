@@ -1,7 +1,7 @@
 import pytest
 
 from vmoba_compile import Granularity, Partition, Scope, Selection, VideoLayout, VMoBAConfig
-from vmoba_compile.config import CUDA_KERNEL_OPTIONS
+from vmoba_compile.config import CUDA_INFERENCE_KERNEL_OPTIONS, CUDA_KERNEL_OPTIONS
 
 
 def test_defaults_and_string_enums():
@@ -85,6 +85,8 @@ def test_kernel_options_are_hashable_and_order_free():
 
 def test_default_kernel_options_are_per_device_and_empty_means_pytorchs():
     assert VMoBAConfig().flex_kernel_options("cuda") == CUDA_KERNEL_OPTIONS
+    inference = VMoBAConfig().flex_kernel_options("cuda", backward=False)
+    assert inference == CUDA_INFERENCE_KERNEL_OPTIONS and "PRESCALE_QK" not in CUDA_KERNEL_OPTIONS
     assert VMoBAConfig().flex_kernel_options("cpu") is None
     assert VMoBAConfig(kernel_options={}).flex_kernel_options("cuda") is None
     assert VMoBAConfig(kernel_options={}) != VMoBAConfig()

@@ -338,5 +338,5 @@ def vmoba_attention(
     # The same test as FlexAttention's own for whether a backward will run.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, backward).block_mask
-    out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(q.device.type))
+    out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(q.device.type, backward))
     return unpermute(out, plan, idx)
