@@ -122,6 +122,52 @@ def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
     assert max(max_err(plain[n], want[n]) for n in got) > 1e-4
 
 
+class ReentrantToy(torch.nn.Module):
+    """Toy blocks, optionally under reentrant checkpointing: the recomputation then gets detached
+    copies of the block's inputs, not the tensors its forward took."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(ToyAttention("self") for _ in range(n))
+        self.checkpoint = True
+
+    def forward(self, x, ctx):
+        for block in self.blocks:
+            if self.checkpoint:
+                x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=True)
+            else:
+                x = block(x, ctx)
+        return x
+
+
+def test_reentrant_checkpointing_uses_the_one_live_variant_or_refuses_an_ambiguous_one() -> None:
+    torch.manual_seed(0)
+    model = ReentrantToy(3)
+    x, ctx = toy_inputs()
+    x.requires_grad_(True)
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        run().square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with _cpu_flex_backward():
+        opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
+        got = grads(lambda: opt(x, ctx))
+        model.checkpoint = False
+        want = grads(lambda: opt(x, ctx))
+        model.checkpoint = True
+        plain = grads(lambda: model(x, ctx))
+        assert max(max_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-6
+        assert max(max_err(a, b) for a, b in zip(plain, want, strict=True)) > 1e-4
+        first_out = opt(x, ctx)  # layer 1 sparse
+        opt.vmoba.dense_layers = {1}
+        second = opt(x, ctx)  # layer 1 dense, while the first output is alive
+        assert second.requires_grad
+        with pytest.raises(RuntimeError, match="variant to recompute is ambiguous"):
+            first_out.square().mean().backward()
+
+
 class TwoPerBlock(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

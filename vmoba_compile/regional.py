@@ -165,8 +165,8 @@ class RegionalBlocks:
         ctx = CURRENT_CONTEXT.get()
         if ctx is not None and ctx.regional is self:
             key = self.key(index, ctx)
-            if torch.is_grad_enabled():
-                self._remember(index, args, kwargs, key, ctx)
+            # Also without gradients: reentrant checkpointing runs the forward under no_grad.
+            self._remember(index, args, kwargs, key, ctx)
             return self.variant(key, index)(block, *args, **kwargs)
         if torch._C._current_graph_task_id() != -1:
             taken = self._recalled(index, args, kwargs)
@@ -209,7 +209,8 @@ class RegionalBlocks:
         entry = self._taken.get((index, id(x))) if x is not None else None
         if entry is not None and entry[0]() is x:
             return entry[1], entry[2]
-        alive = {e[1]: e for (i, _), e in self._taken.items() if i == index and e[0]() is not None}
+        entries = list(self._taken.items())  # a weakref callback may delete entries meanwhile
+        alive = {e[1]: e for (i, _), e in entries if i == index and e[0]() is not None}
         if len(alive) == 1:
             e = next(iter(alive.values()))
             return e[1], e[2]
