@@ -35,9 +35,10 @@ class VMoBAControls:
     Attributes:
         dense_steps: the first ``dense_steps`` denoising steps run dense attention (dense
             warm-up). They use a second compiled copy of the model (inductor, no VMoBA), compiled
-            once on first use.
+            once on first use (with ``regional=True``: a dense compiled block).
         dense_layers: VMoBA layer indices kept dense. Each distinct set compiles once (per
-            resolution) and is then cached.
+            resolution) and is then cached (with ``regional=True`` their blocks run the dense
+            compiled block: nothing new compiles).
         calls_per_step: forward calls per denoising step (2 when a pipeline runs the
             conditional and unconditional passes as two calls, as Wan's does).
 
