@@ -92,8 +92,8 @@ class RegionalBlocks:
         model: the model (its blocks get a :class:`BlockCall` as ``_compiled_call_impl``).
         blocks: :func:`find_blocks`'s map.
         compile_variant: ``(key, fn, on_graph) -> compiled fn``: compiles ``fn(block, *args,
-            **kwargs)`` for one variant; ``key`` is ``("dense",)`` or ``(partitions, grid
-            text, data-dependent text)``; ``on_graph`` is the VMoBA backend's report callback.
+            **kwargs)`` for one variant; ``key`` is :meth:`key`'s; ``on_graph`` is the VMoBA
+            backend's report callback.
         report_add: the optimized model's ``report.add``.
     """
 
@@ -117,13 +117,22 @@ class RegionalBlocks:
             m._compiled_call_impl = BlockCall(self, i)
 
     def key(self, index: int, ctx: CallContext) -> tuple:
+        """What block ``index`` runs in this call: ``("dense",)``, or its layers' partitions,
+        the grid, the text flag and the block's class (blocks of two classes, as
+        HunyuanVideo's double- and single-stream blocks, never share a variant)."""
         parts = tuple(
             "dense" if layer in ctx.dense_layers else ctx.config.partition_for(layer).value
             for layer in self.layers[index]
         )
         if all(p == "dense" for p in parts):
             return ("dense",)
-        return (parts, ctx.describe(), ctx.data_dependent_text)
+        cls = type(self.modules[index])
+        return (
+            parts,
+            ctx.describe(),
+            ctx.data_dependent_text,
+            f"{cls.__module__}.{cls.__qualname__}",
+        )
 
     def variant(self, key: tuple, index: int) -> Callable[..., Any]:
         """The compiled function of ``key`` (made on first use; ``index``: the block whose call
