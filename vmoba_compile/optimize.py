@@ -266,43 +266,34 @@ class VMoBAModule(torch.nn.Module):
         """The VMoBA configuration (``.config`` stays the wrapped model's own config)."""
         return self._vmoba_config
 
+    def _compile(self, fn: Any, backend: VMoBABackend | None) -> Any:
+        """``fn`` compiled with this model's options: through ``backend``, or without one dense
+        (inductor with the compile's options, or ``aot_eager`` under that lowering)."""
+        opts = self._vmoba_compile
+        kw = dict(dynamic=False, fullgraph=opts["fullgraph"])
+        if backend is None and opts["lowering"] == "inductor":
+            return torch.compile(fn, options=opts["patches"] or None, **kw)
+        return torch.compile(fn, backend=backend or "aot_eager", **kw)
+
+    def _backend(self, on_graph: Any) -> VMoBABackend:
+        opts = self._vmoba_compile
+        return VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"])
+
     def _variant(self, key: Any) -> tuple[Any, VMoBABackend | None]:
         """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
         backend (None for the dense one); compiled on first use."""
-        if key in self._vmoba_compiled:
-            return self._vmoba_compiled[key]
-        opts = self._vmoba_compile
-        backend = None
-        if key == "dense" and opts["lowering"] == "inductor":
-            fn = torch.compile(
-                self._orig_mod,
-                dynamic=False,
-                fullgraph=opts["fullgraph"],
-                options=opts["patches"] or None,
-            )
-        else:
-            if key != "dense":
-                backend = VMoBABackend(self.report.add, opts["patches"], lowering=opts["lowering"])
-            fn = torch.compile(
-                self._orig_mod,
-                backend=backend or "aot_eager",
-                dynamic=False,
-                fullgraph=opts["fullgraph"],
-            )
-        self._vmoba_compiled[key] = fn, backend
-        return fn, backend
+        if key not in self._vmoba_compiled:
+            backend = None if key == "dense" else self._backend(self.report.add)
+            self._vmoba_compiled[key] = self._compile(self._orig_mod, backend), backend
+        return self._vmoba_compiled[key]
 
     def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any) -> Any:
         """One compiled block variant of regional compilation (see :mod:`.regional`)."""
-        opts = self._vmoba_compile
-        kw = dict(dynamic=False, fullgraph=opts["fullgraph"])
         if key == ("dense",):
-            if opts["lowering"] == "inductor":
-                return torch.compile(fn, options=opts["patches"] or None, **kw)
-            return torch.compile(fn, backend="aot_eager", **kw)
-        backend = VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"])
+            return self._compile(fn, None)
+        backend = self._backend(on_graph)
         self._vmoba_backends.append(backend)
-        return torch.compile(fn, backend=backend, **kw)
+        return self._compile(fn, backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
