@@ -320,12 +320,11 @@ class VMoBAModule(torch.nn.Module):
     def _forward_regional(self, args: tuple, kwargs: dict) -> Any:
         """The model runs as written; each block call runs its compiled variant."""
         controls, regional = self.vmoba, self._vmoba_regional
-        dense = controls.dense_layers
-        if controls.dense_now:
-            dense = frozenset(self._vmoba_layer_of.values())
+        layers = frozenset(self._vmoba_layer_of.values())  # every layer sits in a block
+        dense = layers if controls.dense_now else controls.dense_layers
         ctx = _context(self, args, kwargs, dense)
         ctx.regional = regional
-        expect = any(regional.key(i, ctx) != ("dense",) for i in range(len(regional.paths)))
+        expect = not layers <= dense  # some block runs a VMoBA variant
         runs = sum(b.graph_runs for b in self._vmoba_backends)
         with _call_scope(ctx):
             out = self._orig_mod(*args, **kwargs)
