@@ -49,6 +49,18 @@ def _cpu_flex_backward():
     return mock.patch.object(fa, "_validate_device", lambda q, k, v: None)
 
 
+def grads(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
+    """Parameter gradients of ``mean(run() ** 2)``."""
+    model.zero_grad(set_to_none=True)
+    first(run()).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(max_err(a[n], b[n]) for n in a)
+
+
 def test_one_compiled_block_per_partition_matches_reference() -> None:
     model, args, kwargs = tm.build("wan", num_layers=4)
     opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
@@ -121,14 +133,9 @@ def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
     model, args, kwargs = tm.build("wan", num_layers=3)
     model.train()
 
-    def grads(run):
-        model.zero_grad(set_to_none=True)
-        first(run()).square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     with _cpu_flex_backward():
-        want = grads(lambda: optimize(model, CONFIG, lowering="aot_eager")(*args, **kwargs))
-        plain = grads(lambda: model(*args, **kwargs))
+        want = grads(model, lambda: optimize(model, CONFIG, lowering="aot_eager")(*args, **kwargs))
+        plain = grads(model, lambda: model(*args, **kwargs))
         torch._dynamo.reset()
         model.enable_gradient_checkpointing()
         opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
@@ -139,9 +146,8 @@ def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert recorded == 3  # one forward record per block, for a recomputation
     assert not opt._vmoba_regional._taken  # released with the forward's tensors
-    assert got.keys() == want.keys() and got
-    assert max(max_err(got[n], want[n]) for n in got) < 1e-6
-    assert max(max_err(plain[n], want[n]) for n in got) > 1e-4
+    assert diff(got, want) < 1e-6
+    assert diff(plain, want) > 1e-4
 
 
 class ReentrantToy(torch.nn.Module):
@@ -168,20 +174,15 @@ def test_reentrant_checkpointing_uses_the_one_live_variant_or_refuses_an_ambiguo
     x, ctx = toy_inputs()
     x.requires_grad_(True)
 
-    def grads(run):
-        model.zero_grad(set_to_none=True)
-        run().square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
     with _cpu_flex_backward():
         opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
-        got = grads(lambda: opt(x, ctx))
+        got = grads(model, lambda: opt(x, ctx))
         model.checkpoint = False
-        want = grads(lambda: opt(x, ctx))
+        want = grads(model, lambda: opt(x, ctx))
         model.checkpoint = True
-        plain = grads(lambda: model(x, ctx))
-        assert max(max_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-6
-        assert max(max_err(a, b) for a, b in zip(plain, want, strict=True)) > 1e-4
+        plain = grads(model, lambda: model(x, ctx))
+        assert diff(got, want) < 1e-6
+        assert diff(plain, want) > 1e-4
         first_out = opt(x, ctx)  # layer 1 sparse
         opt.vmoba.dense_layers = {1}
         second = opt(x, ctx)  # layer 1 dense, while the first output is alive
