@@ -233,8 +233,3 @@ class RegionalBlocks:
             f"block (diffusers' default, torch.utils.checkpoint(..., use_reentrant=False)), or "
             f"run backward before the next forward of another grid or dense setting."
         )
-
-    def uninstall(self) -> None:
-        for m in self.modules:
-            if isinstance(getattr(m, "_compiled_call_impl", None), BlockCall):
-                m._compiled_call_impl = None
