@@ -21,6 +21,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from bench_attention import bench  # do_bench median, as every table of benchmarks/README.md
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -40,8 +41,6 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from triton.testing import do_bench
-
     dev, s, h, d, bs = "cuda", args.tokens, args.heads, 128, 128
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (
@@ -69,18 +68,7 @@ def main() -> None:
     def timed(name, fn):
         for backward in (False, True):
             x = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-            if backward:
-                grad = torch.randn_like(fn(*x))
-
-                def run(x=x, grad=grad):
-                    torch.autograd.grad(fn(*x), x, grad)
-            else:
-
-                def run(x=x):
-                    with torch.no_grad():
-                        fn(*x)
-
-            ms = do_bench(run, warmup=25, rep=100)
+            ms = bench(lambda x=x: fn(*x), backward)
             rows.append({"variant": name, "backward": backward, "ms": round(ms, 3)})
             print(json.dumps(rows[-1]), flush=True)
 
