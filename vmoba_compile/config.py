@@ -110,7 +110,7 @@ def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
 # training gradients of CogVideoX's key-norm bias (a gradient that softmax nearly cancels) left
 # the GPU test's bound (4.5 vs 3.2, relative): it is added for calls without a backward only.
 CUDA_KERNEL_OPTIONS: dict[str, int | bool] = {"USE_TMA": True}
-CUDA_INFERENCE_KERNEL_OPTIONS: dict[str, int | bool] = {"USE_TMA": True, "PRESCALE_QK": True}
+CUDA_INFERENCE_KERNEL_OPTIONS: dict[str, int | bool] = {**CUDA_KERNEL_OPTIONS, "PRESCALE_QK": True}
 
 
 @dataclasses.dataclass(frozen=True)
