@@ -71,11 +71,23 @@ def build_block_mask(
     device = sel.device
     b, h, u, c = sel.shape
     bs, nb = plan.block_size, plan.num_blocks
-    block_col, real, w = idx.block_col, idx.real, plan.columns
+    real = idx.real
+    if token_level:
+        # TOKEN granularity evaluates mask_mod on nearly every score, and each extra word costs
+        # a select per score: its table holds only this plan's own chunks (W = C), so a 1D layer
+        # reads one word where the schedule's widest partition needs five (benchmarks/README.md,
+        # tenth session). Its layers then differ in mask_mod: one flex kernel per word count.
+        w, block_col = c, idx.block_chunk  # text blocks: column C
+        kv_col = torch.where(real, block_col.repeat_interleave(bs), c + 1)
+        kv_word, kv_bit = kv_col // _BITS, kv_col % _BITS
+    else:
+        # BLOCK granularity evaluates it only on boundary blocks: every layer shares the width
+        # W = plan.columns, so every layer's kernel is the same.
+        w, block_col, kv_word, kv_bit = plan.columns, idx.block_col, idx.kv_word, idx.kv_bit
 
-    # The selection extended to every padded query row and to whole words of the plan's
-    # W = ``plan.columns`` columns plus two, built in one place: text query rows select every
-    # chunk; columns C..W-1 (the layout's other partitions have more chunks) are never selected;
+    # The selection extended to every padded query row and to whole words of the W columns
+    # plus two, built in one place: text query rows select every chunk; columns C..W-1 (BLOCK
+    # granularity: the layout's other partitions have more chunks) are never selected;
     # column W (text keys) is selected by every row but those of the plan's all-padding blocks,
     # which select nothing; column W+1 (padding keys) and the rest of the last word never are.
     per = bs if token_level else 1
@@ -140,7 +152,10 @@ def build_block_mask(
     for i in range(words):
         part = sel_ext[..., i * _BITS : (i + 1) * _BITS].to(torch.int32)
         word_tables.append((part << shifts).sum(-1, dtype=torch.int32))
-    extra = [*word_tables, idx.kv_word, idx.kv_bit]
+    # Each key's bit as a mask (1 << bit, int32 like the words): one AND per score instead of a
+    # shift and an AND (3% of a TOKEN forward, benchmarks/README.md, tenth session).
+    kv_mask = torch.ones_like(kv_bit, dtype=torch.int32) << kv_bit.to(torch.int32)
+    extra = [*word_tables, kv_word, kv_mask]
     extra += [] if key_ok is None else [key_ok]
     plain = materialize_for_mask_mod(*tensors, *extra)
     tables = dict.fromkeys(
@@ -148,7 +163,7 @@ def build_block_mask(
     )  # None unless built
     tables.update(zip(names, plain[: len(tensors)], strict=True))
     word_tables = plain[len(tensors) : len(tensors) + words]
-    kv_word, kv_bit = plain[len(tensors) + words : len(tensors) + words + 2]
+    kv_word, kv_mask = plain[len(tensors) + words : len(tensors) + words + 2]
     key_ok = None if key_ok is None else plain[-1]
 
     def mask_mod(bi, hi, q_idx, kv_idx):
@@ -158,7 +173,7 @@ def build_block_mask(
             kw = kv_word[kv_idx]
             for i in range(words - 2, -1, -1):
                 word = torch.where(kw == i, word_tables[i][bi, hi, unit], word)
-        ok = ((word >> kv_bit[kv_idx]) & 1) != 0
+        ok = (word & kv_mask[kv_idx]) != 0
         if key_ok is not None:
             ok = ok & key_ok[bi, kv_idx]
         return ok
