@@ -1,4 +1,5 @@
-"""``optimize(model, regional=True)``: one compiled block per partition variant (CPU, aot_eager).
+"""Regional compilation (``optimize``'s default where the model has blocks, or ``regional=True``):
+one compiled block per partition variant (CPU, aot_eager).
 
 The oracles are the model run with ``vmoba_reference`` in its video self-attention calls (as in
 test_optimize.py) and the whole-model ``optimize``, which computes the same math: regional
@@ -134,7 +135,8 @@ def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
     model.train()
 
     with _cpu_flex_backward():
-        want = grads(model, lambda: optimize(model, CONFIG, lowering="aot_eager")(*args, **kwargs))
+        whole = optimize(model, CONFIG, lowering="aot_eager", regional=False)
+        want = grads(model, lambda: whole(*args, **kwargs))
         plain = grads(model, lambda: model(*args, **kwargs))
         torch._dynamo.reset()
         model.enable_gradient_checkpointing()
@@ -152,17 +154,19 @@ def test_training_with_checkpointing_gradients_equal_whole_model() -> None:
 
 class ReentrantToy(torch.nn.Module):
     """Toy blocks, optionally under reentrant checkpointing: the recomputation then gets detached
-    copies of the block's inputs, not the tensors its forward took."""
+    copies of the block's inputs, not the tensors its forward took (``reentrant = False``:
+    non-reentrant checkpointing, which hands it the same tensors)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.blocks = torch.nn.ModuleList(ToyAttention("self") for _ in range(n))
         self.checkpoint = True
+        self.reentrant = True
 
     def forward(self, x, ctx):
         for block in self.blocks:
             if self.checkpoint:
-                x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=True)
+                x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=self.reentrant)
             else:
                 x = block(x, ctx)
         return x
@@ -223,7 +227,9 @@ def test_blocks_with_two_layers_get_the_partition_of_each() -> None:
         "blocks.2": (4, 5),
     }
     with torch.no_grad():
-        want = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")(x, ctx)
+        want = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=False)(
+            x, ctx
+        )
         torch._dynamo.reset()
         opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
         got = opt(x, ctx)
@@ -245,9 +251,50 @@ class NoList(torch.nn.Module):
 def test_refusals() -> None:
     with pytest.raises(ValueError, match="in no ModuleList"):
         optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional=True)
-    with pytest.raises(TypeError, match="regional must be True or False"):
+    # the default falls back to the whole model
+    assert optimize(NoList(), CONFIG, layout=TOY_LAYOUT)._vmoba_regional is None
+    with pytest.raises(TypeError, match=r"regional must be None \(automatic\), True or False"):
         optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional="yes")
     model = TwoPerBlockVideo(2)
-    optimize(model, CONFIG, layout=TOY_LAYOUT, regional=True)
-    with pytest.raises(RuntimeError, match="already optimized with regional=True"):
-        optimize(model, CONFIG, layout=TOY_LAYOUT)
+    optimize(model, CONFIG, layout=TOY_LAYOUT)
+    with pytest.raises(RuntimeError, match="already optimized with regional compilation"):
+        optimize(model, CONFIG, layout=TOY_LAYOUT, regional=False)
+
+
+def test_two_optimized_models_of_one_model_keep_their_own_configs() -> None:
+    """optimize twice on one model (two configurations): the blocks' hooks are shared, and each
+    optimized model runs its own config, also in a checkpointed recomputation; the model
+    called directly runs as written."""
+    torch.manual_seed(0)
+    model = ReentrantToy(3)
+    model.checkpoint = False
+    x, ctx = toy_inputs()
+    other = VMoBAConfig(**{**_CHUNKS, "selection": "topk", "topk": 1})
+    with torch.no_grad():
+        want = [
+            optimize(ReentrantToy(3), c, layout=TOY_LAYOUT, lowering="aot_eager")
+            for c in (CONFIG, other)
+        ]
+        for w in want:
+            w._orig_mod.load_state_dict(model.state_dict())
+        want = [w(x, ctx) for w in want]
+        plain = model(x, ctx)
+        a = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")
+        b = optimize(model, other, layout=TOY_LAYOUT, lowering="aot_eager")
+        got = [a(x, ctx), b(x, ctx), a(x, ctx)]
+        assert max_err(want[0], want[1]) > 1e-3 and max_err(plain, want[0]) > 1e-3
+        assert max_err(got[0], want[0]) < 1e-6 and max_err(got[2], want[0]) < 1e-6
+        assert max_err(got[1], want[1]) < 1e-6
+        assert max_err(model(x, ctx), plain) < 1e-6
+
+    # Non-reentrant checkpointing: each recomputation finds its own model's variant by its
+    # input (two forwards on one input tensor, both alive, would be ambiguous and raise).
+    model.checkpoint, model.reentrant = True, False
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with _cpu_flex_backward():
+        g_a = grads(model, lambda: a(xs[0], ctx))
+        g_b = grads(model, lambda: b(xs[1], ctx))
+        model.checkpoint = False
+        assert diff(g_a, grads(model, lambda: a(x, ctx))) < 1e-6
+        assert diff(g_b, grads(model, lambda: b(x, ctx))) < 1e-6
+        assert diff(g_a, g_b) > 1e-4

@@ -95,6 +95,7 @@ class RewriteReport:
     model: str
     family: str | None
     graphs: list[tuple[str, list[AttentionCall]]] = dataclasses.field(default_factory=list)
+    compiled: str = "whole model"
 
     @property
     def calls(self) -> list[AttentionCall]:
@@ -114,9 +115,20 @@ class RewriteReport:
 
     def __str__(self) -> str:
         family = f"adapter '{self.family}'" if self.family else "explicit layout"
-        lines = [f"VMoBA rewrite report for {self.model} ({family})"]
+        lines = [f"VMoBA rewrite report for {self.model} ({family}; compiled: {self.compiled})"]
+        if self.compiled != "whole model":
+            lines.append(
+                "  only the blocks are compiled: attention calls outside them run as written "
+                "(dense) and are not listed"
+            )
         if not self.graphs:
             lines.append("  no graph compiled yet: run the model once")
+        if len(self.graphs) > 1:
+            calls = self.calls
+            lines.append(
+                f"all {len(self.graphs)} graphs: {len(self.rewritten)} of {len(calls)} attention "
+                f"calls rewritten"
+            )
         for n, (where, calls) in enumerate(self.graphs, 1):
             done = sum(c.rewritten for c in calls)
             lines.append(f"graph {n} ({where}): {done} of {len(calls)} attention calls rewritten")

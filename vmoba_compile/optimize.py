@@ -133,23 +133,27 @@ def _compiled_blocks(model: torch.nn.Module, cls: type | None = None) -> list[st
     return [n for n, c in found if c is not None and (cls is None or isinstance(c, cls))]
 
 
-def _refuse_regional(model: torch.nn.Module) -> None:
+def _refuse_regional(model: torch.nn.Module, regional: bool = False) -> None:
+    """Refuse a model whose submodules are compiled on their own by someone else; with
+    ``regional=False`` (a whole-model compile) also one that an earlier regional ``optimize``
+    hooked."""
     ours = _compiled_blocks(model, BlockCall)
-    if ours:
+    if ours and not regional:
         raise RuntimeError(
-            f"{type(model).__name__} was already optimized with regional=True (its blocks "
-            f"{ours[0]}, ... call that optimized model). Optimize a model once: keep using the "
-            f"first optimized model, or reload the model."
+            f"{type(model).__name__} was already optimized with regional compilation (its "
+            f"blocks {ours[0]}, ... are hooked), and this optimize compiles the whole model "
+            f"(regional=False). Optimize it without regional=False (the blocks' hooks are "
+            f"shared), or reload the model for a whole-model compile."
         )
-    done = _compiled_blocks(model)
+    done = [n for n in _compiled_blocks(model) if n not in ours]
     if done:
         shown = ", ".join(done[:3]) + (", ..." if len(done) > 3 else "")
         raise RuntimeError(
             f"{len(done)} submodules of {type(model).__name__} are compiled on their own "
-            f"({shown}), e.g. by diffusers' compile_repeated_blocks. Regional compilation "
-            f"shares one graph among all blocks, so every layer would get one VMoBA partition. "
-            f"vmoba_compile compiles the whole model: use optimize(model) on a model without "
-            f"regional compilation (reload it, or do not call compile_repeated_blocks)."
+            f"({shown}), e.g. by diffusers' compile_repeated_blocks. That shares one graph among "
+            f"all blocks, so every layer would get one VMoBA partition. vmoba_compile compiles "
+            f"the blocks itself, one graph per partition: use optimize(model) on a model without "
+            f"that compilation (reload it, or do not call compile_repeated_blocks)."
         )
 
 
@@ -205,9 +209,9 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
     fullgraph = bool(options.get("fullgraph", False))
-    regional = options.get("regional", False)
-    if not isinstance(regional, bool):
-        raise TypeError(f"regional must be True or False; got {regional!r}.")
+    regional = options.get("regional")
+    if regional is not None and not isinstance(regional, bool):
+        raise TypeError(f"regional must be None (automatic), True or False; got {regional!r}.")
     return {"fullgraph": fullgraph, "patches": patches, "lowering": lowering, "regional": regional}
 
 
@@ -249,11 +253,13 @@ class VMoBAModule(torch.nn.Module):
         self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
         self._vmoba_regional: RegionalBlocks | None = None
         self._vmoba_backends: list[VMoBABackend] = []
-        if compile_options.get("regional"):
-            blocks = find_blocks(model, self._vmoba_layer_of)
+        blocks = _regional_blocks(model, self._vmoba_layer_of, compile_options.get("regional"))
+        _refuse_regional(model, regional=bool(blocks))
+        if blocks:
             self._vmoba_regional = RegionalBlocks(
                 model, blocks, self._compile_block_variant, self.report.add
             )
+            self.report.compiled = f"{len(blocks)} repeated blocks (regional)"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -298,7 +304,7 @@ class VMoBAModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
         if any(c is not None and not isinstance(c, BlockCall) for c in impls):
-            _refuse_regional(self._orig_mod)  # compile_repeated_blocks ran after optimize
+            _refuse_regional(self._orig_mod, regional=True)  # compile_repeated_blocks ran after
         if self._vmoba_regional is not None:
             return self._forward_regional(args, kwargs)
         controls = self.vmoba
@@ -354,6 +360,26 @@ class VMoBAModule(torch.nn.Module):
         if not self._vmoba_warned:
             self._vmoba_warned = True
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _regional_blocks(
+    model: torch.nn.Module, layer_of: dict[str, int], regional: bool | None
+) -> dict[str, tuple[int, ...]] | None:
+    """The blocks to compile one by one, or None to compile the whole model.
+
+    ``regional=None`` (the default) compiles the blocks when every VMoBA self-attention module
+    sits in a module list, and the whole model otherwise (no such module, or one outside any
+    list); ``True`` requires the blocks (:func:`~vmoba_compile.regional.find_blocks` raises with
+    the fix); ``False`` compiles the whole model.
+    """
+    if regional is False or (regional is None and not layer_of):
+        return None
+    try:
+        return find_blocks(model, layer_of)
+    except ValueError:
+        if regional:
+            raise
+        return None
 
 
 def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> dict[str, int]:
@@ -460,11 +486,15 @@ def optimize(
             wrong ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels
             kept in program order: training memory) and override them.
             ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
-            ``regional=True`` compiles the repeated blocks instead of the whole model: one
-            compiled block per partition of the schedule (and per grid), shared by the blocks
-            of that partition; the rest of the model runs uncompiled. Cold compile falls with
-            the depth (:mod:`vmoba_compile.regional`). The blocks' ``_compiled_call_impl`` is
-            set, as ``module.compile()`` does; called directly, the model runs as written.
+            ``regional``: by default (None) the repeated blocks are compiled instead of the
+            whole model when every VMoBA self-attention module lies in a module list (every
+            supported family): one compiled block per partition of the schedule (and per
+            grid), shared by the blocks of that partition; the rest of the model runs
+            uncompiled, and the report lists only the blocks' attention calls. Cold compile
+            then no longer grows with the depth (:mod:`vmoba_compile.regional`). The blocks'
+            ``_compiled_call_impl`` is set, as ``module.compile()`` does; called directly, the
+            model runs as written. ``regional=True`` requires the blocks; ``False`` compiles
+            the whole model (every attention call in the report, slower cold compile).
 
     Returns:
         A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call
@@ -473,11 +503,11 @@ def optimize(
     Raises:
         ValueError: no adapter knows the model and no layout was given (the message lists the
             known families).
-        RuntimeError: submodules are already compiled on their own (regional compilation, or
-            an earlier ``optimize(model, regional=True)``).
+        RuntimeError: submodules are already compiled on their own (diffusers' regional
+            compilation), or ``regional=False`` on a model that an earlier ``optimize``
+            compiled block by block.
     """
     config, adapter = _resolve(model, config, layout)
-    _refuse_regional(model)
     options = _check_compile_options(compile_options)
     return VMoBAModule(model, config, layout, adapter, strict, options)
 
@@ -498,7 +528,9 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
         owner = model
     else:
         config, adapter = _resolve(model, config, layout)
-        owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
+        # regional=False: tracing must not hook the model's blocks
+        options = _check_compile_options({"regional": False})
+        owner = VMoBAModule(model, config, layout, adapter, False, options)
     report = RewriteReport(owner.report.model, owner.report.family)
     fn = torch.compile(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False

@@ -76,13 +76,72 @@ def _fresh_function(name: str) -> Callable[..., Any]:
 
 class BlockCall:
     """A block's ``_compiled_call_impl`` (the hook ``nn.Module.__call__`` runs, as after
-    ``module.compile()``): hands the call to :class:`RegionalBlocks`."""
+    ``module.compile()``): hands the call to the optimized model running it.
 
-    def __init__(self, owner: RegionalBlocks, index: int) -> None:
-        self.owner, self.index = owner, index
+    One per block, shared by every optimized model of the same model (``optimize`` may be
+    called on a model more than once, e.g. with two configurations): a call inside an optimized
+    model's forward goes to that model's :class:`RegionalBlocks`; a recomputation under
+    activation checkpointing goes to the one whose forward took the input; any other call runs
+    the block as written.
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        self.block = block
+        self.owners: weakref.WeakSet[RegionalBlocks] = weakref.WeakSet()
+
+    @classmethod
+    def install(cls, block: torch.nn.Module, owner: RegionalBlocks) -> None:
+        impl = getattr(block, "_compiled_call_impl", None)
+        if not isinstance(impl, cls):
+            impl = cls(block)
+            block._compiled_call_impl = impl
+        impl.owners.add(owner)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.owner.call(self.index, args, kwargs)
+        ctx = CURRENT_CONTEXT.get()
+        owner = ctx.regional if ctx is not None else None
+        if owner is not None and owner in self.owners:
+            return owner.call(owner.index_of(self.block), args, kwargs)
+        if torch._C._current_graph_task_id() != -1:
+            taken = self._recalled(args, kwargs)
+            if taken is not None:
+                owner, key, saved = taken
+                token = CURRENT_CONTEXT.set(saved)
+                try:
+                    return owner.variant(key, owner.index_of(self.block))(
+                        self.block, *args, **kwargs
+                    )
+                finally:
+                    CURRENT_CONTEXT.reset(token)
+        # The user's model called directly (not through the optimized model): run it as written.
+        return self.block._call_impl(*args, **kwargs)
+
+    def _recalled(self, args: tuple, kwargs: dict) -> tuple[RegionalBlocks, tuple, Any] | None:
+        """What a recomputation in the backward runs: the variant of the forward that took the
+        same input tensor; else the one variant that every forward still alive ran; else
+        (no such forward) None. Several candidates raise."""
+        exact, alive, path = [], [], ""
+        for owner in list(self.owners):
+            index = owner.index_of(self.block)
+            path = owner.paths[index]
+            hit, live = owner.recall(index, args, kwargs)
+            exact += [(owner, *hit)] if hit is not None else []
+            alive += [(owner, *e) for e in live]
+        found = exact or alive
+        if len(found) > 1:
+            raise _ambiguous(path, len(found))
+        return found[0] if found else None
+
+
+def _ambiguous(path: str, n: int) -> RuntimeError:
+    return RuntimeError(
+        f"block '{path}' was recomputed in the backward (activation checkpointing) on an input "
+        f"its forward did not take, and forward calls still alive ran it as {n} different "
+        f"variants (grids, dense settings or optimized models), so the variant to recompute "
+        f"is ambiguous. Use non-reentrant checkpointing around each block (diffusers' default, "
+        f"torch.utils.checkpoint(..., use_reentrant=False)), or run backward before the next "
+        f"forward of another grid or dense setting."
+    )
 
 
 class RegionalBlocks:
@@ -107,14 +166,18 @@ class RegionalBlocks:
         self.paths = list(blocks)
         self.layers = [blocks[p] for p in self.paths]
         self.modules = [model.get_submodule(p) for p in self.paths]
+        self._index = {id(m): i for i, m in enumerate(self.modules)}
         self._compile_variant = compile_variant
         self._report_add = report_add
         self.variants: dict[tuple, Callable[..., Any]] = {}
         # (block index, id of its first tensor input) -> (weakref to it, variant key, context):
         # what a checkpointed block's recomputation in the backward must run.
         self._taken: dict[tuple[int, int], tuple[weakref.ref, tuple, CallContext]] = {}
-        for i, m in enumerate(self.modules):
-            m._compiled_call_impl = BlockCall(self, i)
+        for m in self.modules:
+            BlockCall.install(m, self)
+
+    def index_of(self, block: torch.nn.Module) -> int:
+        return self._index[id(block)]
 
     def key(self, index: int, ctx: CallContext) -> tuple:
         """What block ``index`` runs in this call: ``("dense",)``, or its layers' partitions,
@@ -144,8 +207,10 @@ class RegionalBlocks:
             def on_graph(where: str, calls: list[AttentionCall]) -> None:
                 ctx = CURRENT_CONTEXT.get()
                 shared = [i for i in range(len(self.paths)) if ctx and self.key(i, ctx) == key]
+                n = len(shared) or 1
                 self._report_add(
-                    f"{where}; block {self.paths[index]}'s graph, run by {len(shared) or 1} blocks",
+                    f"{where}; block {self.paths[index]}'s graph, run by {n} block"
+                    + ("s" if n > 1 else ""),
                     self._expand(index, shared or [index], calls, ctx),
                 )
 
@@ -170,24 +235,13 @@ class RegionalBlocks:
         return out
 
     def call(self, index: int, args: tuple, kwargs: dict) -> Any:
-        block = self.modules[index]
+        """Block ``index`` called inside this model's forward: its variant, remembered for a
+        recomputation in the backward."""
         ctx = CURRENT_CONTEXT.get()
-        if ctx is not None and ctx.regional is self:
-            key = self.key(index, ctx)
-            # Also without gradients: reentrant checkpointing runs the forward under no_grad.
-            self._remember(index, args, kwargs, key, ctx)
-            return self.variant(key, index)(block, *args, **kwargs)
-        if torch._C._current_graph_task_id() != -1:
-            taken = self._recalled(index, args, kwargs)
-            if taken is not None:
-                key, saved = taken
-                token = CURRENT_CONTEXT.set(saved)
-                try:
-                    return self.variant(key, index)(block, *args, **kwargs)
-                finally:
-                    CURRENT_CONTEXT.reset(token)
-        # The user's model called directly (not through the optimized model): run it as written.
-        return block._call_impl(*args, **kwargs)
+        key = self.key(index, ctx)
+        # Also without gradients: reentrant checkpointing runs the forward under no_grad.
+        self._remember(index, args, kwargs, key, ctx)
+        return self.variant(key, index)(self.modules[index], *args, **kwargs)
 
     @staticmethod
     def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -210,26 +264,14 @@ class RegionalBlocks:
 
         taken[slot] = (weakref.ref(x, forget), key, ctx)
 
-    def _recalled(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, Any] | None:
-        """The variant a recomputed block ran in its forward: found by its input tensor (the
-        same object under non-reentrant checkpointing); else the one variant this block ran in
-        every forward whose input is still alive; else an error."""
+    def recall(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple | None, list[tuple]]:
+        """For a recomputation of block ``index``: the ``(key, context)`` of the forward that
+        took the same input tensor (or None), and those of the distinct variants that forwards
+        still alive ran for the block."""
         x = self._first_tensor(args, kwargs)
         entry = self._taken.get((index, id(x))) if x is not None else None
         if entry is not None and entry[0]() is x:
-            return entry[1], entry[2]
+            return (entry[1], entry[2]), []
         entries = list(self._taken.items())  # a weakref callback may delete entries meanwhile
         alive = {e[1]: e for (i, _), e in entries if i == index and e[0]() is not None}
-        if len(alive) == 1:
-            e = next(iter(alive.values()))
-            return e[1], e[2]
-        if not alive:
-            return None
-        raise RuntimeError(
-            f"block '{self.paths[index]}' was recomputed in the backward (activation "
-            f"checkpointing) on an input its forward did not take, and forward calls still "
-            f"alive ran it as {len(alive)} different variants (grids or dense settings), so the "
-            f"variant to recompute is ambiguous. Use non-reentrant checkpointing around each "
-            f"block (diffusers' default, torch.utils.checkpoint(..., use_reentrant=False)), or "
-            f"run backward before the next forward of another grid or dense setting."
-        )
+        return None, [(e[1], e[2]) for e in alive.values()]
