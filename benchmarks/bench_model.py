@@ -1,11 +1,13 @@
 """A Wan-2.1-1.3B-config transformer end to end: ``optimize(model)`` vs dense ``torch.compile``.
 
 Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [--steps 20]
-[--train-steps 5] [--variant dense|vmoba|both]`` (one variant per process keeps a run inside a
-time limit; training uses activation checkpointing, as 55K-token training does in practice).
+[--train-steps 5] [--variant dense|vmoba|both] [--regional | --whole-model] [--profile]``
+(one variant per process keeps a run inside a time limit; training uses activation
+checkpointing, as 55K-token training does in practice).
 Smoke (CPU, tiny): ``python benchmarks/bench_model.py --tiny``
 
-For each of dense (``torch.compile(model, dynamic=False)``) and VMoBA (``optimize(model)``):
+For each of dense (``torch.compile(model, dynamic=False)``) and VMoBA (``optimize(model)``, which
+compiles this model block by block by default):
 cold compile time (first call), inference forward latency (median), training step latency
 (forward, backward, AdamW; median), peak memory of each, and the number of graphs Dynamo compiled
 over ``--steps`` steps after the first (0 = no recompiles). Random weights, bf16 on GPU.
@@ -129,6 +131,40 @@ def profile_step(step, device: str, rows: int = 20) -> str:
     )
 
 
+KINDS = (  # kernel-name fragments -> kind, first match wins
+    ("flex_attention", "flex attention"),
+    ("cudnn", "dense attention (cuDNN / flash)"),
+    ("fmha", "dense attention (cuDNN / flash)"),
+    ("flash", "dense attention (cuDNN / flash)"),
+    ("gemm", "GEMM"),
+    ("nvjet", "GEMM"),
+    ("xmma", "GEMM"),
+    ("cutlass", "GEMM"),
+    ("triton_", "other Triton kernels"),
+)
+
+
+def forward_by_kind(fn) -> dict:
+    """GPU time of one inference forward by kind of kernel (:data:`KINDS`; the rest "other"),
+    in ms, and the number of kernels: where the forward's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    count = 0
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us <= 0 or evt.key.startswith(("cudaLaunch", "cuLaunch")):
+            continue
+        name = evt.key.lower()
+        kind = next((k for frag, k in KINDS if frag in name), "other")
+        out[kind] = out.get(kind, 0.0) + us / 1e3
+        count += evt.count
+    return {**{k: round(v, 2) for k, v in sorted(out.items())}, "kernels": count}
+
+
 _MASKS: list | None = None
 
 
@@ -243,6 +279,8 @@ def run_variant(
                 with torch.no_grad():
                     d = mask_densities(lambda: wrapped(**inputs))
                 row["forward_density_mean"] = round(sum(d) / max(len(d), 1), 3)
+        if profile and device == "cuda":
+            row["forward_gpu_ms_by_kind"] = forward_by_kind(lambda: wrapped(**inputs))
         print(json.dumps(dict(row, partial=True)), flush=True)  # a run cut later still reports
     if train_steps:
         model.train()
@@ -300,7 +338,8 @@ def main() -> None:
     p.add_argument("--text", type=int, default=512, help="text tokens (cross-attention)")
     p.add_argument(
         "--profile", action="store_true",
-        help="after the timed training steps, print torch.profiler tables of one more step",
+        help="profile one more forward (GPU time by kind of kernel, in the row) and, after the "
+        "timed training steps, print torch.profiler tables of one more step",
     )  # fmt: skip
     p.add_argument(
         "--memory", action="store_true",
@@ -322,6 +361,11 @@ def main() -> None:
         "--regional", action="store_true",
         help="compile the blocks, not the whole model: optimize(regional=True) and, for dense, "
         "each block's module.compile() (diffusers' compile_repeated_blocks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--whole-model", action="store_true",
+        help="optimize(regional=False): VMoBA compiles the whole model (the default, "
+        "regional=None, compiles the blocks of this model)",
     )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
@@ -361,9 +405,14 @@ def main() -> None:
 
     def vmoba():
         m = build()
-        return m, vc.optimize(m, config, lowering=lowering, regional=args.regional, **inductor)
+        regional = True if args.regional else (False if args.whole_model else None)
+        return m, vc.optimize(m, config, lowering=lowering, regional=regional, **inductor)
 
-    how = "regional (blocks compiled)" if args.regional else "whole model compiled"
+    how = (
+        "regional (blocks compiled)"
+        if args.regional
+        else "dense whole model; VMoBA " + ("whole model" if args.whole_model else "default")
+    )
     print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers | {how}")
     variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
     if args.variant != "both":

@@ -46,9 +46,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-12)).item()
 
 
+# Three VMoBA layers in each family (HunyuanVideo: two double- and one single-stream block,
+# its RoPE axes summing to the head dim).
+OVERRIDES = {"hunyuan_video": dict(num_layers=2, num_single_layers=1, rope_axes_dim=(4, 6, 6))}
+
+
 def _setup(family: str):
     torch._dynamo.reset()
-    model, _, _ = tm.build(family, attention_head_dim=16, num_layers=3)
+    model, _, _ = tm.build(family, **{"attention_head_dim": 16, "num_layers": 3,
+                                      **OVERRIDES.get(family, {})})  # fmt: skip
     args, kwargs = tm.spec(family).make_inputs(model, GRID, torch.Generator().manual_seed(0))
     model = model.to("cuda", torch.bfloat16)
     return model, _to(args, torch.bfloat16), {k: _to(v, torch.bfloat16) for k, v in kwargs.items()}
@@ -68,13 +74,22 @@ def _check(name: str, mine, golden, baseline) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "regional"), [("wan", False), ("cogvideox", False), ("wan", True)]
+    ("family", "regional"),
+    [
+        ("wan", None),
+        ("cogvideox", None),
+        ("hunyuan_video", None),
+        ("wan", False),
+        ("hunyuan_video", False),
+    ],
 )
-def test_bf16_forward_and_training_step_match_reference(family: str, regional: bool) -> None:
-    """``regional=True``: three compiled blocks (1D, 2D, 3D), and the training step under
-    diffusers' activation checkpointing, whose recomputation runs outside the forward call."""
+def test_bf16_forward_and_training_step_match_reference(family: str, regional: bool | None) -> None:
+    """The default (``regional=None``: these models' blocks, three compiled variants for 1D, 2D
+    and 3D) with the training step under diffusers' activation checkpointing, whose
+    recomputation runs outside the forward call; and the whole-model compile."""
     model, args, kwargs = _setup(family)
     opt = optimize(model, CONFIG, regional=regional)
+    assert (opt._vmoba_regional is not None) is (regional is None)
     with torch.no_grad():
         out = first(opt(*args, **kwargs))
         golden = reference_forward(model, args, kwargs, CONFIG)
@@ -85,7 +100,7 @@ def test_bf16_forward_and_training_step_match_reference(family: str, regional: b
     assert _rel(dense, golden) > _rel(out, golden), "the test cannot tell VMoBA from dense"
 
     model.train()
-    if regional:
+    if regional is None:
         model.enable_gradient_checkpointing()
     loss, got = _grads(model, lambda: first(opt(*args, **kwargs)))
     model.disable_gradient_checkpointing()  # the reference's SDPA override is not recomputed
