@@ -96,6 +96,8 @@ class RewriteReport:
     family: str | None
     graphs: list[tuple[str, list[AttentionCall]]] = dataclasses.field(default_factory=list)
     compiled: str = "whole model"
+    # With only the blocks compiled: attention modules outside them (run as written, not traced).
+    outside: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def calls(self) -> list[AttentionCall]:
@@ -119,7 +121,8 @@ class RewriteReport:
         if self.compiled != "whole model":
             lines.append(
                 "  only the blocks are compiled: attention calls outside them run as written "
-                "(dense) and are not listed"
+                "(dense) and are not listed; attention modules outside the blocks: "
+                + (", ".join(self.outside) or "none")
             )
         if not self.graphs:
             lines.append("  no graph compiled yet: run the model once")

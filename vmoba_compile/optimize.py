@@ -260,6 +260,7 @@ class VMoBAModule(torch.nn.Module):
                 model, blocks, self._compile_block_variant, self.report.add
             )
             self.report.compiled = f"{len(blocks)} repeated blocks (regional)"
+            self.report.outside = _attention_modules(model, exclude=tuple(blocks))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -382,6 +383,17 @@ def _regional_blocks(
         return None
 
 
+def _attention_modules(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The outermost modules whose class name contains "Attention", in ``named_modules()``
+    order, leaving out those inside the modules ``exclude`` names."""
+    names: list[str] = []
+    for name, m in model.named_modules():
+        inside = any(name == p or name.startswith(p + ".") for p in (*exclude, *names))
+        if "attention" in type(m).__name__.lower() and not inside:
+            names.append(name)
+    return names
+
+
 def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> dict[str, int]:
     """Module path -> layer index: the adapter's self-attention modules, in model order.
 
@@ -392,11 +404,7 @@ def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> di
     if adapter is not None:
         names = adapter.self_attention_modules(model)
     else:
-        names = []
-        for name, m in model.named_modules():
-            outer = any(name.startswith(n + ".") for n in names)
-            if "attention" in type(m).__name__.lower() and not outer:
-                names.append(name)
+        names = _attention_modules(model)
     return {n: i for i, n in enumerate(names)}
 
 
