@@ -30,7 +30,7 @@ from test_optimize import (  # noqa: E402
     toy_reference,
 )
 
-from vmoba_compile import VMoBAConfig, optimize  # noqa: E402
+from vmoba_compile import VMoBAConfig, explain, optimize  # noqa: E402
 from vmoba_compile.adapters import find_adapter  # noqa: E402
 from vmoba_compile.regional import find_blocks  # noqa: E402
 
@@ -269,6 +269,9 @@ def test_refusals() -> None:
     optimize(model, CONFIG, layout=TOY_LAYOUT)
     with pytest.raises(RuntimeError, match="already optimized with regional compilation"):
         optimize(model, CONFIG, layout=TOY_LAYOUT, regional=False)
+    # explain traces the hooked model (it compiles nothing, so nothing to refuse)
+    report = explain(model, *toy_inputs(), vmoba_config=CONFIG, vmoba_layout=TOY_LAYOUT)
+    assert [c.layer_index for c in report.rewritten] == [0, 1, 2, 3]
 
 
 def test_two_optimized_models_of_one_model_keep_their_own_configs() -> None:
@@ -302,3 +305,7 @@ def test_two_optimized_models_of_one_model_keep_their_own_configs() -> None:
         assert diff(g_a, grads(model, lambda: a(x, ctx))) < 1e-6
         assert diff(g_b, grads(model, lambda: b(x, ctx))) < 1e-6
         assert diff(g_a, g_b) > 1e-4
+        model.checkpoint = True  # both models' forwards on one input, both alive: ambiguous
+        out_a, _ = a(xs[0], ctx), b(xs[0], ctx)
+        with pytest.raises(RuntimeError, match="2 optimized models of this model ran it on that"):
+            out_a.square().mean().backward()

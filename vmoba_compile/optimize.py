@@ -254,7 +254,8 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_regional: RegionalBlocks | None = None
         self._vmoba_backends: list[VMoBABackend] = []
         blocks = _regional_blocks(model, self._vmoba_layer_of, compile_options.get("regional"))
-        _refuse_regional(model, regional=bool(blocks))
+        if not compile_options.get("tracing_only"):  # explain() compiles nothing
+            _refuse_regional(model, regional=bool(blocks))
         if blocks:
             self._vmoba_regional = RegionalBlocks(
                 model, blocks, self._compile_block_variant, self.report.add
@@ -537,7 +538,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
     else:
         config, adapter = _resolve(model, config, layout)
         # regional=False: tracing must not hook the model's blocks
-        options = _check_compile_options({"regional": False})
+        options = {**_check_compile_options({"regional": False}), "tracing_only": True}
         owner = VMoBAModule(model, config, layout, adapter, False, options)
     report = RewriteReport(owner.report.model, owner.report.family)
     fn = torch.compile(

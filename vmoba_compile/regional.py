@@ -13,6 +13,11 @@ The recurrent 1D-2D-3D schedule then compiles three blocks, whatever the depth.
 Everything outside the blocks (embeddings, RoPE, the output head) runs uncompiled, as with
 diffusers' regional compilation.
 
+This is what ``optimize`` does by default where every VMoBA self-attention module lies in a
+module list. Each block gets one :class:`BlockCall` hook, shared by every optimized model of the
+same model (``optimize`` called twice, e.g. with two configurations): a block call goes to the
+optimized model whose forward is running.
+
 Activation checkpointing (diffusers' ``torch.utils.checkpoint``, non-reentrant, around each
 block) recomputes a block in the backward, outside the optimized model's forward. The block
 call then finds its variant from the forward call that took the same input tensor.
@@ -129,18 +134,23 @@ class BlockCall:
             alive += [(owner, *e) for e in live]
         found = exact or alive
         if len(found) > 1:
-            raise _ambiguous(path, len(found))
+            raise _ambiguous(path, len(found), bool(exact))
         return found[0] if found else None
 
 
-def _ambiguous(path: str, n: int) -> RuntimeError:
+def _ambiguous(path: str, n: int, same_input: bool = False) -> RuntimeError:
+    how = (
+        f"{n} optimized models of this model ran it on that same input"
+        if same_input
+        else f"it was recomputed on an input its forward did not take, and forward calls still "
+        f"alive ran it as {n} different variants (grids, dense settings or optimized models)"
+    )
     return RuntimeError(
-        f"block '{path}' was recomputed in the backward (activation checkpointing) on an input "
-        f"its forward did not take, and forward calls still alive ran it as {n} different "
-        f"variants (grids, dense settings or optimized models), so the variant to recompute "
-        f"is ambiguous. Use non-reentrant checkpointing around each block (diffusers' default, "
-        f"torch.utils.checkpoint(..., use_reentrant=False)), or run backward before the next "
-        f"forward of another grid or dense setting."
+        f"block '{path}' was recomputed in the backward (activation checkpointing), but {how}, "
+        f"so the variant to recompute is ambiguous. Use non-reentrant checkpointing around each "
+        f"block (diffusers' default, torch.utils.checkpoint(..., use_reentrant=False)), give "
+        f"each optimized model its own input tensors, or run backward before the next forward "
+        f"of another grid or dense setting."
     )
 
 
