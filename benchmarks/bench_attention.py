@@ -66,6 +66,15 @@ def bench(fn, backward: bool):
     return do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=None)
 
 
+def finish(head: str, rows: list[dict], out: str | None) -> None:
+    """Print a run's header line and write ``{"header", "rows"}`` to ``out`` (the small
+    benchmarks' output; this script's own run writes its table too)."""
+    print(head)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"header": head, "rows": rows}, f, indent=1)
+
+
 def gpu_profile(fn, iters: int = 5) -> dict:
     """Per call: GPU time of the flex kernel, GPU time of every other kernel, kernel count, and
     the top non-flex kernels; from torch.profiler's CUDA activity over ``iters`` calls."""

@@ -24,7 +24,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from bench_attention import bench  # do_bench median, as every table of benchmarks/README.md
+from bench_attention import bench, finish  # do_bench median, as every table of benchmarks/README.md
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -104,10 +104,7 @@ def main() -> None:
         f"{gpu} | torch {torch.__version__} | {s} tokens, {h} x {d}, bf16, do_bench median | "
         f"kernel options: {args.options}"
     )
-    print(head)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"header": head, "rows": rows}, f, indent=1)
+    finish(head, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 import statistics
 
 import torch
-from bench_attention import bench
+from bench_attention import bench, finish
 from torch.profiler import ProfilerActivity, profile
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
@@ -116,10 +116,7 @@ def main() -> None:
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | grid {args.grid} "
         f"layer {args.layer} ({cfg.partition_for(args.layer).value})"
     )
-    print(head)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"header": head, "rows": rows}, f, indent=1)
+    finish(head, rows, args.out)
 
 
 if __name__ == "__main__":
