@@ -65,7 +65,9 @@ def _(key: str, device: torch.device) -> list[torch.Tensor]:
         ((plan.num_video_blocks, plan.num_chunks), torch.float32),
         (nb, long),
         (plan.padded_len, long),
+        (plan.padded_len, torch.int32),
         (plan.padded_len, long),
+        (plan.padded_len, torch.int32),
     )
     return [torch.empty(n, dtype=dt, device=device) for n, dt in shapes]
 

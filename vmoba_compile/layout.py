@@ -135,8 +135,16 @@ def _axis_sizes(n: int, c: int) -> list[int]:
 
 
 # Selection columns per int32 word of the table ``mask_mod`` reads (bit 31 left clear): one word
-# load per query row and a shift per key, instead of a gather per score element.
+# load per query row and an AND per key, instead of a gather per score element.
 SELECTION_WORD_BITS = 31
+
+
+def _word_and_mask(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection-table column of each key slot -> the word that holds it and its bit as an int32
+    mask (``1 << bit``): ``mask_mod`` tests a key with one AND (a shift and an AND cost 3% more
+    of a TOKEN forward, benchmarks/README.md, tenth session)."""
+    bit = (col % SELECTION_WORD_BITS).to(torch.int32)
+    return col // SELECTION_WORD_BITS, torch.ones_like(bit) << bit
 
 
 class PlanIndex(NamedTuple):
@@ -150,11 +158,17 @@ class PlanIndex(NamedTuple):
     sizes: torch.Tensor  # [C] int64: real tokens in each chunk
     onehot: torch.Tensor  # [NB_video, C] float32: 1 where a video block lies in a chunk
     # Selection-table columns (ChunkPlan.columns = W): a block's chunk, W for text, W + 1 for
-    # padding; each key slot's column as the word of the mask_mod table that holds it and the
-    # bit in that word (SELECTION_WORD_BITS columns a word).
+    # padding; each key slot's column as the word of the mask_mod table that holds it and its
+    # bit in that word as a mask (SELECTION_WORD_BITS columns a word). BLOCK granularity: every
+    # partition of a layout shares the width W (one kernel for every layer).
     block_col: torch.Tensor  # [NB] int64
     kv_word: torch.Tensor  # [S_pad] int64
-    kv_bit: torch.Tensor  # [S_pad] int64
+    kv_mask: torch.Tensor  # [S_pad] int32
+    # The same with the plan's own C chunk columns only (text C, padding C + 1; block columns are
+    # block_chunk): TOKEN granularity tests mask_mod on nearly every score, so it reads no more
+    # words than the plan needs.
+    own_word: torch.Tensor  # [S_pad] int64
+    own_mask: torch.Tensor  # [S_pad] int32
 
 
 class LayerPlan(NamedTuple):
@@ -307,13 +321,13 @@ class ChunkPlan:
         chunks = torch.arange(c, device=device)
         onehot = (block_chunk[: self.num_video_blocks, None] == chunks).float()
         block_col = block_chunk + self.num_pad_columns * (block_chunk >= c)
-        slot_col = block_col.repeat_interleave(bs)
-        kv_col = torch.where(real, slot_col, torch.full_like(slot_col, self.columns + 1))
-        kv_word, kv_bit = kv_col // SELECTION_WORD_BITS, kv_col % SELECTION_WORD_BITS
+        kv_col = torch.where(real, block_col.repeat_interleave(bs), self.columns + 1)
+        own_col = torch.where(real, block_chunk.repeat_interleave(bs), c + 1)
         slots = self.token_slots(device)
         return PlanIndex(
-            token, real, slots, block_chunk, block_count, sizes, onehot, block_col, kv_word, kv_bit
-        )
+            token, real, slots, block_chunk, block_count, sizes, onehot, block_col,
+            *_word_and_mask(kv_col), *_word_and_mask(own_col),
+        )  # fmt: skip
 
     @property
     def key(self) -> str:

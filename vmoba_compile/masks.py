@@ -77,13 +77,11 @@ def build_block_mask(
         # a select per score: its table holds only this plan's own chunks (W = C), so a 1D layer
         # reads one word where the schedule's widest partition needs five (benchmarks/README.md,
         # tenth session). Its layers then differ in mask_mod: one flex kernel per word count.
-        w, block_col = c, idx.block_chunk  # text blocks: column C
-        kv_col = torch.where(real, block_col.repeat_interleave(bs), c + 1)
-        kv_word, kv_bit = kv_col // _BITS, kv_col % _BITS
+        w, block_col, kv_word, kv_mask = c, idx.block_chunk, idx.own_word, idx.own_mask
     else:
         # BLOCK granularity evaluates it only on boundary blocks: every layer shares the width
         # W = plan.columns, so every layer's kernel is the same.
-        w, block_col, kv_word, kv_bit = plan.columns, idx.block_col, idx.kv_word, idx.kv_bit
+        w, block_col, kv_word, kv_mask = plan.columns, idx.block_col, idx.kv_word, idx.kv_mask
 
     # The selection extended to every padded query row and to whole words of the W columns
     # plus two, built in one place: text query rows select every chunk; columns C..W-1 (BLOCK
@@ -152,9 +150,6 @@ def build_block_mask(
     for i in range(words):
         part = sel_ext[..., i * _BITS : (i + 1) * _BITS].to(torch.int32)
         word_tables.append((part << shifts).sum(-1, dtype=torch.int32))
-    # Each key's bit as a mask (1 << bit, int32 like the words): one AND per score instead of a
-    # shift and an AND (3% of a TOKEN forward, benchmarks/README.md, tenth session).
-    kv_mask = torch.ones_like(kv_bit, dtype=torch.int32) << kv_bit.to(torch.int32)
     extra = [*word_tables, kv_word, kv_mask]
     extra += [] if key_ok is None else [key_ok]
     plain = materialize_for_mask_mod(*tensors, *extra)
