@@ -35,10 +35,10 @@ class VMoBAControls:
     Attributes:
         dense_steps: the first ``dense_steps`` denoising steps run dense attention (dense
             warm-up). They use a second compiled copy of the model (inductor, no VMoBA), compiled
-            once on first use (with ``regional=True``: a dense compiled block).
-        dense_layers: VMoBA layer indices kept dense. Each distinct set compiles once (per
-            resolution) and is then cached (with ``regional=True`` their blocks run the dense
-            compiled block: nothing new compiles).
+            once on first use (with the blocks compiled, the default: a dense compiled block).
+        dense_layers: VMoBA layer indices kept dense. With the blocks compiled their blocks run
+            the dense compiled block (nothing new compiles); with the whole model compiled each
+            distinct set compiles once (per resolution) and is then cached.
         calls_per_step: forward calls per denoising step (2 when a pipeline runs the
             conditional and unconditional passes as two calls, as Wan's does).
 
@@ -235,6 +235,8 @@ class VMoBAModule(torch.nn.Module):
         adapter: ModelAdapter | None,
         strict: bool,
         compile_options: dict[str, Any],
+        layer_of: dict[str, int] | None = None,
+        blocks: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__()
         self._orig_mod = model
@@ -243,7 +245,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_adapter = adapter
         self._vmoba_strict = strict
         self._vmoba_compile = compile_options
-        self._vmoba_layer_of = _layer_numbering(model, adapter)
+        self._vmoba_layer_of = _layer_numbering(model, adapter) if layer_of is None else layer_of
         self._vmoba_modules = tuple(model.modules())
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         self._vmoba_param_names = {id(t): n for n, t in named}
@@ -253,10 +255,7 @@ class VMoBAModule(torch.nn.Module):
         self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
         self._vmoba_regional: RegionalBlocks | None = None
         self._vmoba_backends: list[VMoBABackend] = []
-        blocks = _regional_blocks(model, self._vmoba_layer_of, compile_options.get("regional"))
-        if not compile_options.get("tracing_only"):  # explain() compiles nothing
-            _refuse_regional(model, regional=bool(blocks))
-        if blocks:
+        if blocks:  # optimize's choice (_regional_blocks); None: the whole model
             self._vmoba_regional = RegionalBlocks(
                 model, blocks, self._compile_block_variant, self.report.add
             )
@@ -518,7 +517,10 @@ def optimize(
     """
     config, adapter = _resolve(model, config, layout)
     options = _check_compile_options(compile_options)
-    return VMoBAModule(model, config, layout, adapter, strict, options)
+    layer_of = _layer_numbering(model, adapter)
+    blocks = _regional_blocks(model, layer_of, options["regional"])
+    _refuse_regional(model, regional=bool(blocks))
+    return VMoBAModule(model, config, layout, adapter, strict, options, layer_of, blocks)
 
 
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
@@ -537,9 +539,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
         owner = model
     else:
         config, adapter = _resolve(model, config, layout)
-        # regional=False: tracing must not hook the model's blocks
-        options = {**_check_compile_options({"regional": False}), "tracing_only": True}
-        owner = VMoBAModule(model, config, layout, adapter, False, options)
+        # No blocks: tracing must not hook the model's blocks (and compiles nothing to refuse).
+        owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
     report = RewriteReport(owner.report.model, owner.report.family)
     fn = torch.compile(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
