@@ -357,12 +357,13 @@ def main() -> None:
         help="inductor options of both variants' compiles, over optimize's safe defaults "
         "(mix-order reductions off); triton.mix_order_reduction=true measures with them",
     )  # fmt: skip
-    p.add_argument(
+    compile_mode = p.add_mutually_exclusive_group()
+    compile_mode.add_argument(
         "--regional", action="store_true",
         help="compile the blocks, not the whole model: optimize(regional=True) and, for dense, "
         "each block's module.compile() (diffusers' compile_repeated_blocks)",
     )  # fmt: skip
-    p.add_argument(
+    compile_mode.add_argument(
         "--whole-model", action="store_true",
         help="optimize(regional=False): VMoBA compiles the whole model (the default, "
         "regional=None, compiles the blocks of this model)",
