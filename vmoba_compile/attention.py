@@ -14,13 +14,15 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
-from .config import Granularity, Partition, VMoBAConfig
+from .config import Granularity, Kernel, Partition, VMoBAConfig
+from .kernels import KernelChoice, choose_kernel, flash_block_sparse
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask
 from .selection import chunk_keys, gates, select
 
 __all__ = [
     "BlockPlan",
+    "kernel_for",
     "layer_plan",
     "permute",
     "plan_blocks",
@@ -277,8 +279,18 @@ def plan_blocks(
 
     ``q_tables``: see :func:`~vmoba_compile.masks.build_block_mask`.
     """
+    idx = idx if idx is not None else _compat.plan_index(plan, qp.device)
+    sel, unit_real, is_self = _select(qp, kp, plan, config, idx)
+    token_level = config.granularity is Granularity.TOKEN
+    bm = build_block_mask(
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables
+    )
+    return BlockPlan(plan, sel, unit_real, is_self, bm)
+
+
+def _select(qp, kp, plan, config, idx):
+    """``(sel, unit_real, is_self)`` of permuted ``qp`` / ``kp`` (see :class:`BlockPlan`)."""
     device, bs = qp.device, plan.block_size
-    idx = idx if idx is not None else _compat.plan_index(plan, device)
     nvb, nv, onehot = plan.num_video_blocks, plan.video_padded, idx.onehot
     kbar = chunk_keys(kp, onehot, idx.sizes, bs)
     if config.granularity is Granularity.BLOCK:
@@ -291,12 +303,28 @@ def plan_blocks(
         q_units = qp[:, :, :nv]
         is_self = onehot.bool().repeat_interleave(bs, dim=0)
         unit_real = idx.real[:nv]
-    sel = select(gates(q_units, kbar), is_self, unit_real, config)
-    token_level = config.granularity is Granularity.TOKEN
-    bm = build_block_mask(
-        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables
+    return select(gates(q_units, kbar), is_self, unit_real, config), unit_real, is_self
+
+
+def kernel_for(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    plan: ChunkPlan | LayerPlan,
+    config: VMoBAConfig,
+    layer_index: int,
+    backward: bool,
+) -> KernelChoice:
+    """The kernel that :func:`vmoba_attention` runs for these inputs (the report uses it too)."""
+    return choose_kernel(
+        config,
+        config.partition_for(layer_index),
+        device=q.device,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        head_dim_v=v.shape[-1],
+        seq_len=plan.num_blocks * plan.block_size,
+        backward=backward,
     )
-    return BlockPlan(plan, sel, unit_real, is_self, bm)
 
 
 def vmoba_attention(
@@ -333,10 +361,25 @@ def vmoba_attention(
         # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
         return _dense(q, k, v, layout, scale, text_key_mask)
 
-    idx = _compat.plan_index(plan, q.device)
-    qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     # The same test as FlexAttention's own for whether a backward will run.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = plan_blocks(qp, kp, plan, config, text_key_mask, idx, backward).block_mask
-    out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(q.device.type, backward))
+    choice = kernel_for(q, v, plan, config, layer_index, backward)
+    if not choice.possible:
+        raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
+    idx = _compat.plan_index(plan, q.device)
+    qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+    sel = _select(qp, kp, plan, config, idx)[0]
+    token_level = config.granularity is Granularity.TOKEN
+    if choice.kernel is Kernel.FLASH:
+        pieces = build_block_mask(
+            plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
+            q_tables=backward, raw=True,
+        )  # fmt: skip
+        out = flash_block_sparse(qp, kp, vp, pieces, scale)
+    else:
+        bm = build_block_mask(
+            plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
+            q_tables=backward,
+        )  # fmt: skip
+        out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(q.device.type, backward))
     return unpermute(out, plan, idx)

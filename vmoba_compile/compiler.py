@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .attention import plan_for, text_key_mask_from_padding, vmoba_attention
+from .attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from .config import VMoBAConfig
 from .layout import TextPosition, VideoLayout
 
@@ -74,6 +74,9 @@ class AttentionCall:
         reason: why it was rewritten (the layout) or why it was left dense.
         layer_index: the call's VMoBA layer index (None when left dense).
         partition: ``"1d"``, ``"2d"`` or ``"3d"`` (None when left dense).
+        kernel: the kernel of a rewritten call: ``"flash"`` (FlashAttention-4), ``"triton"``
+            (FlexAttention's Triton template) or ``"sdpa"`` (every chunk kept: dense SDPA);
+            None when left dense. Why is in ``reason``.
     """
 
     module: str
@@ -82,6 +85,7 @@ class AttentionCall:
     reason: str
     layer_index: int | None = None
     partition: str | None = None
+    kernel: str | None = None
 
 
 @dataclasses.dataclass
@@ -137,13 +141,16 @@ class RewriteReport:
             lines.append(f"graph {n} ({where}): {done} of {len(calls)} attention calls rewritten")
             width = max([len(c.module) for c in calls] + [6])
             lines.append(
-                f"  {'layer':>5}  {'part':4}  {'module':{width}}  {'q shape, kv len':24}  decision"
+                f"  {'layer':>5}  {'part':4}  {'kernel':6}  {'module':{width}}  "
+                f"{'q shape, kv len':24}  decision"
             )
             for c in calls:
                 layer = "-" if c.layer_index is None else str(c.layer_index)
-                part = c.partition or "-"
+                part, kernel = c.partition or "-", c.kernel or "-"
                 what = ("VMoBA: " if c.rewritten else "dense: ") + c.reason
-                lines.append(f"  {layer:>5}  {part:4}  {c.module:{width}}  {c.shape:24}  {what}")
+                lines.append(
+                    f"  {layer:>5}  {part:4}  {kernel:6}  {c.module:{width}}  {c.shape:24}  {what}"
+                )
         return "\n".join(lines)
 
 
@@ -506,8 +513,14 @@ def rewrite_graph(
                 calls.append(AttentionCall(module, shape, False, choice))
                 continue
             partition = ctx.config.partition_for(choice.layer_index).value
-            reason = _rewrite_reason(choice, ctx.config)
-            calls.append(AttentionCall(module, shape, True, reason, choice.layer_index, partition))
+            kernel, why = _kernel(values, choice, ctx.config)
+            if kernel is None:  # kernel='flash' and FA4 cannot run this call
+                calls.append(AttentionCall(module, shape, False, why))
+                continue
+            reason = f"{_rewrite_reason(choice, ctx.config)}; kernel {kernel}: {why}"
+            calls.append(
+                AttentionCall(module, shape, True, reason, choice.layer_index, partition, kernel)
+            )
             if apply:
                 _replace(sub, node, bound, choice, ctx.config)
                 changed = True
@@ -515,6 +528,22 @@ def rewrite_graph(
             sub.graph.lint()
             sub.recompile()
     return calls
+
+
+def _kernel(
+    values: dict[str, Any], choice: _Rewrite, config: VMoBAConfig
+) -> tuple[str | None, str]:
+    """The kernel the rewritten call will run and why (:func:`~vmoba_compile.attention.
+    kernel_for`, the op's own choice), or ``(None, why)`` when ``kernel='flash'`` cannot run."""
+    plan = plan_for(choice.layout, config, choice.layer_index)
+    if config.keeps_all_chunks(plan.num_chunks):
+        return "sdpa", "every chunk kept"
+    q, k, v = values["query"], values["key"], values["value"]
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    kc = kernel_for(q, v, plan, config, choice.layer_index, backward)
+    if not kc.possible:
+        return None, f"{kc.reason}; use VMoBAConfig(kernel='auto') to run Triton there"
+    return kc.kernel.value, kc.reason
 
 
 def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:

@@ -15,6 +15,7 @@ __all__ = [
     "CUDA_INFERENCE_KERNEL_OPTIONS",
     "CUDA_KERNEL_OPTIONS",
     "Granularity",
+    "Kernel",
     "Partition",
     "Scope",
     "Selection",
@@ -49,6 +50,14 @@ class Granularity(str, Enum):
 
     BLOCK = "block"  # one query block of `block_size` tokens inside one chunk: the fast mode
     TOKEN = "token"  # one query token: exactly the paper's semantics
+
+
+class Kernel(str, Enum):
+    """Which attention kernel runs a VMoBA call's block-sparse attention."""
+
+    AUTO = "auto"  # FlashAttention-4 where it is installed and faster, else Triton
+    FLASH = "flash"  # FlashAttention-4 (CuTe DSL) through FlexAttention's FLASH backend
+    TRITON = "triton"  # FlexAttention's Triton template (every device, every dtype)
 
 
 def _enum(cls: type[Enum], field: str, value: object) -> Enum:
@@ -141,7 +150,12 @@ class VMoBAConfig:
             without a backward (measured on the H100), elsewhere PyTorch's defaults;
             ``{}``: PyTorch's defaults everywhere. Stored as sorted ``(name, value)`` pairs
             (hashable). ``benchmarks/bench_attention.py --configs NAME+OPTIONS`` measures
-            candidates.
+            candidates. They apply to the Triton kernel only.
+        kernel: ``"auto"`` (default) runs FlashAttention-4 where :func:`vmoba_compile.kernels.
+            choose_kernel` finds it installed, on a Hopper or newer GPU, for a BLOCK-granularity
+            bf16/fp16 call of a supported head dim, and FlexAttention's Triton kernel otherwise;
+            ``"flash"`` requires FlashAttention-4 (an error says why it cannot run);
+            ``"triton"`` always uses Triton. The rewrite report says which kernel each call got.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
@@ -156,6 +170,7 @@ class VMoBAConfig:
     block_size: int = 128
     target_chunk_blocks: int = 4
     kernel_options: tuple[tuple[str, int | bool], ...] | None = None
+    kernel: Kernel = Kernel.AUTO
 
     def __post_init__(self) -> None:
         sched = self.schedule
@@ -174,6 +189,7 @@ class VMoBAConfig:
             ("selection", Selection),
             ("scope", Scope),
             ("granularity", Granularity),
+            ("kernel", Kernel),
         ):
             object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
         if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:

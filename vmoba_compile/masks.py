@@ -13,6 +13,9 @@ from a scatter: compiled CPU flex read scatter-built buffers wrongly (FLEX_NOTES
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -20,7 +23,15 @@ from ._compat import materialize_for_mask_mod
 from .layout import SELECTION_WORD_BITS as _BITS
 from .layout import ChunkPlan, LayerPlan, PlanIndex
 
-__all__ = ["build_block_mask", "dense_to_indices"]
+__all__ = [
+    "TABLE_NAMES",
+    "MaskPieces",
+    "block_mask_from_pieces",
+    "build_block_mask",
+    "dense_to_indices",
+    "make_mask_mod",
+    "materialize_pieces",
+]
 
 
 def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +61,8 @@ def build_block_mask(
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
     q_tables: bool = True,
-) -> BlockMask:
+    raw: bool = False,
+) -> BlockMask | MaskPieces:
     """Turn a chunk selection into a BlockMask over the padded sequence.
 
     Args:
@@ -64,9 +76,11 @@ def build_block_mask(
         q_tables: build the query-side tables too. Only the backward kernel reads them; an
             inference call skips their two sorts (the mask then has ``q_indices=None``, which
             FlexAttention accepts without gradients and refuses, loudly, with them).
+        raw: return the :class:`MaskPieces` as computed (for a kernel that takes them through
+            an opaque op of its own, :mod:`vmoba_compile.kernels`) instead of the BlockMask.
 
     Returns:
-        A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]``.
+        A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]`` (or its pieces, with ``raw``).
     """
     device = sel.device
     b, h, u, c = sel.shape
@@ -119,8 +133,8 @@ def build_block_mask(
     full = touched & uniform & kv_full
     partial = touched & ~full
     # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
-    # buffer under compilation: on the H100 (torch 2.11) inductor fused their computation (sort,
-    # index_select, ...) into the flex template, and that kernel faulted (docs/gpu_status.md).
+    # buffer under compilation (materialize_pieces): on the H100 (torch 2.11) inductor fused their
+    # computation (sort, index_select, ...) into the flex template, and that kernel faulted.
     names, tensors = [], []
     sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
@@ -150,16 +164,74 @@ def build_block_mask(
     for i in range(words):
         part = sel_ext[..., i * _BITS : (i + 1) * _BITS].to(torch.int32)
         word_tables.append((part << shifts).sum(-1, dtype=torch.int32))
-    extra = [*word_tables, kv_word, kv_mask]
-    extra += [] if key_ok is None else [key_ok]
-    plain = materialize_for_mask_mod(*tensors, *extra)
-    tables = dict.fromkeys(
-        ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-    )  # None unless built
-    tables.update(zip(names, plain[: len(tensors)], strict=True))
-    word_tables = plain[len(tensors) : len(tensors) + words]
-    kv_word, kv_mask = plain[len(tensors) + words : len(tensors) + words + 2]
-    key_ok = None if key_ok is None else plain[-1]
+    tables = dict(zip(names, tensors, strict=True))
+    pieces = MaskPieces(tables, word_tables, kv_word, kv_mask, key_ok, bs, nb * bs, token_level)
+    return pieces if raw else block_mask_from_pieces(materialize_pieces(pieces))
+
+
+# The block tables in the order MaskPieces.tensors() lists them: the forward's four, then the
+# query side's four (built for a backward only).
+TABLE_NAMES = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)  # fmt: skip
+
+
+class MaskPieces(NamedTuple):
+    """Everything a VMoBA ``BlockMask`` is made of: its block tables and what ``mask_mod`` reads.
+
+    Attributes:
+        tables: ``kv_num_blocks``, ``kv_indices``, ``full_kv_num_blocks``, ``full_kv_indices``
+            and, for a backward, the four ``q_`` tables, by FlexAttention's argument names.
+        word_tables: the selection as bits, one ``[B, H, R]`` int32 table per 31-column word.
+        kv_word: ``[S_pad]`` which word holds each key slot's column.
+        kv_mask: ``[S_pad]`` int32, that column's bit.
+        key_ok: ``[B, S_pad]`` bool, False for masked text keys and padding; or None.
+        block_size: query and key block size.
+        seq_len: the padded sequence length ``S_pad``.
+        token_level: whether the word tables have a row per query token (else per query block).
+    """
+
+    tables: dict[str, torch.Tensor]
+    word_tables: list[torch.Tensor]
+    kv_word: torch.Tensor
+    kv_mask: torch.Tensor
+    key_ok: torch.Tensor | None
+    block_size: int
+    seq_len: int
+    token_level: bool
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the mask, in a fixed order (:meth:`with_tensors` reads it back)."""
+        key_ok = [] if self.key_ok is None else [self.key_ok]
+        tables = [self.tables[n] for n in TABLE_NAMES if n in self.tables]
+        return [*tables, *self.word_tables, self.kv_word, self.kv_mask, *key_ok]
+
+    def with_tensors(self, xs: list[torch.Tensor]) -> MaskPieces:
+        """These pieces with their tensors replaced by ``xs`` (in :meth:`tensors`' order)."""
+        nt, nw = len(self.tables), len(self.word_tables)
+        tables = dict(zip(TABLE_NAMES[:nt], xs[:nt], strict=True))
+        kv_word, kv_mask = xs[nt + nw : nt + nw + 2]
+        key_ok = None if self.key_ok is None else xs[nt + nw + 2]
+        return MaskPieces(
+            tables, list(xs[nt : nt + nw]), kv_word, kv_mask, key_ok, self.block_size,
+            self.seq_len, self.token_level,
+        )  # fmt: skip
+
+
+def materialize_pieces(pieces: MaskPieces) -> MaskPieces:
+    """The pieces as plain, separately computed buffers under compilation (one opaque op for
+    all of them; see :func:`~vmoba_compile._compat.materialize_for_mask_mod`)."""
+    return pieces.with_tensors(materialize_for_mask_mod(*pieces.tensors()))
+
+
+def make_mask_mod(pieces: MaskPieces) -> Callable:
+    """The ``mask_mod`` that encodes the pieces' selection exactly (eager and CPU flex apply
+    only ``mask_mod``; compiled kernels skip it on full blocks)."""
+    word_tables, kv_word, kv_mask = pieces.word_tables, pieces.kv_word, pieces.kv_mask
+    key_ok, bs, token_level, words = (
+        pieces.key_ok, pieces.block_size, pieces.token_level, len(pieces.word_tables),
+    )  # fmt: skip
 
     def mask_mod(bi, hi, q_idx, kv_idx):
         unit = q_idx if token_level else q_idx // bs
@@ -173,9 +245,14 @@ def build_block_mask(
             ok = ok & key_ok[bi, kv_idx]
         return ok
 
+    return mask_mod
+
+
+def block_mask_from_pieces(pieces: MaskPieces) -> BlockMask:
+    """The ``BlockMask`` of the pieces (query-side tables None unless built)."""
+    tables = dict.fromkeys(("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"))
+    tables.update(pieces.tables)
+    s, bs = pieces.seq_len, pieces.block_size
     return BlockMask(
-        seq_lengths=(nb * bs, nb * bs),
-        BLOCK_SIZE=(bs, bs),
-        mask_mod=mask_mod,
-        **tables,
+        seq_lengths=(s, s), BLOCK_SIZE=(bs, bs), mask_mod=make_mask_mod(pieces), **tables
     )

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .adapters.base import ModelAdapter
 from .adapters.registry import find_adapter
 from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
-from .config import VMoBAConfig
+from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
 from .regional import BlockCall, RegionalBlocks, find_blocks
 from .scheduling import keep_program_order
@@ -462,6 +463,9 @@ def _resolve(model: Any, config: Any, layout: Any) -> tuple[VMoBAConfig, ModelAd
         raise TypeError(f"config must be a VMoBAConfig or None; got {type(config).__name__}.")
     if layout is not None and not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout or None; got {type(layout).__name__}.")
+    missing = kernels.flash_unavailable() if config.kernel is Kernel.FLASH else None
+    if missing is not None:
+        raise RuntimeError(f"VMoBAConfig(kernel='flash'): {missing}; or use kernel='auto'.")
     adapter = None
     try:
         adapter = find_adapter(model)
