@@ -133,6 +133,7 @@ def profile_step(step, device: str, rows: int = 20) -> str:
 
 KINDS = (  # kernel-name fragments -> kind, first match wins
     ("flex_attention", "flex attention"),
+    ("cute", "FlashAttention-4 (flash_attn.cute)"),
     ("cudnn", "dense attention (cuDNN / flash)"),
     ("fmha", "dense attention (cuDNN / flash)"),
     ("flash", "dense attention (cuDNN / flash)"),
@@ -317,6 +318,8 @@ def run_variant(
             print(memory_at_peak(step, dump=dump), flush=True)
     if isinstance(wrapped, vc.VMoBAModule):
         row["rewritten_calls"] = len(wrapped.report.rewritten)
+        kernels = [c.kernel for c in wrapped.report.rewritten]
+        row["kernels"] = {k: kernels.count(k) for k in sorted(set(map(str, kernels)))}
     return row
 
 
@@ -368,6 +371,10 @@ def main() -> None:
         help="optimize(regional=False): VMoBA compiles the whole model (the default, "
         "regional=None, compiles the blocks of this model)",
     )  # fmt: skip
+    p.add_argument(
+        "--kernel", choices=["auto", "flash", "triton"], default="auto",
+        help="VMoBAConfig.kernel of the vmoba variant (auto: FlashAttention-4 where installed)",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -379,7 +386,7 @@ def main() -> None:
     cfg = dict(TINY if args.tiny else WAN_1_3B, num_layers=args.layers)
     t, h, w = (int(v) for v in args.grid.split("x"))
     inputs = wan_inputs(args.grid, device, dtype, cfg["text_dim"], args.text)
-    config = vc.VMoBAConfig(block_size=16) if args.tiny else vc.VMoBAConfig()
+    config = vc.VMoBAConfig(block_size=16 if args.tiny else 128, kernel=args.kernel)
     lowering = "aot_eager" if args.tiny else "inductor"
     # Both variants start from the same inductor options: the dense baseline needs the
     # mix-order workaround as much as optimize (its scale_shift_table gradients are garbage

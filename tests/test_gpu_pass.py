@@ -11,6 +11,8 @@ has several chunks of whole kernel blocks; head dim 16 (flex needs >= 16).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from conftest import GPU_ERROR_FACTOR  # noqa: E402
 from test_optimize import first, reference_forward  # noqa: E402
 
 from vmoba_compile import VMoBAConfig, optimize  # noqa: E402
+from vmoba_compile.kernels import flash_unavailable  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -82,21 +85,30 @@ def _check(name: str, mine, golden, baseline, floor: float = MODEL_REL_TOL) -> N
 
 
 @pytest.mark.parametrize(
-    ("family", "regional"),
+    ("family", "regional", "kernel"),
     [
-        ("wan", None),
-        ("cogvideox", None),
-        ("hunyuan_video", None),
-        ("wan", False),
-        ("hunyuan_video", False),
+        ("wan", None, "auto"),
+        ("cogvideox", None, "auto"),
+        ("hunyuan_video", None, "auto"),
+        ("wan", False, "auto"),
+        ("hunyuan_video", False, "auto"),
+        ("wan", None, "flash"),
+        ("cogvideox", None, "flash"),
+        ("hunyuan_video", None, "flash"),
     ],
 )
-def test_bf16_forward_and_training_step_match_reference(family: str, regional: bool | None) -> None:
+def test_bf16_forward_and_training_step_match_reference(
+    family: str, regional: bool | None, kernel: str
+) -> None:
     """The default (``regional=None``: these models' blocks, three compiled variants for 1D, 2D
     and 3D) with the training step under diffusers' activation checkpointing, whose
-    recomputation runs outside the forward call; and the whole-model compile."""
+    recomputation runs outside the forward call; and the whole-model compile. ``kernel="flash"``:
+    the same through FlashAttention-4 (at these 1,024 tokens ``auto`` picks Triton for training)."""
+    if kernel == "flash" and flash_unavailable():
+        pytest.skip(flash_unavailable())
+    config = dataclasses.replace(CONFIG, kernel=kernel)
     model, args, kwargs = _setup(family)
-    opt = optimize(model, CONFIG, regional=regional)
+    opt = optimize(model, config, regional=regional)
     assert (opt._vmoba_regional is not None) is (regional is None)
     with torch.no_grad():
         out = first(opt(*args, **kwargs))
@@ -104,6 +116,8 @@ def test_bf16_forward_and_training_step_match_reference(family: str, regional: b
         baseline = reference_forward(model, args, kwargs, CONFIG, exact=False)
         dense = first(model(*args, **kwargs))
     assert len(opt.report.rewritten) == 3, opt.report
+    if kernel == "flash":
+        assert {c.kernel for c in opt.report.rewritten} == {"flash"}, opt.report
     _check("forward", out, golden, baseline)
     assert _rel(dense, golden) > _rel(out, golden), "the test cannot tell VMoBA from dense"
 
