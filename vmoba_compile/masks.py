@@ -121,7 +121,7 @@ def build_block_mask(
     partial = touched & ~full
     # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
     # buffer under compilation: on the H100 (torch 2.11) inductor fused their computation (sort,
-    # index_select, ...) into the flex template, and that kernel faulted (docs/design.md).
+    # index_select, ...) into the flex template, and that kernel faulted (docs/gpu_status.md).
     names, tensors = [], []
     sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
