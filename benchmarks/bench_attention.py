@@ -234,7 +234,7 @@ def bench_grid(
 
     for cname, cfg in configs.items():
         for layer in layers:
-            torch._dynamo.reset()  # fresh caches: never hit the recompile limit (trap 7)
+            torch._dynamo.reset()  # past Dynamo's recompile limit (8) flex would run unfused
             plan = plan_for(layout, cfg, layer)
 
             def op(q, k, v, cfg=cfg, layer=layer):

@@ -5,6 +5,7 @@ Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [-
 (one variant per process keeps a run inside a time limit; training uses activation
 checkpointing, as 55K-token training does in practice).
 Smoke (CPU, tiny): ``python benchmarks/bench_model.py --tiny``
+Table of saved runs (``--out`` files): ``python benchmarks/bench_model.py --md a.json b.json``
 
 For each of dense (``torch.compile(model, dynamic=False)``) and VMoBA (``optimize(model)``, which
 compiles this model block by block by default):
@@ -323,6 +324,68 @@ def run_variant(
     return row
 
 
+def _run_name(args: dict, variant: str) -> str:
+    """How a saved run compiled: dense or ``optimize``, whole model or blocks."""
+    if variant.startswith("dense"):
+        return "dense, blocks compiled" if args.get("regional") else "dense `torch.compile`"
+    if args.get("whole_model"):
+        return "`optimize(regional=False)`"
+    return "`optimize` (blocks, regional=True)" if args.get("regional") else "`optimize` (default)"
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """The results of saved runs (``--out`` files) as one markdown table, a row per variant run.
+
+    Speedups divide the first dense whole-model row's time that has the metric by each row's;
+    peak memory is given with its change against that row's. A metric a run did not measure
+    (``--no-forward``, ``--train-steps 0``) is "-".
+    """
+    rows = [(run, row) for run in runs for row in run["rows"]]
+
+    def base(key: str) -> float | None:
+        for run, row in rows:
+            dense = row["variant"].startswith("dense") and not run["args"].get("regional")
+            if dense and row.get(key):
+                return row[key]
+        return None
+
+    def time(row: dict, key: str) -> str:
+        value, ref = row.get(key), base(key)
+        if not value:
+            return "-"
+        return f"{value:,.0f} ms" + (f" ({ref / value:.2f}x)" if ref and ref != value else "")
+
+    def peak(row: dict, key: str) -> str:
+        value, ref = row.get(key), base(key)
+        if not value:
+            return "-"
+        change = f" ({100 * (value / ref - 1):+.1f}%)" if ref and ref != value else ""
+        return f"{value:.2f} GiB{change}"
+
+    def seconds(row: dict, key: str) -> str:
+        return f"{row[key]:.1f} s" if row.get(key) else "-"
+
+    lines = [
+        "| run | cold forward compile | forward | forward peak | cold training compile "
+        "| training step | training peak | density |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run, row in rows:
+        density = row.get("train_density_mean") or row.get("forward_density_mean")
+        cells = [
+            _run_name(run["args"], row["variant"]),
+            seconds(row, "cold_compile_s"),
+            time(row, "forward_ms"),
+            peak(row, "forward_peak_gib"),
+            seconds(row, "train_cold_s"),
+            time(row, "train_step_ms"),
+            peak(row, "train_peak_gib"),
+            "-" if density is None else f"{density:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--grid", default="24x36x64", help="frames x height x width in tokens")
@@ -377,7 +440,18 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--md", nargs="+", metavar="JSON", default=None,
+        help="print the markdown table of saved runs (--out files; dense first) and exit",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.md:
+        runs = []
+        for path in args.md:
+            with open(path) as f:
+                runs.append(json.load(f))
+        print(markdown_table(runs))
+        return
 
     from diffusers import WanTransformer3DModel
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: environment facts, the GPU tests, the attention benchmark, the model benchmark.
+# One GPU run: environment facts, the GPU tests, the attention benchmark, the model benchmark.
 # Usage (GPU machine, repo root):
 #   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.4 bash scripts/gpu_check.sh
 #   PARTS=model MODEL_GRID=24x36x64 bash scripts/gpu_check.sh   (bench_model, dense then vmoba)

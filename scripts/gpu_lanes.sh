@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Several independent jobs in one device call, one GPU each (a machine of several GPUs costs the
-# same device time as one; its cores are shared, so compile-heavy lanes slow each other a little).
+# Several independent jobs at once on a machine of several GPUs, one GPU each (the cores are
+# shared, so compile-heavy lanes slow each other a little).
 # Usage (GPU machine, repo root), one quoted command per lane:
 #   bash scripts/gpu_lanes.sh 'PARTS="op pass" bash scripts/gpu_check.sh' \
 #     'STEPS=5000 PARTS=dense bash benchmarks/quality/run_gpu.sh'
-# Each lane is cut at LANE_TIMEOUT seconds (default 540), so that the files still come back
-# within the call's 600 s. Lane i runs with CUDA_VISIBLE_DEVICES=i mod (GPU count),
+# Each lane is cut at LANE_TIMEOUT seconds (default 540), so that a run under a 600 s limit
+# still collects every lane's files. Lane i runs with CUDA_VISIBLE_DEVICES=i mod (GPU count),
 # OUT=/tmp/lanes/lane<i> and its own inductor cache; its output goes to lane<i>/lane.log. At the end every lane's files are tarred into
 # $OUT/lanes.tgz, except *.pt files (checkpoints), copied to $OUT/lane<i>/ (at most 8 files come
 # back, 16 MiB each).

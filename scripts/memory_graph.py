@@ -12,8 +12,8 @@ sizes and dependencies into the trace. This script:
   and reports each one's peak and the largest buffers alive there, counted the way inductor's
   ``estimate_peak_memory`` counts them.
 
-The eighth session's graphs (8-layer Wan-1.3B training backward, 55,296 tokens, H100) are in
-``benchmarks/results/h100_2026-11-27_s8c3_*_backward_memory_graph.json.gz``.
+Two recorded graphs (8-layer Wan-1.3B training backward, 55,296 tokens, H100, torch 2.11) are in
+``benchmarks/results/h100_2026-11-27_model8_*_backward_memory_graph.json.gz``.
 """
 
 from __future__ import annotations

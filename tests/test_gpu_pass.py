@@ -40,7 +40,7 @@ MODEL_REL_TOL = 1e-2
 # optimized model runs them compiled (other bf16 roundings), and the backward adds them up again.
 # On tiny HunyuanVideo (text tokens, key padding) two text-path weight gradients came out 1.13%
 # and 1.30% from the golden on the H100, in the whole-model and the regional compile alike
-# (benchmarks/README.md, tenth session), while in float32 on CPU every gradient of the same
+# (torch 2.11, bf16), while in float32 on CPU every gradient of the same
 # model equals the reference's within 5e-7 but one that is zero by construction. Allowed: 2%.
 GRAD_REL_TOL = 2e-2
 

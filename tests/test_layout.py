@@ -1,4 +1,4 @@
-"""Permutation invariants on random and ragged grids (spec section 1)."""
+"""Permutation invariants (chunk order, padding, inverse) on random and ragged grids."""
 
 import itertools
 

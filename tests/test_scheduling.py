@@ -124,7 +124,7 @@ def test_recorded_wan_backward_needs_well_under_half_the_memory(monkeypatch) -> 
     monkeypatch.syspath_prepend("scripts")
     import memory_graph
 
-    path = "benchmarks/results/h100_2026-11-27_s8c3_model8_vmoba_backward_memory_graph.json.gz"
+    path = "benchmarks/results/h100_2026-11-27_model8_vmoba_backward_memory_graph.json.gz"
     nodes, bufs = memory_graph.load(path)
     users = memory_graph.consumers(nodes, bufs)
     recorded = memory_graph.peak(nodes, bufs, users)[0]

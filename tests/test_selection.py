@@ -1,4 +1,4 @@
-"""Selection and mask invariants on random, ragged grids (spec sections 3 and 5)."""
+"""Selection (top-k, threshold) and block-mask invariants on random, ragged grids."""
 
 import dataclasses
 

@@ -77,7 +77,7 @@ def plan_index(plan: ChunkPlan | LayerPlan, device: torch.device) -> PlanIndex:
 
     Under compilation the tables come from an opaque op, so inductor reads them as plain device
     buffers. Built in-graph (``torch.tensor`` constants, AOT ``lift_fresh``), the H100 runs of
-    torch 2.11 faulted in kernels that read them (docs/gpu_status.md).
+    torch 2.11 faulted in kernels that read them (docs/design.md).
     """
     device = torch.device(device)
     if not is_compiling():
@@ -105,8 +105,8 @@ def materialize_for_mask_mod(*xs: torch.Tensor) -> list[torch.Tensor]:
     - GPU (H100, torch 2.11): with the block tables computed in the same graph, inductor fused
       their computation into the flex template
       (``triton_tem_fused_..._flex_attention_..._index_select_..._sort_...``) and the kernel
-      faulted (illegal address); compiled alone, the same tables were right
-      (``scripts/gpu_bisect.py``).
+      faulted (illegal address); compiled alone, one stage per process, the same tables were
+      right.
     An opaque custom op forces plain buffers on both. It takes every table of one mask in one
     call: each call of a Python custom op costs host time at run time (dispatch through Python),
     and the op is on every layer's critical path. Outside compilation it is a no-op.

@@ -358,7 +358,7 @@ def vmoba_attention(
     _check_inputs(q, k, v, layout, config, text_key_mask)
     plan = layer_plan(layout, config, layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
-        # Every chunk is kept: exactly dense attention (spec section 5); cuDNN/flash is faster.
+        # Every chunk is kept: exactly dense attention, where cuDNN/flash beat flex.
         return _dense(q, k, v, layout, scale, text_key_mask)
 
     # The same test as FlexAttention's own for whether a backward will run.

@@ -24,7 +24,7 @@ __all__ = [
 
 
 class Partition(str, Enum):
-    """How the video grid is cut into chunks (spec section 1)."""
+    """How the video grid is cut into chunks: frames (1D), tiles (2D) or cubes (3D)."""
 
     D1 = "1d"  # temporal: ct consecutive frames
     D2 = "2d"  # spatial: a cy x cx tile through all frames
@@ -32,21 +32,21 @@ class Partition(str, Enum):
 
 
 class Selection(str, Enum):
-    """How each query unit picks chunks (spec section 3)."""
+    """How each query unit picks chunks: a fixed count (top-k) or a share of the gate mass."""
 
     TOPK = "topk"
     THRESHOLD = "threshold"
 
 
 class Scope(str, Enum):
-    """Over what the THRESHOLD budget is shared (spec section 3)."""
+    """Over what the THRESHOLD budget is shared: each query unit, or each head as a whole."""
 
     QUERY = "query"  # each query unit of each head on its own (reference `query_head`)
     HEAD = "head"  # all (query unit, chunk) pairs of one head: the paper's global selection
 
 
 class Granularity(str, Enum):
-    """What one query unit is (spec section 2)."""
+    """What one query unit is: a query block (BLOCK) or a query token (TOKEN)."""
 
     BLOCK = "block"  # one query block of `block_size` tokens inside one chunk: the fast mode
     TOKEN = "token"  # one query token: exactly the paper's semantics
@@ -111,7 +111,7 @@ def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
 
 
 # FlexAttention kernel options of VMoBAConfig(kernel_options=None) on CUDA. Measured on the H100
-# at 55,296 tokens (benchmarks/README.md, ninth session), default config, 2D and 3D layers:
+# at 55,296 tokens (benchmarks/README.md, kernel options), default config, 2D and 3D layers:
 # USE_TMA (tensor-memory loads) took the forward from 12.77-12.97 to 12.04-12.15 ms and forward +
 # backward from 45.79-46.46 to 44.74-44.82 ms; where TMA cannot be used (alignment, older GPUs)
 # inductor falls back. PRESCALE_QK (q scaled once instead of every score) took the forward to

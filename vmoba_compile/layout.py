@@ -142,7 +142,7 @@ SELECTION_WORD_BITS = 31
 def _word_and_mask(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection-table column of each key slot -> the word that holds it and its bit as an int32
     mask (``1 << bit``): ``mask_mod`` tests a key with one AND (a shift and an AND cost 3% more
-    of a TOKEN forward, benchmarks/README.md, tenth session)."""
+    of a TOKEN forward on the H100, docs/design.md)."""
     bit = (col % SELECTION_WORD_BITS).to(torch.int32)
     return col // SELECTION_WORD_BITS, torch.ones_like(bit) << bit
 
@@ -445,7 +445,7 @@ def _auto_chunk(
     The score is ``|log2(mean chunk / target)| + 4 * padding fraction + 2 * partial fraction +
     0.25 * aspect``: the padding fraction is the share of padded slots; the partial fraction the
     share of blocks that end a chunk part-filled, which the kernel must run through ``mask_mod``
-    (about twice a full block's time, FLEX_NOTES) whenever the chunk is selected; the aspect term
+    (about twice a full block's time) whenever the chunk is selected; the aspect term
     is ``|log2(cy / cx)|`` (plus ``|log2(ct^2 / (cy * cx))|`` for cubes). Without the partial term
     the 2D tiles of the 24x36x64 grid were 5x5 (600 tokens: 104 chunks, each ending in a partial
     block, 7% padding) instead of the exact 4x4 (384 tokens, 3 full blocks).

@@ -5,10 +5,10 @@ attends the KV blocks of every chunk it selected plus every text block; a text q
 everything. Selected blocks are *full* blocks (the kernel skips ``mask_mod`` on them) unless they
 hold padding (a chunk's or the text's last block) or masked text keys, or, in TOKEN granularity,
 unless only some query tokens of the block chose the chunk. ``mask_mod`` encodes the same
-selection exactly, because eager and CPU flex apply only ``mask_mod`` (FLEX_NOTES trap 1).
+selection exactly, because eager and CPU flex apply only ``mask_mod`` and ignore the block tables.
 
 Every tensor that ``mask_mod`` reads is built from comparisons, gathers and concatenation, never
-from a scatter: compiled CPU flex read scatter-built buffers wrongly (FLEX_NOTES trap 4).
+from a scatter: compiled CPU flex (torch 2.13) read scatter-built buffers wrongly.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ __all__ = [
 def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[..., NQ, NK]`` bool block map -> (``[..., NQ]`` counts, ``[..., NQ, NK]`` indices).
 
-    The index list keeps its full width NK (FLEX_NOTES trap 2): the selected blocks first, in
+    The index list keeps its full width NK (``to_dense()`` and the backward's transpose index out
+    of range on a narrower one): the selected blocks first, in
     increasing order, then the last block repeated (the kernels read only the first ``count``).
     """
     # No sort: the j-th selected block is the first whose running count reaches j + 1, a binary
@@ -89,8 +90,8 @@ def build_block_mask(
     if token_level:
         # TOKEN granularity evaluates mask_mod on nearly every score, and each extra word costs
         # a select per score: its table holds only this plan's own chunks (W = C), so a 1D layer
-        # reads one word where the schedule's widest partition needs five (benchmarks/README.md,
-        # tenth session). Its layers then differ in mask_mod: one flex kernel per word count.
+        # reads one word where the schedule's widest partition needs five (docs/design.md).
+        # Its layers then differ in mask_mod: one flex kernel per word count.
         w, block_col, kv_word, kv_mask = c, idx.block_chunk, idx.own_word, idx.own_mask
     else:
         # BLOCK granularity evaluates it only on boundary blocks: every layer shares the width

@@ -165,7 +165,7 @@ def safe_inductor_defaults() -> dict[str, Any]:
     on by default) leave the gradient of a chunked modulation table unwritten (pytorch/pytorch
     issue 193061: the ``.chunk(6)`` of Wan's and many DiTs' ``scale_shift_table``), so
     ``scale_shift_table`` and the time embedder get stale memory as gradients. On the H100 at
-    55,296 tokens that memory held NaN for the VMoBA model (benchmarks/README.md, seventh session)
+    55,296 tokens that memory held NaN for the VMoBA model (docs/design.md)
     and finite garbage for the dense one. Off, the gradients match the uncompiled model's.
     """
     triton = getattr(torch._inductor.config, "triton", None)

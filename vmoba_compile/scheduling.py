@@ -17,7 +17,7 @@ that, of the kernels whose inputs are ready, always runs the one that came first
 planning graph of that backward (``scripts/memory_graph.py``), the same fused kernels in this
 order peak at 8.7 GiB instead of 25.8 (dense's graph: 8.4). Measured on the H100 with the pass,
 the 8-layer step peaks at 10.3 GiB (dense 10.1) and 30 layers at 19.5 GiB (dense 19.4)
-(``benchmarks/README.md``, eighth session). Inductor's peak-memory pass still runs afterwards and
+(``docs/design.md``). Inductor's peak-memory pass still runs afterwards and
 keeps whichever order it estimates lowest, ours included.
 """
 

@@ -1,4 +1,4 @@
-"""Chunk keys, gates and block selection (spec sections 2 and 3).
+"""Chunk keys, gates and block selection: query units, chunk keys, top-k and threshold.
 
 Pure tensor functions: static shapes, no host syncs, no scatter. A selection is a boolean tensor
 ``sel[B, H, U, C]``: query unit ``u`` of head ``h`` attends chunk ``c``. Units are query blocks
@@ -78,7 +78,7 @@ def _descending_rank(x: torch.Tensor, pairwise: bool) -> torch.Tensor:
 
 def _topk(g: torch.Tensor, is_self: torch.Tensor, k: int) -> torch.Tensor:
     # Rank with the self chunk forced first, then compare ranks: exactly k per unit even with
-    # tied gates, and no scatter (FLEX_NOTES trap 4).
+    # tied gates, and no scatter (compiled CPU flex read scatter-built mask buffers wrongly).
     g = torch.where(is_self, torch.full_like(g, float("inf")), g)
     return _descending_rank(g, _pairwise(g.shape[-1])) < k
 

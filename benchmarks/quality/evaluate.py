@@ -93,7 +93,7 @@ def configs(tiny: bool) -> dict[str, tuple[str, float, vc.VMoBAConfig]]:
     """name -> (variant, knob value, config). Each variant is a curve over its knob, so variants
     are compared at matched density by their curves (PSNR / recall against density)."""
     # Every knob the names promise is set here, not taken from the defaults (which change: the
-    # default scope became "query" after the fourth session's evaluation).
+    # default scope became "query" after the first evaluation).
     base = dict(block_size=16 if tiny else 128)
     head = dict(base, scope="head")
     cfg = vc.VMoBAConfig

@@ -182,7 +182,7 @@ def main() -> None:
         if args.tiny or args.workers < 1:
             made = [few_threads(make, s) for s in seeds]
         else:  # a fresh pool, as training's: the GPU host's main process did not finish these
-            # videos in 100-150 s (sessions 5-6); the training pool may still hold queued work
+            # videos in 100-150 s; the training pool may still hold queued work
             with video_pool(args.workers) as vp:
                 made = vp.map(make, seeds)
         losses = []

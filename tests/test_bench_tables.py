@@ -1,0 +1,50 @@
+"""The benchmark tables that benchmarks/README.md prints from saved runs (pure Python, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _run(variant: str, args: dict, **row) -> dict:
+    return {"header": "GPU", "args": args, "rows": [dict(variant=variant, **row)]}
+
+
+def test_bench_model_md_divides_by_the_dense_whole_model_run(monkeypatch, tmp_path) -> None:
+    monkeypatch.syspath_prepend("benchmarks")
+    import bench_model
+
+    dense_fwd = _run("dense torch.compile", {}, cold_compile_s=73.3, forward_ms=1200.0)
+    dense_train = _run("dense torch.compile", {}, train_step_ms=6000.0, train_peak_gib=20.0)
+    # A dense regional run comes first but is not the baseline: whole-model dense is.
+    regional = _run("dense torch.compile", {"regional": True}, train_step_ms=5000.0)
+    vmoba = _run(
+        "vmoba optimize", {}, forward_ms=600.0, train_step_ms=3000.0, train_peak_gib=19.0,
+        train_density_mean=0.269,
+    )  # fmt: skip
+    whole = _run("vmoba optimize", {"whole_model": True}, forward_ms=800.0)
+    table = bench_model.markdown_table([regional, dense_fwd, dense_train, vmoba, whole])
+    lines = table.splitlines()
+    assert len(lines) == 2 + 5 and all(line.count("|") == 9 for line in lines)
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert cells["`optimize` (default)"][1:6] == [
+        "600 ms (2.00x)", "-", "-", "3,000 ms (2.00x)", "19.00 GiB (-5.0%)",
+    ]  # fmt: skip
+    assert cells["`optimize` (default)"][-1] == "0.269 |"
+    assert cells["`optimize(regional=False)`"][1] == "800 ms (1.50x)"
+    assert cells["dense, blocks compiled"][4] == "5,000 ms (1.20x)"
+    assert lines[3].split(" | ")[1] == "73.3 s"  # dense's own row: no speedup against itself
+    assert lines[3].split(" | ")[2] == "1,200 ms"
+
+    # The command line reads the saved files.
+    paths = []
+    for i, run in enumerate([dense_fwd, vmoba]):
+        paths.append(str(tmp_path / f"{i}.json"))
+        (tmp_path / f"{i}.json").write_text(json.dumps(run))
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_model.py", "--md", *paths],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| `optimize` (default) | - | 600 ms (2.00x) |" in out.stdout
