@@ -242,19 +242,20 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
     channel_sizes = {1: int(x.shape[1]), 2: int(x.shape[2])}
     convs, rejected = _patch_convs(model, structure, channel_sizes)
     cfg, cfg_src = _config_patch(model)
-    options = set()
+    options, disagree = set(), []
     for conv_name, conv, axis in convs:
         k = tuple(int(v) for v in conv.kernel_size)
         patch = k if isinstance(conv, torch.nn.Conv3d) else (1, *k)
-        if cfg is not None:
-            want = cfg if cfg[0] else (patch[0], cfg[1], cfg[2])
-            if want != patch:
-                raise LayoutUnknown(
-                    f"structural: {cfg_src} disagrees with the patch embedding {conv_name} "
-                    f"({type(conv).__name__} kernel {k}), so the patch size is ambiguous. "
-                    + _LAYOUT_HINT
-                )
-        options.add((axis, patch, f"{conv_name} ({type(conv).__name__} kernel = stride {k})"))
+        what = f"{conv_name} ({type(conv).__name__} kernel = stride {k})"
+        if cfg is not None and (cfg if cfg[0] else (patch[0], cfg[1], cfg[2])) != patch:
+            disagree.append(what)  # e.g. a second embedding for other inputs (history latents)
+            continue
+        options.add((axis, patch, what))
+    if disagree and not options:
+        raise LayoutUnknown(
+            f"structural: {cfg_src} disagrees with the patch embedding "
+            f"{' and '.join(disagree)}, so the patch size is ambiguous. " + _LAYOUT_HINT
+        )
     if len({(a, p) for a, p, _ in options}) > 1:
         shown = "; ".join(sorted(s for _, _, s in options))
         raise LayoutUnknown(
@@ -326,7 +327,7 @@ def _first_call(
     for name, m in model.named_modules():
         if name in wanted:
             handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
-            handles.append(m.register_forward_hook(lambda *_: stack.pop(), always_call=True))
+            handles.append(m.register_forward_hook(_leave(stack), always_call=True))
     mode = _FirstSelfAttention(stack, n)
     devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.is_cuda})
     try:
@@ -340,6 +341,13 @@ def _first_call(
         for h in handles:
             h.remove()
     return mode.seen
+
+
+def _leave(stack: list[str]):
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
+    return leave
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
