@@ -119,9 +119,7 @@ class RewriteReport:
         self.graphs.append((where, list(calls)))
 
     def __str__(self) -> str:
-        family = self.found_by or (
-            f"adapter '{self.family}'" if self.family else "explicit layout"
-        )
+        family = self.found_by or (f"adapter '{self.family}'" if self.family else "explicit layout")
         lines = [f"VMoBA rewrite report for {self.model} ({family}; compiled: {self.compiled})"]
         if self.compiled != "whole model":
             lines.append(

@@ -487,8 +487,9 @@ def optimize(
     """Compile ``model`` with its video self-attention rewritten to VMoBA.
 
     Args:
-        model: a video transformer (diffusers / transformers families with an adapter, or any
-            model with ``layout=``). Its code is not changed; its modules are shared.
+        model: a video transformer (diffusers / transformers families with an adapter and
+            their subclasses, a model the structural fallback can read, or any model with
+            ``layout=``). Its code is not changed; its modules are shared.
         config: VMoBA settings (default ``VMoBAConfig()``).
         layout: the token layout of every video self-attention call, for models without an
             adapter or to override it. Calls whose length differs stay dense.
@@ -514,8 +515,9 @@ def optimize(
         and ``.vmoba`` holds the run-time controls (dense warm-up steps, dense layers).
 
     Raises:
-        ValueError: no adapter knows the model and no layout was given (the message lists the
-            known families).
+        ValueError: no adapter knows the model, the structural fallback cannot read it, and no
+            layout was given (the message lists the known families and what the fallback
+            missed).
         RuntimeError: submodules are already compiled on their own (diffusers' regional
             compilation), or ``regional=False`` on a model that an earlier ``optimize``
             compiled block by block.
@@ -582,9 +584,7 @@ def explain(
         config, adapter = _resolve(model, config, layout)
         # No blocks: tracing must not hook the model's blocks (and compiles nothing to refuse).
         owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
-    report = RewriteReport(
-        owner.report.model, owner.report.family, found_by=owner.report.found_by
-    )
+    report = RewriteReport(owner.report.model, owner.report.family, found_by=owner.report.found_by)
     fn = torch.compile(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
     )

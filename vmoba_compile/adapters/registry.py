@@ -57,9 +57,7 @@ def find_adapter(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
-def layout_source(
-    model: torch.nn.Module, adapter: ModelAdapter | None, layout_given: bool
-) -> str:
+def layout_source(model: torch.nn.Module, adapter: ModelAdapter | None, layout_given: bool) -> str:
     """Which path finds the token layout of ``model``'s calls, for the report: ``user layout``,
     ``adapter 'wan'``, ``subclass of 'wan' (...)`` or ``structural (...)``."""
     if layout_given:
@@ -69,7 +67,7 @@ def layout_source(
 
 def _source(model: torch.nn.Module, adapter: ModelAdapter) -> str:
     if isinstance(adapter, StructuralAdapter):
-        return adapter.describe(model)
+        return adapter.source(model)
     cls = type(model)
     if cls.__name__ in adapter.model_classes:
         return f"adapter '{adapter.family}'"

@@ -38,6 +38,7 @@ raises :class:`LayoutUnknown` (calls dense).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import weakref
@@ -137,7 +138,7 @@ def analyze(model: torch.nn.Module) -> Structure:
         raise ValueError(f"{name} has no ModuleList of blocks holding attention modules")
     names = {id(m): n for n, m in model.named_modules()}
     attention: list[str] = []
-    for path, blocks in lists:
+    for _, blocks in lists:
         for block in blocks:
             for m in block.modules():
                 n = names[id(m)]
@@ -148,8 +149,7 @@ def analyze(model: torch.nn.Module) -> Structure:
                 attention.append(n)
     if not attention:
         raise ValueError(
-            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold only cross-attention "
-            f"modules"
+            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold only cross-attention modules"
         )
     return Structure(tuple(p for p, _ in lists), tuple(attention))
 
@@ -277,7 +277,10 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
     elif cfg is not None:
         why = f"{cfg_src} gives no temporal patch and no Conv2d/Conv3d patch embedding was found"
     else:
-        why = "no Conv2d/Conv3d patch embedding takes the input's channels and config has no patch_size"
+        why = (
+            "no Conv2d/Conv3d patch embedding takes the input's channels and config has no "
+            "patch_size"
+        )
     extra = f" ({'; '.join(rejected)})" if rejected else ""
     raise LayoutUnknown(f"structural: {name}: {why}{extra}. " + _LAYOUT_HINT)
 
@@ -333,10 +336,8 @@ def _first_call(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
             torch.manual_seed(0)  # the same dropout in every run
-            try:
+            with contextlib.suppress(_Stop):
                 model(*args, **kwargs)
-            except _Stop:
-                pass
     finally:
         for h in handles:
             h.remove()
@@ -370,7 +371,6 @@ def _verify(
     grid: tuple[int, int, int],
 ) -> VideoGrid:
     """Run the probe (module docstring) and return the verified grid, or LayoutUnknown."""
-    name = type(model).__name__
     t_, y_, x_ = grid
     n = t_ * y_ * x_
     base = _first_call(model, structure.attention, args, kwargs, n)
@@ -542,7 +542,7 @@ class StructuralAdapter(ModelAdapter):
             raise LayoutUnknown(str(result))
         return result
 
-    def describe(self, model: torch.nn.Module) -> str:
+    def source(self, model: torch.nn.Module) -> str:
         """What the report says about this path."""
         try:
             s = analyze(model)
@@ -562,4 +562,3 @@ def inspect_parameters(model: torch.nn.Module) -> list[str]:
 
 STRUCTURAL = StructuralAdapter()
 """The one structural adapter (its probe cache is per model)."""
-
