@@ -645,6 +645,13 @@ def test_toy_dit_through_the_structural_path(text: str) -> None:
     assert "structural: no adapter knows ToyVideoDiT" in str(opt.report)
     assert max_err(out, toy_reference(model, kwargs, layout, SPARSE)) < ATOL_F32
     assert max_err(out, dense) > 1e-4
+    # The probe ran once for these input shapes; a second call reuses its result.
+    calls = []
+    hook = model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        opt(**kwargs)
+    hook.remove()
+    assert len(calls) == 1  # the forward itself only, no probe run
 
 
 def _dense_reason(model: torch.nn.Module, kwargs: dict) -> str:

@@ -548,10 +548,10 @@ class StructuralAdapter(ModelAdapter):
             s = analyze(model)
         except ValueError as e:
             return f"structural: {e}"
-        blocks = ", ".join(s.blocks)
+        blocks = ", ".join(f"'{b}'" for b in s.blocks)
         return (
-            f"structural: no adapter knows {type(model).__name__}; blocks {blocks}, grid from the "
-            f"patch embedding, verified by a probe per input shape"
+            f"structural: no adapter knows {type(model).__name__}; blocks in {blocks}, grid from "
+            f"the patch embedding, verified by a probe per input shape"
         )
 
 
