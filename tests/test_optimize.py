@@ -252,7 +252,7 @@ def toy_inputs(seed: int = 0, s: int = TOY_LAYOUT.seq_len) -> tuple[torch.Tensor
 
 def test_skip_reasons() -> None:
     kinds = ["self", "cross", "causal", "float_mask", "dropout", "bool_mask"]
-    report = explain(ToyVideo(kinds), *toy_inputs(), vmoba_layout=TOY_LAYOUT)
+    report = explain(ToyVideo(kinds), toy_inputs(), layout=TOY_LAYOUT)
     by_module = {c.module: c for c in report.calls}
     assert len(report.calls) == len(kinds)
     assert by_module["blocks.0"].rewritten and by_module["blocks.0"].layer_index == 0
@@ -271,7 +271,7 @@ def test_skip_reasons() -> None:
 
 def test_sequence_not_matching_layout_stays_dense() -> None:
     other = VideoLayout(frames=2, height=4, width=5)
-    report = explain(ToyVideo(["self"]), *toy_inputs(), vmoba_layout=other)
+    report = explain(ToyVideo(["self"]), toy_inputs(), layout=other)
     (call,) = report.calls
     assert not call.rewritten and "do not match the layout" in call.reason
 
@@ -280,7 +280,7 @@ def test_layer_schedule_survives_graph_breaks() -> None:
     config = VMoBAConfig(schedule=("1d", "2d", "3d"), **_CHUNKS)
     model = ToyVideo(["self"] * 4, graph_break_after=1)
     x, ctx = toy_inputs()
-    report = explain(model, x, ctx, vmoba_layout=TOY_LAYOUT, vmoba_config=config)
+    report = explain(model, (x, ctx), layout=TOY_LAYOUT, config=config)
     assert len(report.graphs) == 2
     assert [c.layer_index for c in report.calls] == [0, 1, 2, 3]
     assert [c.partition for c in report.calls] == ["1d", "2d", "3d", "1d"]
@@ -293,7 +293,7 @@ def test_layer_schedule_survives_graph_breaks() -> None:
 
 def test_graph_break_inside_the_block_loop_stays_dense_with_the_reason() -> None:
     model = ToyVideo(["self"] * 3, graph_break_after=0, in_loop=True)
-    report = explain(model, *toy_inputs(), vmoba_layout=TOY_LAYOUT)
+    report = explain(model, toy_inputs(), layout=TOY_LAYOUT)
     assert report.calls and not report.rewritten, report
     assert all("Remove the graph break" in c.reason for c in report.calls)
     assert report.calls[0].module == "blocks.0"
@@ -481,7 +481,7 @@ def test_rewrites_inside_activation_checkpointing() -> None:
 def test_explain_on_an_optimized_model_uses_its_config_and_matches_its_report() -> None:
     model, args, kwargs = built("cogvideox")
     opt = optimize(model, SPARSE[1], lowering="aot_eager")
-    before = explain(opt, *args, **kwargs)
+    before = explain(opt, args, kwargs)
     with torch.no_grad():
         opt(*args, **kwargs)
     assert [

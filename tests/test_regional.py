@@ -270,7 +270,7 @@ def test_refusals() -> None:
     with pytest.raises(RuntimeError, match="already optimized with regional compilation"):
         optimize(model, CONFIG, layout=TOY_LAYOUT, regional=False)
     # explain traces the hooked model (it compiles nothing, so nothing to refuse)
-    report = explain(model, *toy_inputs(), vmoba_config=CONFIG, vmoba_layout=TOY_LAYOUT)
+    report = explain(model, toy_inputs(), config=CONFIG, layout=TOY_LAYOUT)
     assert [c.layer_index for c in report.rewritten] == [0, 1, 2, 3]
 
 

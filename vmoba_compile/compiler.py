@@ -102,6 +102,9 @@ class RewriteReport:
     compiled: str = "whole model"
     # With only the blocks compiled: attention modules outside them (run as written, not traced).
     outside: list[str] = dataclasses.field(default_factory=list)
+    # Which path found the layout: "adapter 'wan'", "subclass of 'wan' (...)", "structural
+    # (...)" or "user layout" (adapters.registry.layout_source); empty: the family alone.
+    found_by: str = ""
 
     @property
     def calls(self) -> list[AttentionCall]:
@@ -120,7 +123,7 @@ class RewriteReport:
         self.graphs.append((where, list(calls)))
 
     def __str__(self) -> str:
-        family = f"adapter '{self.family}'" if self.family else "explicit layout"
+        family = self.found_by or (f"adapter '{self.family}'" if self.family else "explicit layout")
         lines = [f"VMoBA rewrite report for {self.model} ({family}; compiled: {self.compiled})"]
         if self.compiled != "whole model":
             lines.append(

@@ -11,7 +11,8 @@ import torch
 
 from . import kernels
 from .adapters.base import ModelAdapter
-from .adapters.registry import find_adapter
+from .adapters.base import describe as describe_value
+from .adapters.registry import find_adapter, layout_source
 from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
 from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
@@ -253,7 +254,11 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
         self._vmoba_warned = False
         self.vmoba = VMoBAControls()
-        self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
+        self.report = RewriteReport(
+            type(model).__name__,
+            adapter.family if adapter else None,
+            found_by=layout_source(model, adapter, layout is not None),
+        )
         self._vmoba_regional: RegionalBlocks | None = None
         self._vmoba_backends: list[VMoBABackend] = []
         if blocks:  # optimize's choice (_regional_blocks); None: the whole model
@@ -486,8 +491,9 @@ def optimize(
     """Compile ``model`` with its video self-attention rewritten to VMoBA.
 
     Args:
-        model: a video transformer (diffusers / transformers families with an adapter, or any
-            model with ``layout=``). Its code is not changed; its modules are shared.
+        model: a video transformer (diffusers / transformers families with an adapter and
+            their subclasses, a model the structural fallback can read, or any model with
+            ``layout=``). Its code is not changed; its modules are shared.
         config: VMoBA settings (default ``VMoBAConfig()``).
         layout: the token layout of every video self-attention call, for models without an
             adapter or to override it. Calls whose length differs stay dense.
@@ -513,8 +519,9 @@ def optimize(
         and ``.vmoba`` holds the run-time controls (dense warm-up steps, dense layers).
 
     Raises:
-        ValueError: no adapter knows the model and no layout was given (the message lists the
-            known families).
+        ValueError: no adapter knows the model, the structural fallback cannot read it, and no
+            layout was given (the message lists the known families and what the fallback
+            missed).
         RuntimeError: submodules are already compiled on their own (diffusers' regional
             compilation), or ``regional=False`` on a model that an earlier ``optimize``
             compiled block by block.
@@ -527,25 +534,61 @@ def optimize(
     return VMoBAModule(model, config, layout, adapter, strict, options, layer_of, blocks)
 
 
-def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
+def explain(
+    model: torch.nn.Module,
+    args: tuple | list = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    config: VMoBAConfig | None = None,
+    layout: VideoLayout | None = None,
+) -> RewriteReport:
     """What :func:`optimize` would do on ``model(*args, **kwargs)``, without compiling kernels.
 
     Traces the model once (Dynamo, no inductor) and runs the graphs unchanged under
-    ``torch.no_grad()``. ``model`` may be an optimized model (its config and layout are used) or a
-    plain model (default config; pass ``vmoba_config=`` / ``vmoba_layout=`` to choose).
+    ``torch.no_grad()``. The model's inputs go in as one tuple and one dict, so no name of the
+    model's own forward (a ``layout`` or ``config`` parameter) can collide with explain's::
+
+        explain(model, kwargs=inputs)                          # optimize(model)
+        explain(model, (x, t), {"context": c}, layout=layout)  # optimize(model, layout=layout)
+
+    Args:
+        model: a plain model, or a model returned by :func:`optimize` (its config and layout
+            are used; ``config=``/``layout=`` must then be None).
+        args: the forward's positional inputs.
+        kwargs: the forward's keyword inputs.
+        config: as :func:`optimize`'s (default ``VMoBAConfig()``).
+        layout: as :func:`optimize`'s.
 
     Returns:
         The :class:`RewriteReport` of the call.
+
+    Raises:
+        TypeError: ``args`` is not a tuple or list, ``kwargs`` not a dict, or ``config=`` /
+            ``layout=`` given with an optimized model.
     """
-    config = kwargs.pop("vmoba_config", None)
-    layout = kwargs.pop("vmoba_layout", None)
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"explain takes the model's positional inputs as one tuple, "
+            f"explain(model, args=(x, ...), kwargs={{...}}); got args={describe_value(args)}."
+        )
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(
+            f"explain takes the model's keyword inputs as one dict, "
+            f"explain(model, kwargs={{'hidden_states': x, ...}}); got {type(kwargs).__name__}."
+        )
+    args, kwargs = tuple(args), dict(kwargs or {})
     if isinstance(model, VMoBAModule):
+        if config is not None or layout is not None:
+            raise TypeError(
+                "explain on an optimized model uses its own config and layout; pass config= / "
+                "layout= with the original model instead."
+            )
         owner = model
     else:
         config, adapter = _resolve(model, config, layout)
         # No blocks: tracing must not hook the model's blocks (and compiles nothing to refuse).
         owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
-    report = RewriteReport(owner.report.model, owner.report.family)
+    report = RewriteReport(owner.report.model, owner.report.family, found_by=owner.report.found_by)
     fn = torch.compile(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
     )

@@ -1,0 +1,564 @@
+"""The structural fallback: a video DiT that no family adapter names, read from its own structure.
+
+Used by :func:`~vmoba_compile.adapters.find_adapter` when no adapter claims the model's class
+(nor a base class). Nothing here knows a model family; everything comes from what the model
+exposes:
+
+* **Repeated blocks**: the shallowest ``ModuleList`` (s) under the model whose entries hold
+  attention modules (class name contains "Attention"; the innermost such module, which is the
+  one that makes the SDPA call). In each block, modules marked as cross-attention
+  (``is_cross_attention``, "cross" in the class or attribute name) are left out; the rest are
+  the candidate video self-attention modules, in ``named_modules()`` order.
+* **Video token grid** (:meth:`StructuralAdapter.grid`, from shapes and the module tree): the
+  ``hidden_states`` input must be 5-D. The patch embedding is the ``Conv3d`` / ``Conv2d``
+  outside the blocks whose ``in_channels`` match a channel axis of ``hidden_states`` (axis 1,
+  ``[B, C, T, H, W]``, or axis 2, ``[B, T, C, H, W]``), with kernel = stride and no padding: the
+  grid is ``(T // k_t, H // k_h, W // k_w)`` (a ``Conv2d`` patches each frame: ``k_t = 1``).
+  Without such a convolution, ``config.patch_size`` (and ``config.patch_size_t``) with a
+  reshape: sizes must be multiples. The config and the convolution must agree, exactly one
+  channel axis must fit, and several candidate convolutions must agree; otherwise the grid is
+  ambiguous and every call stays dense.
+* **Verification** (a probe, once per model and input shapes): the model runs eagerly, without
+  gradients and with the random state forked, up to the first call of the first candidate
+  self-attention module whose query and key lengths are equal and hold the grid's ``N`` tokens,
+  and stops there. It runs again with the input under one token changed, for a few tokens
+  (``(0,0,0)``, a step along each axis, the last token). Each run must change exactly one query
+  row and the same key row of that call, at ``video_start + (t * H' + y) * W' + x``
+  (frame-major, one token per patch, keys from the same sequence as the queries). The row of
+  token ``(0,0,0)`` places the non-video tokens: ``0`` with ``S - N`` more tokens after the
+  video is a suffix, ``S - N`` a prefix; anything else, or any mismatch, leaves every call
+  dense with the reason. A bump can only be traced to one row before the first attention mixes
+  the tokens, so later calls are assumed to keep the order of the first (the repeated blocks run
+  in sequence); their lengths are still checked call by call (``S >= N``, ``S_q == S_kv``).
+
+Unlike the family adapters, this one runs part of the model (the probe) the first time it sees
+a set of input shapes; :meth:`StructuralAdapter.grid` on meta or fake tensors cannot verify and
+raises :class:`LayoutUnknown` (calls dense).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..layout import TextPosition
+from .base import ModelAdapter, VideoGrid, bind_inputs, describe
+
+__all__ = ["STRUCTURAL", "LayoutUnknown", "Structure", "StructuralAdapter", "analyze"]
+
+_LAYOUT_HINT = (
+    "Pass layout=VideoLayout(frames=..., height=..., width=..., text_tokens=..., "
+    "text_position=...) to vmoba_compile.optimize(...) (or explain(..., layout=...)) to use VMoBA "
+    "on this model."
+)
+
+
+class LayoutUnknown(NotImplementedError):
+    """The structural fallback could not infer or verify the token layout of a call: the calls
+    stay dense and the report carries this message (a ``NotImplementedError``, as the pass
+    treats "no grid for this call")."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """What :func:`analyze` found in a model's module tree.
+
+    Attributes:
+        blocks: paths of the block lists (``ModuleList``), in model order.
+        attention: the candidate video self-attention modules, in model order.
+    """
+
+    blocks: tuple[str, ...]
+    attention: tuple[str, ...]
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower()
+
+
+def _is_cross(name: str, module: torch.nn.Module) -> bool:
+    flag = getattr(module, "is_cross_attention", None)
+    if flag is True:
+        return True
+    last = name.rpartition(".")[2].lower()
+    return "cross" in type(module).__name__.lower() or "cross" in last
+
+
+def _block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The shallowest ``ModuleList`` s whose entries hold attention modules (breadth first through
+    the module tree; lists inside those lists' entries are part of the blocks)."""
+    level: list[tuple[str, torch.nn.Module]] = [("", model)]
+    while level:
+        found, nxt = [], []
+        for prefix, module in level:
+            for name, child in module.named_children():
+                path = f"{prefix}{name}"
+                if isinstance(child, torch.nn.ModuleList) and any(
+                    _is_attention(m) for entry in child for m in entry.modules()
+                ):
+                    found.append((path, child))
+                else:
+                    nxt.append((path + ".", child))
+        if found:
+            return found
+        level = nxt
+    return []
+
+
+def analyze(model: torch.nn.Module) -> Structure:
+    """The blocks and candidate video self-attention modules of ``model``.
+
+    Raises:
+        ValueError: the model has no video-transformer structure this fallback can read (no
+            ``hidden_states`` parameter, no block list holding attention modules): the message
+            says what is missing.
+    """
+    name = type(model).__name__
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{name} is not a torch.nn.Module.")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "hidden_states" not in params:
+        raise ValueError(
+            f"{name}.forward has no hidden_states parameter (the 5-D video input "
+            f"[B, C, T, H, W] the structural fallback reads the grid from)"
+        )
+    lists = _block_lists(model)
+    if not lists:
+        raise ValueError(f"{name} has no ModuleList of blocks holding attention modules")
+    names = {id(m): n for n, m in model.named_modules()}
+    attention: list[str] = []
+    for _, blocks in lists:
+        for block in blocks:
+            for m in block.modules():
+                n = names[id(m)]
+                if not _is_attention(m) or _is_cross(n, m):
+                    continue
+                if any(_is_attention(c) for c in list(m.modules())[1:]):
+                    continue  # not the innermost: a nested attention module makes the call
+                attention.append(n)
+    if not attention:
+        raise ValueError(
+            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold only cross-attention modules"
+        )
+    return Structure(tuple(p for p, _ in lists), tuple(attention))
+
+
+# ------------------------------------------------------------------------------- the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class _Patchify:
+    """How the video input becomes tokens: the channel axis, tokens per axis, and where that
+    came from (for the report)."""
+
+    channel_axis: int  # 1: [B, C, T, H, W]; 2: [B, T, C, H, W]
+    patch: tuple[int, int, int]
+    exact: bool  # reshape (sizes must be multiples) vs strided convolution (floor)
+    source: str
+
+
+def _int3(value: Any) -> tuple[int, int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1]), int(value[2])
+    return None
+
+
+def _config_patch(model: torch.nn.Module) -> tuple[tuple[int, int, int] | None, str]:
+    """``(p_t, p_h, p_w)`` from ``config.patch_size`` / ``config.patch_size_t`` (None if absent);
+    ``p_t`` is None-like (0) when the config gives only a spatial patch."""
+    config = getattr(model, "config", None)
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if config is None:
+        return None, ""
+    p = get("patch_size", None)
+    p3 = _int3(p)
+    if p3 is not None:
+        return p3, f"config.patch_size={tuple(p3)}"
+    if isinstance(p, int) and not isinstance(p, bool) and p >= 1:
+        pt = get("patch_size_t", None)
+        if isinstance(pt, int) and not isinstance(pt, bool) and pt >= 1:
+            return (pt, p, p), f"config.patch_size={p}, config.patch_size_t={pt}"
+        return (0, p, p), f"config.patch_size={p}"
+    return None, ""
+
+
+def _patch_convs(
+    model: torch.nn.Module, structure: Structure, channel_sizes: dict[int, int]
+) -> tuple[list[tuple[str, torch.nn.Module, int]], list[str]]:
+    """Convolutions outside the blocks taking the input's channels: ``(name, conv, axis)``, and
+    the reasons candidates were rejected."""
+    inside = tuple(p + "." for p in structure.blocks)
+    found, rejected = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) or name.startswith(inside):
+            continue
+        axes = [a for a, c in channel_sizes.items() if c == m.in_channels]
+        if not axes:
+            continue
+        if len(axes) > 1:
+            rejected.append(
+                f"{name} takes {m.in_channels} channels, which both axis 1 and axis 2 of "
+                f"hidden_states have (the channel axis is ambiguous)"
+            )
+            continue
+        if (
+            tuple(m.kernel_size) != tuple(m.stride)
+            or any(int(p) for p in _padding(m))
+            or any(d != 1 for d in m.dilation)
+        ):
+            rejected.append(
+                f"{name} ({type(m).__name__} kernel {tuple(m.kernel_size)}, stride "
+                f"{tuple(m.stride)}, padding {m.padding}) does not cut the input into "
+                f"disjoint patches (kernel != stride or padding)"
+            )
+            continue
+        found.append((name, m, axes[0]))
+    return found, rejected
+
+
+def _padding(m: torch.nn.Module) -> tuple[int, ...]:
+    p = m.padding
+    if isinstance(p, str):
+        return (0,) if p == "valid" else (1,)
+    return tuple(p)
+
+
+def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> _Patchify:
+    """The patch embedding of ``model`` for the 5-D input ``x``, or LayoutUnknown."""
+    name = type(model).__name__
+    channel_sizes = {1: int(x.shape[1]), 2: int(x.shape[2])}
+    convs, rejected = _patch_convs(model, structure, channel_sizes)
+    cfg, cfg_src = _config_patch(model)
+    options, disagree = set(), []
+    for conv_name, conv, axis in convs:
+        k = tuple(int(v) for v in conv.kernel_size)
+        patch = k if isinstance(conv, torch.nn.Conv3d) else (1, *k)
+        what = f"{conv_name} ({type(conv).__name__} kernel = stride {k})"
+        if cfg is not None and (cfg if cfg[0] else (patch[0], cfg[1], cfg[2])) != patch:
+            disagree.append(what)  # e.g. a second embedding for other inputs (history latents)
+            continue
+        options.add((axis, patch, what))
+    if disagree and not options:
+        raise LayoutUnknown(
+            f"structural: {cfg_src} disagrees with the patch embedding "
+            f"{' and '.join(disagree)}, so the patch size is ambiguous. " + _LAYOUT_HINT
+        )
+    if len({(a, p) for a, p, _ in options}) > 1:
+        shown = "; ".join(sorted(s for _, _, s in options))
+        raise LayoutUnknown(
+            f"structural: several convolutions could be the patch embedding and they disagree "
+            f"({shown}). " + _LAYOUT_HINT
+        )
+    if options:
+        axis, patch, source = next(iter(options))
+        return _Patchify(axis, patch, exact=False, source=source)
+    if cfg is not None and cfg[0]:
+        c = getattr(getattr(model, "config", None), "in_channels", None)
+        axes = [a for a, size in channel_sizes.items() if size == c]
+        if len(axes) == 1:
+            return _Patchify(axes[0], cfg, exact=True, source=f"{cfg_src} (reshape)")
+        why = (
+            f"config.in_channels={c!r} matches {'both' if axes else 'neither'} axis 1 "
+            f"({channel_sizes[1]}) and axis 2 ({channel_sizes[2]}) of hidden_states"
+        )
+    elif cfg is not None:
+        why = f"{cfg_src} gives no temporal patch and no Conv2d/Conv3d patch embedding was found"
+    else:
+        why = (
+            "no Conv2d/Conv3d patch embedding takes the input's channels and config has no "
+            "patch_size"
+        )
+    extra = f" ({'; '.join(rejected)})" if rejected else ""
+    raise LayoutUnknown(f"structural: {name}: {why}{extra}. " + _LAYOUT_HINT)
+
+
+def _tokens(size: int, patch: int, exact: bool, axis: str, source: str) -> int:
+    if size < patch or (exact and size % patch):
+        raise LayoutUnknown(
+            f"structural: {axis}={size} is not cut into whole patches of {patch} ({source}). "
+            + _LAYOUT_HINT
+        )
+    return size // patch
+
+
+# ------------------------------------------------------------------------------- the probe
+
+
+class _Stop(Exception):
+    """Raised inside the probe's forward once the call it waits for has been seen."""
+
+
+class _FirstSelfAttention(TorchFunctionMode):
+    """Records the first SDPA call made inside one of the candidate modules whose query and key
+    lengths are equal and at least ``n``, then stops the forward."""
+
+    def __init__(self, stack: list[str], n: int) -> None:
+        super().__init__()
+        self.stack, self.n = stack, n
+        self.seen: tuple[str, torch.Tensor, torch.Tensor] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.stack:
+            q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
+            if q.dim() == 4 and k.dim() == 4 and q.shape[2] == k.shape[2] >= self.n:
+                self.seen = (self.stack[-1], q.detach().clone(), k.detach().clone())
+                raise _Stop
+        return func(*args, **kwargs)
+
+
+def _first_call(
+    model: torch.nn.Module, modules: tuple[str, ...], args: tuple, kwargs: dict, n: int
+) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    stack: list[str] = []
+    handles = []
+    wanted = set(modules)
+    for name, m in model.named_modules():
+        if name in wanted:
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
+            handles.append(m.register_forward_hook(_leave(stack), always_call=True))
+    mode = _FirstSelfAttention(stack, n)
+    devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
+            torch.manual_seed(0)  # the same dropout in every run
+            with contextlib.suppress(_Stop):
+                model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return mode.seen
+
+
+def _leave(stack: list[str]):
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
+    return leave
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+
+def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    diff = (a.double() - b.double()).abs().amax(dim=(0, 1, 3))  # [S]
+    tol = 1e-6 * max(1.0, float(a.double().abs().max()))
+    return torch.nonzero(diff > tol).flatten().tolist()
+
+
+def _verify(
+    model: torch.nn.Module,
+    structure: Structure,
+    args: tuple,
+    kwargs: dict,
+    video_arg: tuple[str, int | None],
+    patchify: _Patchify,
+    grid: tuple[int, int, int],
+) -> VideoGrid:
+    """Run the probe (module docstring) and return the verified grid, or LayoutUnknown."""
+    t_, y_, x_ = grid
+    n = t_ * y_ * x_
+    base = _first_call(model, structure.attention, args, kwargs, n)
+    if base is None:
+        raise LayoutUnknown(
+            f"structural: no call of the candidate self-attention modules "
+            f"({structure.attention[0]}, ...) has equal query and key lengths of at least "
+            f"{t_}x{y_}x{x_} = {n} tokens (the grid from the patch embedding): the attention "
+            f"does not see these video tokens as one sequence. " + _LAYOUT_HINT
+        )
+    module, q0, k0 = base
+    s = q0.shape[2]
+    probes = [(0, 0, 0)]
+    probes += [(0, 0, 1)] if x_ > 1 else []
+    probes += [(0, 1, 0)] if y_ > 1 else []
+    probes += [(1, 0, 0)] if t_ > 1 else []
+    probes += [(t_ - 1, y_ - 1, x_ - 1), (t_ // 2, y_ // 2, x_ // 2)]
+    start = None
+    for t, y, x in dict.fromkeys(probes):
+        bumped_args, bumped_kwargs = _bump(args, kwargs, video_arg, patchify, (t, y, x))
+        got = _first_call(model, structure.attention, bumped_args, bumped_kwargs, n)
+        if got is None or got[0] != module or got[1].shape != q0.shape:
+            raise LayoutUnknown(
+                f"structural: with the input under token {(t, y, x)} changed, the first "
+                f"self-attention call is no longer {module} of {s} tokens: the call sequence "
+                f"depends on the values. " + _LAYOUT_HINT
+            )
+        rows, krows = _changed_rows(q0, got[1]), _changed_rows(k0, got[2])
+        flat = (t * y_ + y) * x_ + x
+        if start is None and len(rows) == 1:
+            start = rows[0] - flat
+        expected = [start + flat] if start is not None else None
+        if rows != expected or krows != rows:
+            what = f"query rows {rows[:8]}{'...' if len(rows) > 8 else ''}"
+            raise LayoutUnknown(
+                f"structural: changing the input under video token (t, y, x)={(t, y, x)} of the "
+                f"{t_}x{y_}x{x_} grid ({patchify.source}) changed {what} and key rows "
+                f"{krows[:8]}{'...' if len(krows) > 8 else ''} of {module}'s call (S={s}); one "
+                f"token per patch in frame-major order predicts "
+                f"{'one row' if expected is None else f'row {expected[0]}'} for both. The token "
+                f"order (or the grid) is not the one inferred. " + _LAYOUT_HINT
+            )
+    extra = s - n
+    if start == 0:
+        position = TextPosition.SUFFIX
+    elif start == extra:
+        position = TextPosition.PREFIX
+    else:
+        raise LayoutUnknown(
+            f"structural: {module}'s call of {s} tokens holds the {n} video tokens at rows "
+            f"{start}..{start + n - 1}, between non-video tokens (neither a prefix nor a "
+            f"suffix). " + _LAYOUT_HINT
+        )
+    return VideoGrid(t_, y_, x_, text_position=position)
+
+
+def _bump(
+    args: tuple,
+    kwargs: dict,
+    video_arg: tuple[str, int | None],
+    patchify: _Patchify,
+    token: tuple[int, int, int],
+) -> tuple[tuple, dict]:
+    key, pos = video_arg
+    x = args[pos] if pos is not None else kwargs[key]
+    t, y, w = token
+    pt, ph, pw = patchify.patch
+    if patchify.channel_axis == 1:
+        index: tuple = (slice(None), slice(None), t * pt, y * ph, w * pw)
+    else:
+        index = (slice(None), t * pt, slice(None), y * ph, w * pw)
+    x = x.clone()
+    x[index] += 1.0
+    if pos is not None:
+        return (*args[:pos], x, *args[pos + 1 :]), dict(kwargs)
+    return tuple(args), {**kwargs, key: x}
+
+
+def _signature(inputs: dict[str, Any]) -> tuple:
+    """The input shapes (and plain values) a probe result holds for."""
+
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), str(v.dtype), str(v.device))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return tuple(one(e) for e in v)
+        if isinstance(v, dict):
+            return tuple((k, one(e)) for k, e in sorted(v.items(), key=lambda kv: str(kv[0])))
+        return type(v).__name__
+
+    return tuple((k, one(v)) for k, v in inputs.items())
+
+
+def _is_real(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.device.type != "meta" and not is_fake(x)
+
+
+# ------------------------------------------------------------------------------- the adapter
+
+
+class StructuralAdapter(ModelAdapter):
+    """The structural fallback (module docstring): for models no family adapter names."""
+
+    family = "structural"
+    library = ""
+    model_classes = ()
+
+    def __init__(self) -> None:
+        # model -> input signature -> verified grid or the reason there is none. The probe runs
+        # the model, so its result is kept per model and input shapes.
+        self._verified: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        """True if :func:`analyze` can read the model's structure."""
+        try:
+            analyze(model)
+        except ValueError:
+            return False
+        return True
+
+    def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
+        try:
+            return list(analyze(model).attention)
+        except ValueError as e:
+            raise RuntimeError(f"structural: {e}. {_LAYOUT_HINT}") from None
+
+    def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
+        inputs = bind_inputs(model, args, kwargs)
+        structure = analyze(model)
+        x = inputs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            raise LayoutUnknown(
+                f"structural: {type(model).__name__} got hidden_states as {describe(x)}, not a "
+                f"5-D video tensor [B, C, T, H, W] or [B, T, C, H, W]. " + _LAYOUT_HINT
+            )
+        patchify = _patchify(model, structure, x)
+        t_axis = 2 if patchify.channel_axis == 1 else 1
+        src = patchify.source
+        grid = (
+            _tokens(int(x.shape[t_axis]), patchify.patch[0], patchify.exact, "frames", src),
+            _tokens(int(x.shape[3]), patchify.patch[1], patchify.exact, "height", src),
+            _tokens(int(x.shape[4]), patchify.patch[2], patchify.exact, "width", src),
+        )
+        if not _is_real(x):
+            raise LayoutUnknown(
+                f"structural: the {grid[0]}x{grid[1]}x{grid[2]} grid ({src}) is verified by "
+                f"running the model on the inputs, which are meta or fake tensors here. "
+                + _LAYOUT_HINT
+            )
+        key = _signature(inputs)
+        cache = self._verified.setdefault(model, {})
+        if key not in cache:
+            names = list(inspect_parameters(model))
+            pos = names.index("hidden_states") if "hidden_states" in names[: len(args)] else None
+            try:
+                cache[key] = _verify(
+                    model, structure, args, kwargs, ("hidden_states", pos), patchify, grid
+                )
+            except LayoutUnknown as e:
+                cache[key] = e
+        result = cache[key]
+        if isinstance(result, LayoutUnknown):
+            raise LayoutUnknown(str(result))
+        return result
+
+    def source(self, model: torch.nn.Module) -> str:
+        """What the report says about this path."""
+        try:
+            s = analyze(model)
+        except ValueError as e:
+            return f"structural: {e}"
+        blocks = ", ".join(f"'{b}'" for b in s.blocks)
+        return (
+            f"structural: no adapter knows {type(model).__name__}; blocks in {blocks}, grid from "
+            f"the patch embedding, verified by a probe per input shape"
+        )
+
+
+def inspect_parameters(model: torch.nn.Module) -> list[str]:
+    """The forward's parameter names, in order."""
+    return list(inspect.signature(model.forward).parameters)
+
+
+STRUCTURAL = StructuralAdapter()
+"""The one structural adapter (its probe cache is per model)."""
