@@ -340,7 +340,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, *tensors = ctx.saved_tensors
     dq, dk, dv = _flash_backward(q, k, v, grad_out.contiguous(), tensors, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    # One gradient per input, the tensor list's as a list (torch.library checks the structure).
+    return dq, dk, dv, [None] * ctx.n_tensors, None, None, None, None, None, None
 
 
 _flash_forward.register_autograd(_backward, setup_context=_setup_context)
