@@ -18,7 +18,7 @@ from conftest import ATOL_F32, max_err
 
 from vmoba_compile import VideoLayout, VMoBAConfig, optimize, vmoba_attention
 from vmoba_compile import kernels as K
-from vmoba_compile._compat import plan_index
+from vmoba_compile._compat import autograd_inside_op, plan_index
 from vmoba_compile.attention import _select, permute, plan_for, unpermute
 from vmoba_compile.config import Kernel, Partition
 from vmoba_compile.masks import block_mask_from_pieces, build_block_mask
@@ -223,3 +223,30 @@ def test_fake_kernels_give_the_real_shapes() -> None:
                                                                          *static)  # fmt: skip
     assert tuple(out.shape) == (*qp.shape[:-1], 16) and out.dtype == qp.dtype
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+@torch.library.custom_op("vmoba_compile_test::sin_backward", mutates_args=())
+def _sin_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().requires_grad_()
+    with autograd_inside_op(), torch.enable_grad():
+        return torch.autograd.grad(leaf.sin(), leaf, g)[0]
+
+
+@torch.library.custom_op("vmoba_compile_test::sin", mutates_args=())
+def _sin(x: torch.Tensor) -> torch.Tensor:
+    return x.sin()
+
+
+_sin.register_autograd(
+    lambda ctx, g: _sin_backward(ctx.saved_tensors[0], g),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]),
+)
+
+
+def test_an_ops_kernel_can_differentiate_a_recomputation() -> None:
+    """What the FA4 op's backward does (recompute, then autograd.grad inside the op's kernel):
+    torch.library runs kernels below autograd, so without autograd_inside_op the recomputed
+    output has no grad_fn (seen on the H200 first)."""
+    x = torch.randn(5, requires_grad=True)
+    _sin(x).sum().backward()
+    assert torch.allclose(x.grad, x.detach().cos())

@@ -8,7 +8,13 @@ import torch
 
 from .layout import ChunkPlan, LayerPlan, PlanIndex, plan_from_key
 
-__all__ = ["TORCH_VERSION", "compiled_flex_attention", "is_compiling", "plan_index"]
+__all__ = [
+    "TORCH_VERSION",
+    "autograd_inside_op",
+    "compiled_flex_attention",
+    "is_compiling",
+    "plan_index",
+]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -114,3 +120,16 @@ def materialize_for_mask_mod(*xs: torch.Tensor) -> list[torch.Tensor]:
     if not is_compiling():
         return list(xs)
     return _materialize(list(xs))
+
+
+def autograd_inside_op():
+    """A context in which a custom op's kernel can record autograd again.
+
+    torch.library runs an op's kernel below the Autograd dispatch keys (they are in the
+    thread's excluded set), so ``torch.enable_grad()`` alone gives outputs without ``grad_fn``.
+    The FlashAttention-4 op's backward differentiates a recomputed forward inside its kernel:
+    this keeps only the CUDA autocast key excluded for that block.
+    """
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
+    return torch._C._ForceDispatchKeyGuard(include, exclude)

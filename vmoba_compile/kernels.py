@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from ._compat import autograd_inside_op
 from .config import Kernel, Partition, VMoBAConfig
 from .masks import TABLE_NAMES, MaskPieces, block_mask_from_pieces
 
@@ -319,9 +320,9 @@ def _flash_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     static = (n_words, has_key_ok, block_size, token_level, scale, backend)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    with torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         out = _runner(*leaves, tensors, *static)(*leaves, tensors, *static)
-    dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
     return dq, dk, dv
 
 
