@@ -1,9 +1,17 @@
-"""Slow, obviously correct VMoBA: the spec written out in the call's own token order.
+"""Slow, obviously correct VMoBA: the algorithm written out in the call's own token order.
 
 It shares no selection or mask code with the fast path (only the config, the layout and the chunk
-shape resolution): chunks and query blocks come from token coordinates, selection walks the
-sorted pairs literally, the mask is a dense ``[B, H, S, S]`` boolean, attention is SDPA in float64.
+shape resolution): chunks and query blocks come from token coordinates, selection sorts the pairs
+literally, the mask is a dense ``[B, H, S, S]`` boolean, attention is SDPA in float64.
 Use it in tests and benchmarks on small shapes only.
+
+Ties (exactly equal gates) follow the rule of :mod:`vmoba_compile.selection`: among equal values
+the lower index comes first. TOPK ranks a unit's chunks by ``(-gate, chunk)``, the self chunk
+first; THRESHOLD walks the non-self pairs of its scope by ``(-normalized gate, flat index)``, the
+flat index being the chunk in query scope and ``(unit position, chunk)`` row-major in head scope,
+with the units in chunk order (by chunk, then by ``(t, y, x)`` inside the chunk; a query block by
+its place in its chunk), not in the call's order. Both are Python sorts on explicit keys, so no
+tie order of ``torch.topk`` or ``torch.sort`` is involved.
 """
 
 from __future__ import annotations
@@ -18,7 +26,13 @@ __all__ = ["reference_mask", "reference_selection", "vmoba_reference"]
 
 
 def _video_token_units(layout: VideoLayout, chunk: tuple[int, int, int], block_size: int):
-    """Per video token (call order): chunk id and query-block id (blocks never span chunks)."""
+    """Per video token (call order): chunk id and query-block id (blocks never span chunks).
+
+    Returns:
+        ``(chunk_of, block_of, n_chunks, block_chunk, token_order, block_order)``: ``chunk_of``
+        and ``block_of`` per token; the chunk of each block; the tokens and the blocks in chunk
+        order (the unit order of head-scope ties).
+    """
     ct, cy, cx = chunk
     ny, nx = -(-layout.height // cy), -(-layout.width // cx)
     chunk_of, order_key = [], []
@@ -46,25 +60,35 @@ def _video_token_units(layout: VideoLayout, chunk: tuple[int, int, int], block_s
         torch.tensor(block_of),
         n_chunks,
         [key[0] for key in sorted(block_ids, key=block_ids.get)],
+        rank,
+        [block_ids[key] for key in sorted(block_ids)],
     )
 
 
 def _walk(gn: torch.Tensor, is_self: torch.Tensor, tau: float) -> torch.Tensor:
-    """THRESHOLD over one scope (flattened pairs): the spec's steps 2-4, literally."""
+    """THRESHOLD over one scope (flattened pairs, in tie order): normalized gates to the kept
+    pairs, literally."""
     keep = is_self.clone()
     total = gn.sum()
     if total <= 0:  # every gate equal: nothing to rank by; keep everything
         return torch.ones_like(keep)
-    need = max(0.0, tau - float(gn[is_self].sum() / total))
-    others = (~is_self).nonzero().flatten()
-    order = torch.argsort(gn[others], descending=True, stable=True)
+    total = float(total)
+    need = max(0.0, tau - float(gn[is_self].sum()) / total)
+    values = gn.tolist()
+    others = sorted((~is_self).nonzero().flatten().tolist(), key=lambda j: (-values[j], j))
     acc = 0.0
-    for j in order.tolist():
-        keep[others[j]] = True
-        acc += float(gn[others[j]] / total)
+    for j in others:
+        keep[j] = True
+        acc += values[j] / total
         if acc >= need:
             break
     return keep
+
+
+def _topk_row(row: list[float], own: int, k: int) -> list[int]:
+    """The ``k`` chunks of one unit: its own first, then by gate descending, lower chunk first."""
+    others = sorted((c for c in range(len(row)) if c != own), key=lambda c: (-row[c], c))
+    return ([own] + others)[:k]
 
 
 def reference_selection(
@@ -79,7 +103,9 @@ def reference_selection(
     q, k = q.detach().cpu(), k.detach().cpu()  # the reference runs on the CPU, in float64
     partition = config.partition_for(layer_index)
     chunk = resolve_chunk(config, partition, layout)
-    chunk_of, block_of, n_chunks, block_chunk = _video_token_units(layout, chunk, config.block_size)
+    chunk_of, block_of, n_chunks, block_chunk, token_order, block_order = _video_token_units(
+        layout, chunk, config.block_size
+    )
     vs, n = layout.video_start, layout.video_tokens
     qv = q[:, :, vs : vs + n].double()
     kv = k[:, :, vs : vs + n].double()
@@ -87,11 +113,11 @@ def reference_selection(
     kv = kv.repeat_interleave(h // k.shape[1], dim=1)
     kbar = torch.stack([kv[:, :, chunk_of == c].mean(2) for c in range(n_chunks)], dim=2)
     if config.granularity is Granularity.TOKEN:
-        q_units, unit_chunk, unit_of = qv, chunk_of, torch.arange(n)
+        q_units, unit_chunk, unit_of, unit_order = qv, chunk_of, torch.arange(n), token_order
     else:
         nblk = len(block_chunk)
         q_units = torch.stack([qv[:, :, block_of == j].mean(2) for j in range(nblk)], dim=2)
-        unit_chunk, unit_of = torch.tensor(block_chunk), block_of
+        unit_chunk, unit_of, unit_order = torch.tensor(block_chunk), block_of, block_order
     g = q_units @ kbar.transpose(-1, -2)  # [B, H, U, C]
     u = g.shape[2]
     is_self = torch.zeros(u, n_chunks, dtype=torch.bool)
@@ -101,14 +127,20 @@ def reference_selection(
         for hi in range(h):
             gg = g[bi, hi]
             if config.selection is Selection.TOPK:
-                top = torch.where(is_self, torch.inf, gg).topk(min(config.topk, n_chunks), -1)
-                sel[bi, hi].scatter_(-1, top.indices, True)
+                rows = [[False] * n_chunks for _ in range(u)]
+                for ui, (row, own) in enumerate(zip(gg.tolist(), unit_chunk.tolist(), strict=True)):
+                    for c in _topk_row(row, own, config.topk):
+                        rows[ui][c] = True
+                sel[bi, hi] = torch.tensor(rows)
             elif config.threshold >= 1.0:
                 sel[bi, hi] = True
             elif config.scope is Scope.HEAD:
                 span = gg.max() - gg.min()
                 gn = (gg - gg.min()) / (span if span > 1e-6 else 1.0)
-                sel[bi, hi] = _walk(gn.flatten(), is_self.flatten(), config.threshold).view(u, -1)
+                # the flat index of a pair is (unit position in chunk order, chunk), row-major
+                order = torch.tensor(unit_order)
+                kept = _walk(gn[order].flatten(), is_self[order].flatten(), config.threshold)
+                sel[bi, hi, order] = kept.view(u, -1)
             else:
                 for ui in range(u):
                     row = gg[ui]

@@ -1,10 +1,22 @@
-"""Chunk keys, gates and block selection: query units, chunk keys, top-k and threshold.
+"""Chunk keys, gates and block selection.
 
 Pure tensor functions: static shapes, no host syncs, no scatter. A selection is a boolean tensor
 ``sel[B, H, U, C]``: query unit ``u`` of head ``h`` attends chunk ``c``. Units are query blocks
 (BLOCK granularity) or query tokens (TOKEN granularity) in the padded, permuted order of
-:class:`~vmoba_compile.layout.ChunkPlan`; ``unit_real[U]`` marks units that hold real tokens and
-``is_self[U, C]`` marks each unit's own chunk. Every unit always keeps its self chunk.
+:class:`~vmoba_compile.layout.ChunkPlan`: chunk by chunk, and inside a chunk in ``(t, y, x)``
+order. ``unit_real[U]`` marks units that hold real tokens and ``is_self[U, C]`` marks each unit's
+own chunk. Every unit always keeps its self chunk.
+
+Ties (exactly equal gates, e.g. all-zero query rows or repeated keys) are broken by one
+deterministic rule, the same eagerly, compiled and on any device, and the same as
+:mod:`vmoba_compile.reference`: among equal values the lower index comes first. TOPK ranks the
+chunks of a unit by (gate descending, chunk index ascending), the self chunk first. THRESHOLD
+walks the non-self pairs of its scope by (normalized gate descending, flat index ascending),
+where the flat index is the chunk index in query scope and ``unit * C + chunk`` in head scope
+(units in the order above). Neither relies on the tie order of ``torch.topk`` or an unstable sort,
+which no backend guarantees: TOPK uses a stable sort or an explicit comparison count, THRESHOLD
+turns its cut into a value and breaks ties at the cut with a count of equal values before each
+pair.
 """
 
 from __future__ import annotations
@@ -66,7 +78,9 @@ def _pairwise(n: int) -> bool:
 
 
 def _descending_rank(x: torch.Tensor, pairwise: bool) -> torch.Tensor:
-    """Position of each element of the last dim in a stable descending sort of its row."""
+    """Position of each element of the last dim in a descending sort of its row, equal values
+    in index order (``stable=True`` is a documented guarantee of ``torch.sort``; the comparison
+    count states the rule itself)."""
     if not pairwise:
         return torch.argsort(torch.argsort(x, dim=-1, descending=True, stable=True), dim=-1)
     n = x.shape[-1]
@@ -78,7 +92,9 @@ def _descending_rank(x: torch.Tensor, pairwise: bool) -> torch.Tensor:
 
 def _topk(g: torch.Tensor, is_self: torch.Tensor, k: int) -> torch.Tensor:
     # Rank with the self chunk forced first, then compare ranks: exactly k per unit even with
-    # tied gates, and no scatter (compiled CPU flex read scatter-built mask buffers wrongly).
+    # tied gates (the lower chunk index wins a tie), and no scatter: compiled on CPU torch 2.13,
+    # a mask_mod that read a selection built by scatter gave wrong results, one built by a
+    # comparison was right.
     g = torch.where(is_self, torch.full_like(g, float("inf")), g)
     return _descending_rank(g, _pairwise(g.shape[-1])) < k
 
@@ -123,31 +139,40 @@ def _threshold(
     flat = torch.where(cand, gn, torch.full_like(gn, -1.0))
     if scope is Scope.HEAD:
         flat = flat.reshape(b, h, 1, u * c)
-    # Walk down the candidates in descending order: keep positions up to and including the first
-    # whose accumulated share reaches `need`, i.e. every position whose share *before* it is
-    # still short; the first is always kept (quirk of the reference kept by the spec). The cut is
-    # turned into a value threshold so that the selection is a comparison, not a scatter back
-    # through the sort order.
+    # Walk down the candidates by (value descending, flat index ascending): keep positions up
+    # to and including the first whose accumulated share reaches `need`, i.e. every position
+    # whose share *before* it is still short; the first is always kept (a quirk of the authors'
+    # walk, kept). The selection is a comparison, not a scatter back through the sort order.
     if _pairwise(flat.shape[-1]):
-        # The same walk without a sort: the share before an element's first position in the
-        # sorted order is the share of the strictly larger values. A candidate is kept when that
-        # is still short of `need`, or when nothing is larger (the first position).
-        larger = flat[..., None, :] > flat[..., :, None]  # [..., me, other]
+        # The same walk without a sort: the pairs before an element are the larger values and
+        # the equal values at lower flat indices. A candidate is kept when their share is still
+        # short of `need`, or when no pair comes before it (the first position).
+        n = flat.shape[-1]
+        other, me = flat[..., None, :], flat[..., :, None]
+        pos = torch.arange(n, device=flat.device)
+        earlier = pos[None, :] < pos[:, None]  # [me, other]: the other pair has the lower index
+        ahead = (other > me) | ((other == me) & earlier)
         share = torch.clamp(flat, min=0) / safe_total
-        before = torch.where(larger, share[..., None, :], torch.zeros_like(share[..., None, :]))
-        first = ~larger.any(-1)
+        before = torch.where(ahead, share[..., None, :], torch.zeros_like(share[..., None, :]))
+        first = ~ahead.any(-1)
         keep = first | (before.sum(-1) < need)
-        if scope is Scope.HEAD:
-            keep = keep.reshape(b, h, u, c)
-        return (cand & keep) | is_self
-    vals = torch.sort(flat, dim=-1, descending=True).values
-    share = torch.clamp(vals, min=0) / safe_total
-    before = _cumsum_last(share) - share  # share accumulated before each position
-    n_keep = torch.clamp((before < need).sum(dim=-1, keepdim=True), min=1)
-    cut = torch.gather(vals, -1, n_keep - 1)
+    else:
+        # The sorted values fix how many pairs are kept (ties do not change the values), and so
+        # a cut value: every pair above the cut is kept, and of the pairs equal to it the ones
+        # with the lowest flat indices, as many as the count leaves room for.
+        vals = torch.sort(flat, dim=-1, descending=True).values
+        share = torch.clamp(vals, min=0) / safe_total
+        before = _cumsum_last(share) - share  # share accumulated before each position
+        n_keep = torch.clamp((before < need).sum(dim=-1, keepdim=True), min=1)
+        cut = torch.gather(vals, -1, n_keep - 1)
+        above, tied = flat > cut, flat == cut
+        room = n_keep - above.sum(dim=-1, keepdim=True)
+        tied_n = tied.to(torch.int32)
+        tied_before = _cumsum_last(tied_n) - tied_n  # equal pairs at lower flat indices
+        keep = above | (tied & (tied_before < room))
     if scope is Scope.HEAD:
-        cut = cut.reshape(b, h, 1, 1)
-    return (cand & (gn >= cut)) | is_self
+        keep = keep.reshape(b, h, u, c)
+    return (cand & keep) | is_self
 
 
 def select(
