@@ -177,10 +177,11 @@ def memory_inductor_defaults() -> dict[str, Any]:
     """Inductor options :func:`optimize` adds after :func:`safe_inductor_defaults`: the scheduler
     pass :func:`~vmoba_compile.scheduling.keep_program_order` (as
     :data:`~vmoba_compile.scheduling.PROGRAM_ORDER_PASS`, which inductor's FX graph cache
-    accepts), which keeps the kernels in program order after fusion. Without it the VMoBA training backward with activation checkpointing kept
-    several layers' recomputed activations alive at once (8 layers at 55,296 tokens: 26.9 GiB
-    against dense's 10.1; 30 layers out of memory). ``options={"_post_fusion_custom_pass": None}``
-    turns it off. Empty where inductor has no such hook.
+    accepts), which keeps the kernels in program order after fusion. Without it the VMoBA
+    training backward with activation checkpointing kept several layers' recomputed activations
+    alive at once (8 layers at 55,296 tokens: 26.9 GiB against dense's 10.1; 30 layers out of
+    memory). ``options={"_post_fusion_custom_pass": None}`` turns it off. Empty where inductor
+    has no such hook.
     """
     if hasattr(torch._inductor.config, "_post_fusion_custom_pass"):
         return {"_post_fusion_custom_pass": PROGRAM_ORDER_PASS}
