@@ -224,6 +224,9 @@ class VMoBAModule(torch.nn.Module):
     as with ``torch.compile``); unknown attributes are looked up on the wrapped model, so
     pipelines can use it in place of the model.
 
+    :meth:`restore` undoes :func:`optimize` and returns the model; used as a context manager
+    (``with optimize(model) as opt:``) it restores on exit.
+
     Attributes:
         vmoba: the run-time :class:`VMoBAControls`.
         report: the :class:`RewriteReport` of every graph compiled so far.
@@ -253,6 +256,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_param_names = {id(t): n for n, t in named}
         self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
         self._vmoba_warned = False
+        self._vmoba_restored = False
         self.vmoba = VMoBAControls()
         self.report = RewriteReport(type(model).__name__, adapter.family if adapter else None)
         self._vmoba_regional: RegionalBlocks | None = None
@@ -269,6 +273,31 @@ class VMoBAModule(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["_orig_mod"], name)
+
+    def restore(self) -> torch.nn.Module:
+        """Undo :func:`optimize`: remove what it installed on the model and return the model.
+
+        With regional compilation the blocks' ``_compiled_call_impl`` hooks are shared by every
+        optimized model of the same model; this one leaves them, and the last one to leave
+        removes them, so the blocks run as before ``optimize`` (another optimized model of the
+        model keeps working until it is restored too). The compiled graphs are released. The
+        optimized model cannot be called afterwards; calling ``restore`` again does nothing.
+
+        Returns:
+            The original model (the one passed to :func:`optimize`).
+        """
+        if self._vmoba_regional is not None:
+            self._vmoba_regional.uninstall()
+        self._vmoba_compiled.clear()
+        self._vmoba_backends.clear()
+        self._vmoba_restored = True
+        return self._orig_mod
+
+    def __enter__(self) -> VMoBAModule:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
 
     @property
     def config_vmoba(self) -> VMoBAConfig:
@@ -305,6 +334,12 @@ class VMoBAModule(torch.nn.Module):
         return self._compile(fn, backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._vmoba_restored:
+            raise RuntimeError(
+                f"this optimized {type(self._orig_mod).__name__} was restored (restore() or the "
+                f"end of its with-block) and no longer runs VMoBA; call the model itself, or "
+                f"optimize(model) again."
+            )
         impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
         if any(c is not None and not isinstance(c, BlockCall) for c in impls):
             _refuse_regional(self._orig_mod, regional=True)  # compile_repeated_blocks ran after
@@ -502,9 +537,10 @@ def optimize(
             grid), shared by the blocks of that partition; the rest of the model runs
             uncompiled, and the report lists only the blocks' attention calls. Cold compile
             then no longer grows with the depth (:mod:`vmoba_compile.regional`). The blocks'
-            ``_compiled_call_impl`` is set, as ``module.compile()`` does; called directly, the
-            model runs as written. ``regional=True`` requires the blocks; ``False`` compiles
-            the whole model (every attention call in the report, slower cold compile).
+            ``_compiled_call_impl`` is set, as ``module.compile()`` does (called directly, the
+            model runs as written), until :meth:`VMoBAModule.restore` removes it.
+            ``regional=True`` requires the blocks; ``False`` compiles the whole model (every
+            attention call in the report, slower cold compile).
 
     Returns:
         A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call

@@ -102,6 +102,17 @@ class BlockCall:
             block._compiled_call_impl = impl
         impl.owners.add(owner)
 
+    @classmethod
+    def uninstall(cls, block: torch.nn.Module, owner: RegionalBlocks) -> None:
+        """Drop ``owner`` from the block's hook; the last owner out removes the hook, so the
+        block runs as before ``optimize`` (``nn.Module``'s class default, no compiled call)."""
+        impl = block.__dict__.get("_compiled_call_impl")
+        if not isinstance(impl, cls):
+            return  # someone else's hook (or none): not ours to remove
+        impl.owners.discard(owner)
+        if not impl.owners:
+            del block._compiled_call_impl
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = CURRENT_CONTEXT.get()
         owner = ctx.regional if ctx is not None else None
@@ -185,6 +196,14 @@ class RegionalBlocks:
         self._taken: dict[tuple[int, int], tuple[weakref.ref, tuple, CallContext]] = {}
         for m in self.modules:
             BlockCall.install(m, self)
+
+    def uninstall(self) -> None:
+        """Leave the blocks: their hooks drop this model (removed when no other optimized model
+        of the same model uses them) and the compiled variants are released."""
+        for m in self.modules:
+            BlockCall.uninstall(m, self)
+        self.variants.clear()
+        self._taken.clear()
 
     def index_of(self, block: torch.nn.Module) -> int:
         return self._index[id(block)]
