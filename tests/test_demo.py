@@ -22,7 +22,7 @@ from vmoba_compile.diagnostics import selection_maps  # noqa: E402
 
 def test_demo_runs_and_writes_the_png(tmp_path) -> None:
     png = tmp_path / "demo.png"
-    cmd = [sys.executable, "-m", "vmoba_compile", "demo", "--lowering", "aot_eager"]
+    cmd = [sys.executable, "-m", "vmoba_compile", "demo", "--lowering", "aot_eager", "--verbose"]
     run = subprocess.run(
         [*cmd, "--png", str(png), "--repeats", "1"], capture_output=True, text=True, timeout=300
     )
@@ -32,6 +32,9 @@ def test_demo_runs_and_writes_the_png(tmp_path) -> None:
     densities = [float(d) for d in re.findall(r"density (\d\.\d+)", out)]
     assert len(densities) == 3 and all(0 < d < 1 for d in densities), out
     assert re.search(r"relative error 0\.\d+", out)
+    # --verbose: what compiles, on stderr (the report on stdout stays the demo's output)
+    assert run.stderr.count("[vmoba_compile.regional] compiling block variant") == 3, run.stderr
+    assert "partitions 3d, grid 4x8x12" in run.stderr
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])

@@ -349,3 +349,29 @@ def test_restore_removes_the_hooks_the_last_owner_installed() -> None:
         b.restore()  # again: nothing left to do
         whole = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=False)
         assert max_err(whole(x, ctx), toy_reference(model, x, ctx, CONFIG)) < ATOL_F32
+
+
+def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
+    """What compiles (each block variant: partitions and grid; each lowered graph) goes to the
+    ``vmoba_compile`` loggers at INFO; the library adds no handler and sets no level."""
+    import logging
+
+    for name in ("vmoba_compile", "vmoba_compile.regional", "vmoba_compile.compiler"):
+        log = logging.getLogger(name)
+        assert log.handlers == [] and log.level == logging.NOTSET, name
+    x, ctx = toy_inputs()
+    model = ReentrantToy(3)
+    model.checkpoint = False
+    opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")
+    with caplog.at_level(logging.INFO, logger="vmoba_compile"), torch.no_grad():
+        opt(x, ctx)
+        opt(x, ctx)  # cached: nothing new compiles, nothing new is logged
+    ours = [r for r in caplog.records if r.name.startswith("vmoba_compile")]
+    assert all(r.levelno == logging.INFO for r in ours)
+    variants = [r.getMessage() for r in ours if r.name == "vmoba_compile.regional"]
+    parts = [CONFIG.partition_for(i).value for i in range(3)]
+    assert len(variants) == len(set(parts)) == len(opt._vmoba_regional.variants)
+    for msg, part in zip(variants, dict.fromkeys(parts), strict=True):
+        assert f"partitions {part}, layout" in msg, msg
+    lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.compiler"]
+    assert sum("attention calls rewritten" in m for m in lowered) == len(variants)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -186,6 +188,8 @@ class CallContext:
             return f"grid {self.grid.frames}x{self.grid.height}x{self.grid.width}"
         return f"grid unknown: {self.grid_error}"
 
+
+logger = logging.getLogger(__name__)
 
 CURRENT_CONTEXT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "vmoba_compile_call_context", default=None
@@ -615,6 +619,16 @@ class VMoBABackend:
         calls = rewrite_graph(gm, ctx, example_inputs, apply=self.apply)
         ctx.calls.extend(calls)
         self.on_graph(ctx.describe(), calls)
+        done = sum(c.rewritten for c in calls)
+        if self.apply:
+            logger.info(
+                "lowering a graph (%s) with %s: %d of %d attention calls rewritten to VMoBA",
+                ctx.describe(),
+                self.lowering,
+                done,
+                len(calls),
+            )
+        t0 = time.perf_counter()
         if not self.apply:
             compiled = gm.forward
         elif self.lowering == "aot_eager":
@@ -626,6 +640,8 @@ class VMoBABackend:
 
             patches = dict(self.config_patches)
             compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
+        if self.apply:
+            logger.info("lowered in %.1f s (%s)", time.perf_counter() - t0, self.lowering)
 
         def run(*args: Any) -> Any:
             # Counts graph runs, so the wrapper can tell when Dynamo ran the model without any

@@ -9,7 +9,10 @@ of the selected (query, key) pairs of each layer.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -70,8 +73,31 @@ def _time(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+logger = logging.getLogger(__name__)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@contextlib.contextmanager
+def _progress(verbose: bool):
+    """With ``--verbose``, vmoba_compile's INFO records (what is compiling) go to stderr while
+    the demo runs; the library itself sets no handler or level, so it is quiet by default."""
+    if not verbose:
+        yield
+        return
+    log = logging.getLogger("vmoba_compile")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["inductor", "aot_eager"],
         help="aot_eager skips inductor (seconds instead of a minute on a small CPU)",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="log what compiles (blocks, partitions, grid)"
+    )
     args = p.parse_args(argv)
+    with _progress(args.verbose):
+        return _run(p, args)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
@@ -108,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{config}\n")
 
     opt = optimize(model, config, lowering=args.lowering)
+    logger.info("the dense comparison: torch.compile of the whole model (inductor)")
     dense_model = torch.compile(model, dynamic=False)
     with torch.no_grad():
         t0 = time.perf_counter()

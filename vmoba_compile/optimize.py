@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,6 +26,8 @@ __all__ = [
     "optimize",
     "safe_inductor_defaults",
 ]
+
+logger = logging.getLogger(__name__)
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional")
 
@@ -321,6 +324,11 @@ class VMoBAModule(torch.nn.Module):
         """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
         backend (None for the dense one); compiled on first use."""
         if key not in self._vmoba_compiled:
+            logger.info(
+                "compiling the whole %s (%s) on its first call",
+                type(self._orig_mod).__name__,
+                "dense warm-up" if key == "dense" else f"dense layers {sorted(key) or 'none'}",
+            )
             backend = None if key == "dense" else self._backend(self.report.add)
             self._vmoba_compiled[key] = self._compile(self._orig_mod, backend), backend
         return self._vmoba_compiled[key]

@@ -26,6 +26,7 @@ call then finds its variant from the forward call that took the same input tenso
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import weakref
 from collections.abc import Callable
@@ -36,6 +37,8 @@ import torch
 from .compiler import CURRENT_CONTEXT, AttentionCall, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
+
+logger = logging.getLogger(__name__)
 
 
 def find_blocks(model: torch.nn.Module, layer_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -243,6 +246,12 @@ class RegionalBlocks:
                     self._expand(index, shared or [index], calls, ctx),
                 )
 
+            logger.info(
+                "compiling block variant %d, %s, on block %s (blocks of the same variant reuse it)",
+                len(self.variants) + 1,
+                "dense" if key == ("dense",) else f"partitions {'+'.join(key[0])}, {key[1]}",
+                self.paths[index],
+            )
             fn = self._compile_variant(key, _fresh_function(name), on_graph)
             self.variants[key] = fn
         return fn
