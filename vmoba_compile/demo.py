@@ -2,8 +2,8 @@
 
 Offline (random weights, diffusers' ``WanTransformer3DModel`` class), CPU by default. Prints the
 rewrite report, each layer's block density, the output error against the dense model and against
-the model run with ``vmoba_reference`` attention, and timings of dense vs optimized; writes a PNG
-of the selected (query, key) pairs of each layer.
+the model run with ``vmoba_reference`` attention, and timings of dense vs optimized; draws the
+selected (query, key) pairs of each layer into a PNG (:func:`~vmoba_compile.figure.plot_selection`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .config import VMoBAConfig
-from .diagnostics import selection_maps, write_png
+from .diagnostics import selection_maps
+from .figure import plot_selection
 from .optimize import optimize
 
 
@@ -171,6 +172,9 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     if not gpu:
         print("  (CPU timings say nothing about GPU speed; run --device cuda on a GPU)")
-    write_png(args.png, layers)
-    print(f"\nwrote {args.png}: one panel per layer, rows = queries, columns = keys")
+    written = plot_selection(layers, args.png, config=config)
+    if written.suffix == ".png":
+        print(f"\nwrote {written}: one panel per layer, rows = query tokens, columns = key tokens")
+    else:
+        print(f"\nwrote {written} (install matplotlib or Pillow for the picture)")
     return 0

@@ -1,4 +1,4 @@
-"""What VMoBA selects in each layer of a real forward call: density and block maps, plus a PNG.
+"""What VMoBA selects in each layer of a real forward call: density and block maps.
 
 :func:`selection_maps` runs the model once, eagerly, and records the ``q``/``k`` of every video
 self-attention call (a ``TorchFunctionMode`` scoped to that one call; nothing is patched), then
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import struct
-import zlib
 from typing import Any
 
 import torch
@@ -39,7 +37,6 @@ __all__ = [
     "capture_attention",
     "selection_maps",
     "vmoba_eager",
-    "write_png",
 ]
 
 
@@ -56,6 +53,9 @@ class LayerSelection:
             samples (text rows and columns included, as the kernel computes them).
         token_map: ``[S, S]`` bool of sample 0, head 0, in the call's token order: True where a
             query (row) attends a key (column), at block resolution.
+        chunk_order: ``[S]`` int64: the tokens in the order the kernel sees them (chunk by
+            chunk, text last), or None (call order).
+        chunk_sizes: real tokens of each chunk, in that order (the text follows them).
     """
 
     module: str
@@ -64,6 +64,8 @@ class LayerSelection:
     layout: VideoLayout
     density: float
     token_map: torch.Tensor
+    chunk_order: torch.Tensor | None = None
+    chunk_sizes: tuple[int, ...] = ()
 
 
 _SDPA_PARAMS = (
@@ -246,12 +248,14 @@ def _block_mask(q, k, layout, config, layer_index, text_key_mask=None):
 
 def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:
     partition = config.partition_for(layer).value
+    plan = plan_for(layout, config, layer)
+    order = torch.argsort(plan_index(plan, torch.device("cpu")).slots)  # chunk by chunk
+    sizes = tuple(plan.chunk_sizes)
     built = _block_mask(q, k, layout, config, layer, tkm)
     if built is None:
         s = layout.seq_len
-        return LayerSelection(
-            module, layer, partition, layout, 1.0, torch.ones(s, s, dtype=torch.bool)
-        )
+        full = torch.ones(s, s, dtype=torch.bool)
+        return LayerSelection(module, layer, partition, layout, 1.0, full, order, sizes)
     plan, idx, bm = built
     blocks = bm.to_dense().bool()  # [B, H, NB, NB] in padded chunk order (block level)
     count = idx.block_count.to(torch.float64)
@@ -261,46 +265,7 @@ def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection
     )
     slot_block = idx.slots // plan.block_size
     token_map = blocks[0, 0][slot_block][:, slot_block].cpu()
-    return LayerSelection(module, layer, partition, layout, density, token_map)
-
-
-def _png_bytes(rgb: torch.Tensor) -> bytes:
-    """A PNG (8-bit RGB) of ``rgb``: ``[height, width, 3]`` uint8."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].contiguous().numpy().tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
-_COLORS = {"1d": (230, 85, 13), "2d": (49, 130, 189), "3d": (49, 163, 84)}
-
-
-def write_png(path: str, layers: list[LayerSelection], size: int = 256, gap: int = 6) -> None:
-    """One panel per layer, left to right: attended (query row, key column) pairs of sample 0,
-    head 0, colored by partition (1D orange, 2D blue, 3D green) on white."""
-    if not layers:
-        raise ValueError("no layer to draw: the model made no video self-attention call.")
-    panels = []
-    for sel in layers:
-        m = sel.token_map.float()[None, None]
-        m = F.interpolate(m, size=(size, size), mode="area")[0, 0]
-        color = torch.tensor(_COLORS[sel.partition], dtype=torch.float32)
-        rgb = 255 - m[..., None] * (255 - color)
-        panels.append(rgb.round().to(torch.uint8))
-        panels.append(torch.full((size, gap, 3), 255, dtype=torch.uint8))
-    image = torch.cat(panels[:-1], dim=1)
-    with open(path, "wb") as f:
-        f.write(_png_bytes(image))
+    return LayerSelection(module, layer, partition, layout, density, token_map, order, sizes)
 
 
 @torch.no_grad()
