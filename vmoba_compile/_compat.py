@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -25,7 +25,6 @@ try:
     # Inductor hashes a CustomSchedulerPass's uuid() into its FX graph cache key; any other
     # callable as ``_post_fusion_custom_pass`` makes it bypass the cache for the whole compile.
     from torch._inductor.custom_graph_pass import CustomSchedulerPass as SchedulerPassBase
-    from torch._inductor.custom_graph_pass import get_hash_for_files as _get_hash_for_files
 except ImportError:  # a torch without the scheduler-pass protocol: a plain callable base
 
     class SchedulerPassBase:  # type: ignore[no-redef]
@@ -35,13 +34,11 @@ except ImportError:  # a torch without the scheduler-pass protocol: a plain call
         def uuid(self) -> object | None:
             return None
 
-    _get_hash_for_files = None
 
-
+@functools.cache
 def hash_for_files(paths: tuple[str, ...]) -> bytes:
-    """A digest of the files' contents: a custom pass's ``uuid()`` (a new source, a new key)."""
-    if _get_hash_for_files is not None:
-        return _get_hash_for_files(paths)
+    """A digest of the files' contents (as inductor's ``get_hash_for_files``): a custom pass's
+    ``uuid()``, so a new source gets a new cache key."""
     import hashlib
 
     hasher = hashlib.sha256()
@@ -113,11 +110,11 @@ def flex_attention_in_trace(
     lifted = getattr(block_mask.mask_mod, "vmoba_buffers", None)
     if lifted is None:
         kw = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        return flex_attention(q, k, v, **kw, kernel_options=kernel_options)
+        return flex_attention(q, k, v, **kw, kernel_options=cast(Any, kernel_options))
     mask_mod, buffers = lifted
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
-    options = _apply_kernel_options(q, k, v, False, kernel_options)
+    options = cast(Any, _apply_kernel_options(q, k, v, False, cast(Any, kernel_options)))
     parts = (*block_mask.as_tuple()[:-1], mask_mod)
     out = flex_attention_hop(q, k, v, _identity, parts, scale, options, (), tuple(buffers))
     return out[0]

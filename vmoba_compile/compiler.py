@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -629,6 +629,7 @@ class VMoBABackend:
                 len(calls),
             )
         t0 = time.perf_counter()
+        compiled: Callable[..., Any]
         if not self.apply:
             compiled = gm.forward
         elif self.lowering == "aot_eager":
@@ -639,7 +640,12 @@ class VMoBABackend:
             from torch._inductor.compile_fx import compile_fx
 
             patches = dict(self.config_patches)
-            compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
+            # compile_fx's declared result covers its AOT modes (paths, weights); a
+            # torch.compile backend gets the callable.
+            compiled = cast(
+                "Callable[..., Any]",
+                compile_fx(gm, list(example_inputs), config_patches=patches),
+            )
         if self.apply:
             logger.info("lowered in %.1f s (%s)", time.perf_counter() - t0, self.lowering)
 

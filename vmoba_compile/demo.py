@@ -14,7 +14,7 @@ import logging
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +30,7 @@ def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SystemExit("the demo needs diffusers: pip install 'vmoba_compile[models]'") from e
     torch.manual_seed(0)
-    model = WanTransformer3DModel(
+    wan = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -44,7 +44,8 @@ def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=128,
     )
-    model = model.to(device).eval()
+    # cast: mypy does not see diffusers' ModelMixin as an nn.Module
+    model = cast(torch.nn.Module, wan).to(device).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -134,8 +135,10 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error(f"--grid must look like 4x8x12 (frames x height x width tokens); got {grid_text}")
     dtype = torch.bfloat16 if gpu else torch.float32
     block = 128 if gpu else 16
-    chunks = dict(chunk_1d=(1,), chunk_2d=(4, 4), chunk_3d=(2, 4, 4)) if not gpu else {}
-    config = VMoBAConfig(block_size=block, **chunks)
+    if gpu:  # chunk shapes picked from the grid
+        config = VMoBAConfig(block_size=block)
+    else:  # small chunks on the small CPU grid
+        config = VMoBAConfig(block_size=block, chunk_1d=(1,), chunk_2d=(4, 4), chunk_3d=(2, 4, 4))
 
     model = _wan(args.layers, 2 if not gpu else 12, 16 if not gpu else 128, args.device, dtype)
     inputs = _inputs(grid, args.device, dtype)

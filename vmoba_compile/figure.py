@@ -170,7 +170,7 @@ def _with_pillow(layers: Sequence[LayerSelection], path: pathlib.Path, title: st
         image, bounds, text_at = _panel(sel)
         color = torch.tensor(_COLORS.get(sel.partition, (80, 80, 80)), dtype=torch.uint8)
         rgb = torch.where(image[..., None], color, torch.tensor(255, dtype=torch.uint8))
-        panel = Image.fromarray(rgb.numpy(), "RGB").resize((side, side), Image.NEAREST)
+        panel = Image.fromarray(rgb.numpy(), "RGB").resize((side, side), Image.Resampling.NEAREST)
         x0 = pad + i * (side + pad)
         canvas.paste(panel, (x0, top))
         for b, shade in [*((b, (150, 150, 150)) for b in bounds), (text_at, (20, 20, 20))]:

@@ -13,6 +13,8 @@ from a scatter: compiled CPU flex read scatter-built buffers wrongly (FLEX_NOTES
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -121,7 +123,8 @@ def build_block_mask(
     # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
     # buffer under compilation: on the H100 (torch 2.11) inductor fused their computation (sort,
     # index_select, ...) into the flex template, and that kernel faulted (docs/gpu_status.md).
-    names, tensors = [], []
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
     sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
         for side, transpose in sides:
@@ -153,7 +156,7 @@ def build_block_mask(
     extra = [*word_tables, kv_word, kv_mask]
     extra += [] if key_ok is None else [key_ok]
     plain = materialize_for_mask_mod(*tensors, *extra)
-    tables = dict.fromkeys(
+    tables: dict[str, torch.Tensor | None] = dict.fromkeys(
         ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
     )  # None unless built
     tables.update(zip(names, plain[: len(tensors)], strict=True))
@@ -188,5 +191,5 @@ def build_block_mask(
         seq_lengths=(nb * bs, nb * bs),
         BLOCK_SIZE=(bs, bs),
         mask_mod=mask_mod,
-        **tables,
+        **cast("dict[str, Any]", tables),  # the kv tables are always built (above)
     )

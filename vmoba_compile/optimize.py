@@ -360,6 +360,7 @@ class VMoBAModule(torch.nn.Module):
             return out
         ctx = _context(self, args, kwargs, controls.dense_layers)
         fn, backend = self._variant(controls.dense_layers)
+        assert backend is not None  # only the "dense" variant has none
         runs = backend.graph_runs
         with _call_scope(ctx):
             out = fn(*args, **kwargs)

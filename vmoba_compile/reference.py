@@ -45,7 +45,7 @@ def _video_token_units(layout: VideoLayout, chunk: tuple[int, int, int], block_s
         torch.tensor(chunk_of),
         torch.tensor(block_of),
         n_chunks,
-        [key[0] for key in sorted(block_ids, key=block_ids.get)],
+        [key[0] for key in sorted(block_ids, key=lambda b: block_ids[b])],
     )
 
 

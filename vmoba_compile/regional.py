@@ -276,6 +276,7 @@ class RegionalBlocks:
         """Block ``index`` called inside this model's forward: its variant, remembered for a
         recomputation in the backward."""
         ctx = CURRENT_CONTEXT.get()
+        assert ctx is not None, "BlockCall hands a block to its owner only inside its forward"
         key = self.key(index, ctx)
         # Also without gradients: reentrant checkpointing runs the forward under no_grad.
         self._remember(index, args, kwargs, key, ctx)
