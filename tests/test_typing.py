@@ -32,13 +32,17 @@ opt.vmoba.dense_steps = 5
 restored: torch.nn.Module = opt.restore()
 """
 
-# What the annotations must refuse: a count as a string, an unknown field, a layout as config.
+# What the annotations must refuse: a count as a string, an unknown field, a position as an
+# int, torch.compile's dynamic= (optimize's shapes are static), an unknown lowering.
 WRONG_CODE = """
-from vmoba_compile import VideoLayout, VMoBAConfig
+import torch
+from vmoba_compile import VideoLayout, VMoBAConfig, optimize
 
 VMoBAConfig(topk="3")
 VMoBAConfig(chunks=(1, 2))
 VideoLayout(13, 30, 45, text_position=1)
+optimize(torch.nn.Linear(4, 4), dynamic=True)
+optimize(torch.nn.Linear(4, 4), lowering="tvm")
 """
 
 
@@ -58,4 +62,4 @@ def test_package_and_readme_calls_type_check(tmp_path) -> None:
     assert run.returncode in (0, 1), run.stdout + run.stderr  # 2: mypy itself failed
     assert not [e for e in errors if "wrong_code.py" not in e], run.stdout
     wrong = sorted(int(re.search(r"wrong_code\.py:(\d+):", e).group(1)) for e in errors)
-    assert wrong == [4, 5, 6], run.stdout  # each wrong call, and nothing else
+    assert wrong == [5, 6, 7, 8, 9], run.stdout  # each wrong call, and nothing else

@@ -6,7 +6,10 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import Never
 
 import torch
 
@@ -200,8 +203,9 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
         )
     if unknown:
         raise TypeError(
-            f"unknown compile options {unknown}; optimize accepts {list(_COMPILE_KEYS)} "
-            f"(as torch.compile: fullgraph, mode, options=<inductor options>)."
+            f"unknown compile options {unknown}; optimize accepts the keywords "
+            f"{list(_COMPILE_KEYS)} (fullgraph, mode and options=<inductor options> as in "
+            f"torch.compile; it always compiles with its own backend)."
         )
     mode, extra = options.get("mode"), options.get("options") or {}
     if not isinstance(extra, dict):
@@ -523,7 +527,12 @@ def optimize(
     *,
     layout: VideoLayout | None = None,
     strict: bool = False,
-    **compile_options: Any,
+    fullgraph: bool = False,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    lowering: Literal["inductor", "aot_eager"] = "inductor",
+    regional: bool | None = None,
+    **unsupported: Never,
 ) -> VMoBAModule:
     """Compile ``model`` with its video self-attention rewritten to VMoBA.
 
@@ -534,22 +543,29 @@ def optimize(
         layout: the token layout of every video self-attention call, for models without an
             adapter or to override it. Calls whose length differs stay dense.
         strict: raise (with the report) when a compiled forward call rewrote nothing.
-        **compile_options: ``fullgraph``, ``mode`` and ``options`` as in ``torch.compile``,
-            applied to this compile only. Shapes are static (``dynamic=False``). ``options``
-            start from :func:`safe_inductor_defaults` (mix-order reductions off: they give
-            wrong ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels
-            kept in program order: training memory) and override them.
-            ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
-            ``regional``: by default (None) the repeated blocks are compiled instead of the
-            whole model when every VMoBA self-attention module lies in a module list (every
-            supported family): one compiled block per partition of the schedule (and per
-            grid), shared by the blocks of that partition; the rest of the model runs
-            uncompiled, and the report lists only the blocks' attention calls. Cold compile
-            then no longer grows with the depth (:mod:`vmoba_compile.regional`). The blocks'
-            ``_compiled_call_impl`` is set, as ``module.compile()`` does (called directly, the
-            model runs as written), until :meth:`VMoBAModule.restore` removes it.
-            ``regional=True`` requires the blocks; ``False`` compiles the whole model (every
-            attention call in the report, slower cold compile).
+        fullgraph: as in ``torch.compile``: raise on a graph break instead of splitting the
+            graph. Shapes are always static (``dynamic=False``: VMoBA fixes each call's block
+            partition at compile time, so each resolution compiles once).
+        mode: as in ``torch.compile`` (``"max-autotune"``, ...): its inductor options, applied
+            to this compile only.
+        options: inductor options for this compile only. They start from
+            :func:`safe_inductor_defaults` (mix-order reductions off: they give wrong
+            ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels kept
+            in program order: training memory) and override them; the global inductor config
+            is never written.
+        lowering: ``"inductor"`` (fused kernels) or ``"aot_eager"`` (skips inductor: for
+            debugging and fast CPU checks of the rewrite; slow kernels).
+        regional: by default (None) the repeated blocks are compiled instead of the whole
+            model when every VMoBA self-attention module lies in a module list (every supported
+            family): one compiled block per partition of the schedule (and per grid), shared by
+            the blocks of that partition; the rest of the model runs uncompiled, and the report
+            lists only the blocks' attention calls. Cold compile then no longer grows with the
+            depth (:mod:`vmoba_compile.regional`). The blocks' ``_compiled_call_impl`` is set,
+            as ``module.compile()`` does (called directly, the model runs as written), until
+            :meth:`VMoBAModule.restore` removes it. ``True`` requires the blocks; ``False``
+            compiles the whole model (every attention call in the report, slower cold compile).
+        **unsupported: none: any other keyword (``dynamic=``, ``backend=``) raises, saying
+            what is accepted.
 
     Returns:
         A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call
@@ -557,17 +573,27 @@ def optimize(
 
     Raises:
         ValueError: no adapter knows the model and no layout was given (the message lists the
-            known families).
+            known families); ``dynamic=`` or an unknown ``lowering``.
+        TypeError: an unknown keyword, or ``options`` not a dict.
         RuntimeError: submodules are already compiled on their own (diffusers' regional
             compilation), or ``regional=False`` on a model that an earlier ``optimize``
             compiled block by block.
     """
     config, adapter = _resolve(model, config, layout)
-    options = _check_compile_options(compile_options)
+    checked = _check_compile_options(
+        {
+            "fullgraph": fullgraph,
+            "mode": mode,
+            "options": options,
+            "lowering": lowering,
+            "regional": regional,
+            **unsupported,
+        }
+    )
     layer_of = _layer_numbering(model, adapter)
-    blocks = _regional_blocks(model, layer_of, options["regional"])
+    blocks = _regional_blocks(model, layer_of, checked["regional"])
     _refuse_regional(model, regional=bool(blocks))
-    return VMoBAModule(model, config, layout, adapter, strict, options, layer_of, blocks)
+    return VMoBAModule(model, config, layout, adapter, strict, checked, layer_of, blocks)
 
 
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> RewriteReport:
