@@ -166,7 +166,7 @@ _CACHE_PROBE = """
 import json
 import torch
 from torch._dynamo.utils import counters
-from vmoba_compile.optimize import memory_inductor_defaults, safe_inductor_defaults
+from vmoba_compile.api import memory_inductor_defaults, safe_inductor_defaults
 
 def f(x, w):
     h = torch.relu(x @ w)

@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import torch
 
+from .api import optimize
 from .config import VMoBAConfig
 from .diagnostics import selection_maps
 from .figure import plot_selection
-from .optimize import optimize
 
 
 def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype):

@@ -1,4 +1,5 @@
-"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass."""
+"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass (the module
+``vmoba_compile.api``; ``vmoba_compile.optimize`` is the function)."""
 
 from __future__ import annotations
 
