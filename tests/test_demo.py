@@ -222,3 +222,41 @@ def test_vmoba_eager_refuses_a_checkpointed_training_forward() -> None:
             first(model(*args, **kwargs))
         with pytest.raises(RuntimeError, match="disable_gradient_checkpointing"):
             model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_vmoba_eager_rewrites_exactly_the_calls_the_pass_rewrites(family: str) -> None:
+    """One eligibility rule: the calls vmoba_eager runs as VMoBA (and selection_maps draws) are
+    the calls the pass's report lists as rewritten, with the same layer indices and layouts
+    (HunyuanVideo: its text key-padding mask included)."""
+    from unittest import mock
+
+    from test_optimize import sparse_config
+
+    from vmoba_compile import diagnostics as dg
+    from vmoba_compile import explain, optimize
+
+    model, args, kwargs = tm.build(family)
+    config = sparse_config(family)
+    report = explain(optimize(model, config, lowering="aot_eager"), *args, **kwargs)
+    want = sorted((c.module, c.layer_index) for c in report.rewritten)
+    assert want, "the test needs rewritten calls"
+    seen = []
+
+    real = dg.vmoba_attention
+
+    def spy(*a, **kw):
+        seen.append((kw["layer_index"], kw["layout"], kw["text_key_mask"] is not None))
+        return real(*a, **kw)
+
+    with (
+        mock.patch.object(dg, "vmoba_attention", spy),
+        torch.no_grad(),
+        dg.vmoba_eager(model, config),
+    ):
+        model(*args, **kwargs)
+    assert sorted(layer for layer, _, _ in seen) == sorted(layer for _, layer in want)
+    drawn = dg.selection_maps(model, config, *args, **kwargs)
+    assert sorted((s.module, s.layer_index) for s in drawn) == want
+    assert [s.layout for s in drawn] == [layout for _, layout, _ in seen]
+    assert any(padded for *_, padded in seen) == (family == "hunyuan_video")

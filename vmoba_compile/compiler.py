@@ -39,6 +39,7 @@ __all__ = [
     "CallContext",
     "RewriteReport",
     "VMoBABackend",
+    "bind_sdpa",
     "decide",
     "rewrite_graph",
     "vmoba_sdpa",
@@ -265,10 +266,16 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def _bind(node: fx.Node) -> dict[str, Any]:
-    bound = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+def bind_sdpa(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An SDPA call's arguments by name, defaults filled in: the one binder of the package
+    (graph nodes here, eager calls in :mod:`vmoba_compile.diagnostics`)."""
+    bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    return bind_sdpa(node.args, dict(node.kwargs))
 
 
 def _value(arg: Any) -> Any:

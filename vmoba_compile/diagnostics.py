@@ -25,6 +25,7 @@ from .attention import (
     text_key_mask_from_padding,
     vmoba_attention,
 )
+from .compiler import CallContext, bind_sdpa, decide
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
@@ -68,12 +69,6 @@ class LayerSelection:
     chunk_sizes: tuple[int, ...] = ()
 
 
-_SDPA_PARAMS = (
-    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
-)  # fmt: skip
-_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
-
-
 class _SDPAMode(TorchFunctionMode):
     """Hands every SDPA call made inside one of ``wanted``'s modules to ``on_call(module, bound)``
     (``bound``: the call's arguments by name); a non-None result replaces the call's."""
@@ -85,8 +80,7 @@ class _SDPAMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.stack:
-            bound = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMS, args, strict=False)), **kwargs)
-            out = self.on_call(self.stack[-1], bound)
+            out = self.on_call(self.stack[-1], bind_sdpa(args, kwargs))
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -144,25 +138,37 @@ def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list
     adapter = find_adapter(model)
     grid = adapter.grid(model, args, kwargs)
     wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
-    calls = []
+    ctx = _eager_context(adapter, wanted, grid, VMoBAConfig())
+    out = []
 
     def record(module: str, a: dict) -> None:
-        calls.append((module, a["query"].detach(), a["key"].detach(), a["attn_mask"]))
+        choice = _eligible(a, module, ctx)
+        if choice is not None:
+            q, k = a["query"].detach(), a["key"].detach()
+            tkm = _text_key_mask(a, choice)
+            out.append(CapturedCall(module, choice.layer_index, choice.layout, q, k, tkm))
 
     with _sdpa_calls(model, wanted, record):
         model(*args, **kwargs)
-    out = []
-    for module, q, k, mask in calls:
-        if q.shape[2] != k.shape[2]:
-            continue
-        layout = grid.layout_for(q.shape[2])
-        if layout is None:
-            continue
-        tkm = None
-        if mask is not None and grid.text_key_padding:
-            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
-        out.append(CapturedCall(module, wanted[module], layout, q, k, tkm))
     return out
+
+
+def _eager_context(adapter: Any, wanted: dict[str, int], grid: Any, config: VMoBAConfig):
+    """The pass's call context for an eager forward (its grid, the adapter's layer numbering)."""
+    return CallContext(config=config, family=adapter.family, layer_of=wanted, grid=grid)
+
+
+def _eligible(a: dict, module: str, ctx: CallContext) -> Any:
+    """The pass's own decision (:func:`~vmoba_compile.compiler.decide`) on an eager SDPA call:
+    how it would be rewritten, or None where the pass leaves it dense."""
+    choice = decide(a, module, ctx, lambda: -1)
+    return None if isinstance(choice, str) else choice
+
+
+def _text_key_mask(a: dict, choice: Any) -> torch.Tensor | None:
+    if not choice.key_padding:
+        return None
+    return text_key_mask_from_padding(a["attn_mask"], choice.layout, a["query"].shape[0])
 
 
 @contextlib.contextmanager
@@ -184,7 +190,7 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
     """
     adapter = find_adapter(model)
     wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
-    grids: list = []
+    contexts: list[CallContext] = []
 
     def enter(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
@@ -197,23 +203,17 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
                 "torch.no_grad(), or train through vmoba_compile.optimize(model), which handles "
                 "checkpointing."
             )
-        grids[:] = [adapter.grid(module, args, kwargs)]
+        contexts[:] = [_eager_context(adapter, wanted, adapter.grid(module, args, kwargs), config)]
 
     def replace(module: str, a: dict) -> torch.Tensor | None:
-        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
-        if not grids or a["is_causal"] or a["dropout_p"] or q.shape[2] != k.shape[2]:
+        # The calls the pass would rewrite, decided by the pass's own rule.
+        choice = _eligible(a, module, contexts[-1]) if contexts else None
+        if choice is None:
             return None
-        layout = grids[-1].layout_for(q.shape[2])
-        if layout is None:
-            return None
-        tkm = None
-        if mask is not None:  # only a declared boolean key-padding mask (HunyuanVideo)
-            if not grids[-1].text_key_padding or mask.dtype != torch.bool:
-                return None
-            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
+        tkm = _text_key_mask(a, choice)
         return vmoba_attention(
-            q, k, v, layout=layout, config=config, layer_index=wanted[module],
-            scale=a["scale"], text_key_mask=tkm,
+            a["query"], a["key"], a["value"], layout=choice.layout, config=config,
+            layer_index=choice.layer_index, scale=a["scale"], text_key_mask=tkm,
         )  # fmt: skip
 
     hook = model.register_forward_pre_hook(enter, with_kwargs=True)
