@@ -164,28 +164,17 @@ def build_block_mask(
     kv_word, kv_mask = plain[len(tensors) + words : len(tensors) + words + 2]
     key_ok = None if key_ok is None else plain[-1]
 
-    buffers = (*word_tables, kv_word, kv_mask, *([] if key_ok is None else [key_ok]))
-    has_key_ok = key_ok is not None
-
-    def mask_mod_of(bi, hi, q_idx, kv_idx, *bufs):
-        # The tables as arguments (flex's ``mask_mod_other_buffers``), not captured: see
-        # _compat.flex_attention_in_trace, which hands them to the flex op itself.
-        tables_, kv_word_, kv_mask_ = bufs[:words], bufs[words], bufs[words + 1]
-        unit = q_idx if token_level else q_idx // bs
-        word = tables_[-1][bi, hi, unit]
-        if words > 1:  # pick the key's word: a few selects instead of a gather
-            kw = kv_word_[kv_idx]
-            for i in range(words - 2, -1, -1):
-                word = torch.where(kw == i, tables_[i][bi, hi, unit], word)
-        ok = (word & kv_mask_[kv_idx]) != 0
-        if has_key_ok:
-            ok = ok & bufs[words + 2][bi, kv_idx]
-        return ok
-
     def mask_mod(bi, hi, q_idx, kv_idx):
-        return mask_mod_of(bi, hi, q_idx, kv_idx, *buffers)
-
-    mask_mod.vmoba_buffers = (mask_mod_of, buffers)  # type: ignore[attr-defined]
+        unit = q_idx if token_level else q_idx // bs
+        word = word_tables[-1][bi, hi, unit]
+        if words > 1:  # pick the key's word: a few selects instead of a gather
+            kw = kv_word[kv_idx]
+            for i in range(words - 2, -1, -1):
+                word = torch.where(kw == i, word_tables[i][bi, hi, unit], word)
+        ok = (word & kv_mask[kv_idx]) != 0
+        if key_ok is not None:
+            ok = ok & key_ok[bi, kv_idx]
+        return ok
 
     return BlockMask(
         seq_lengths=(nb * bs, nb * bs),
