@@ -26,7 +26,7 @@ import time
 import torch
 
 import vmoba_compile as vc
-from vmoba_compile.optimize import safe_inductor_defaults
+from vmoba_compile.api import safe_inductor_defaults
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import struct
 import subprocess
@@ -22,7 +23,7 @@ from vmoba_compile.diagnostics import selection_maps  # noqa: E402
 
 def test_demo_runs_and_writes_the_png(tmp_path) -> None:
     png = tmp_path / "demo.png"
-    cmd = [sys.executable, "-m", "vmoba_compile", "demo", "--lowering", "aot_eager"]
+    cmd = [sys.executable, "-m", "vmoba_compile", "demo", "--lowering", "aot_eager", "--verbose"]
     run = subprocess.run(
         [*cmd, "--png", str(png), "--repeats", "1"], capture_output=True, text=True, timeout=300
     )
@@ -32,10 +33,74 @@ def test_demo_runs_and_writes_the_png(tmp_path) -> None:
     densities = [float(d) for d in re.findall(r"density (\d\.\d+)", out)]
     assert len(densities) == 3 and all(0 < d < 1 for d in densities), out
     assert re.search(r"relative error 0\.\d+", out)
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (3 * 256 + 2 * 6, 256)
+    # --verbose: what compiles, on stderr (the report on stdout stays the demo's output)
+    assert run.stderr.count("[vmoba_compile.regional] compiling block variant") == 3, run.stderr
+    assert "partitions 3d, grid 4x8x12" in run.stderr
+    width, height = _png_size(png)
+    assert width > 2 * height > 400  # three labelled panels side by side
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _block_imports(monkeypatch, *names: str) -> None:
+    """Make ``import name`` (and its submodules) fail for this test only."""
+    for mod in list(sys.modules):
+        if any(mod == n or mod.startswith(n + ".") for n in names):
+            monkeypatch.setitem(sys.modules, mod, None)
+    for n in names:
+        monkeypatch.setitem(sys.modules, n, None)
+
+
+def test_selection_figure_with_matplotlib_then_pillow_then_text(tmp_path, monkeypatch) -> None:
+    """The figure draws each layer in its partition's colour with matplotlib; without it, with
+    Pillow; without either, the text summary (one line per layer with its density). The token
+    order it draws is chunk by chunk: each chunk's tokens share one chunk coordinate."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from vmoba_compile.figure import _COLORS, plot_selection
+
+    model, args, kwargs = tm.build("wan")
+    config = VMoBAConfig(block_size=16, chunk_1d=(1,), chunk_2d=(2, 2), threshold=0.25)
+    layers = selection_maps(model, config, *args, **kwargs)
+    assert [s.partition for s in layers] == ["1d", "2d"]
+    lay, two_d = layers[1].layout, layers[1]
+    start = 0
+    for size in two_d.chunk_sizes:  # 2D chunks of 2x2 tokens
+        tokens = two_d.chunk_order[start : start + size]
+        h, w = (tokens % (lay.height * lay.width)) // lay.width, tokens % lay.width
+        assert len({(int(a) // 2, int(b) // 2) for a, b in zip(h, w, strict=True)}) == 1
+        start += size
+
+    def colours(path) -> set[str]:
+        rgb = Image.open(path).convert("RGB")
+        seen = {c for _, c in rgb.getcolors(maxcolors=rgb.width * rgb.height)}
+        return {p for p, c in _COLORS.items() if c in seen}
+
+    drawn = []
+    if importlib.util.find_spec("matplotlib") is not None:
+        out = plot_selection(layers, tmp_path / "mpl.png", config=config)
+        assert out == tmp_path / "mpl.png" and colours(out) == {"1d", "2d"}
+        width, height = _png_size(out)
+        assert width > 1.5 * height > 450
+        drawn.append(out.read_bytes())
+    _block_imports(monkeypatch, "matplotlib")
+    out = plot_selection(layers, tmp_path / "pil.png", config=config)
+    assert out == tmp_path / "pil.png" and colours(out) == {"1d", "2d"}
+    assert _png_size(out)[0] > 2 * 256
+    assert out.read_bytes() not in drawn  # not the matplotlib figure
+    _block_imports(monkeypatch, "PIL")
+    out = plot_selection(layers, tmp_path / "none.png", config=config)
+    assert out == tmp_path / "none.txt" and not (tmp_path / "none.png").exists()
+    text = out.read_text()
+    assert "grid 3x4x6" in text and "threshold 0.25" in text
+    for sel in layers:
+        assert f"layer {sel.layer_index} {sel.partition}" in text
+        assert f"density {sel.density:.3f}" in text
 
 
 def test_selection_maps_equal_the_reference_selection() -> None:
@@ -157,3 +222,41 @@ def test_vmoba_eager_refuses_a_checkpointed_training_forward() -> None:
             first(model(*args, **kwargs))
         with pytest.raises(RuntimeError, match="disable_gradient_checkpointing"):
             model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_vmoba_eager_rewrites_exactly_the_calls_the_pass_rewrites(family: str) -> None:
+    """One eligibility rule: the calls vmoba_eager runs as VMoBA (and selection_maps draws) are
+    the calls the pass's report lists as rewritten, with the same layer indices and layouts
+    (HunyuanVideo: its text key-padding mask included)."""
+    from unittest import mock
+
+    from test_optimize import sparse_config
+
+    from vmoba_compile import diagnostics as dg
+    from vmoba_compile import explain, optimize
+
+    model, args, kwargs = tm.build(family)
+    config = sparse_config(family)
+    report = explain(optimize(model, config, lowering="aot_eager"), *args, **kwargs)
+    want = sorted((c.module, c.layer_index) for c in report.rewritten)
+    assert want, "the test needs rewritten calls"
+    seen = []
+
+    real = dg.vmoba_attention
+
+    def spy(*a, **kw):
+        seen.append((kw["layer_index"], kw["layout"], kw["text_key_mask"] is not None))
+        return real(*a, **kw)
+
+    with (
+        mock.patch.object(dg, "vmoba_attention", spy),
+        torch.no_grad(),
+        dg.vmoba_eager(model, config),
+    ):
+        model(*args, **kwargs)
+    assert sorted(layer for layer, _, _ in seen) == sorted(layer for _, layer in want)
+    drawn = dg.selection_maps(model, config, *args, **kwargs)
+    assert sorted((s.module, s.layer_index) for s in drawn) == want
+    assert [s.layout for s in drawn] == [layout for _, layout, _ in seen]
+    assert any(padded for *_, padded in seen) == (family == "hunyuan_video")

@@ -21,7 +21,7 @@ from vmoba_compile import kernels as K
 from vmoba_compile._compat import autograd_inside_op, plan_index
 from vmoba_compile.attention import _select, permute, plan_for, unpermute
 from vmoba_compile.config import Kernel, Partition
-from vmoba_compile.masks import block_mask_from_pieces, build_block_mask
+from vmoba_compile.masks import block_mask_from_pieces, mask_pieces
 
 H100 = (9, 0)
 
@@ -178,8 +178,8 @@ def _masked_inputs(layer: int, backward: bool):
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     sel = _select(qp, kp, plan, CONFIG, idx)[0]
     tkm = torch.tensor([[True, True, False, True, False], [True] * 5])
-    pieces = build_block_mask(plan, idx, sel, token_level=False, text_key_mask=tkm,
-                              q_tables=backward, raw=True)  # fmt: skip
+    pieces = mask_pieces(plan, idx, sel, token_level=False, text_key_mask=tkm,
+                         q_tables=backward)  # fmt: skip
     return (q, k, v), (qp, kp, vp), plan, idx, pieces, tkm
 
 

@@ -32,7 +32,7 @@ from vmoba_compile import (  # noqa: E402
     vmoba_reference,
 )
 from vmoba_compile.adapters import find_adapter  # noqa: E402
-from vmoba_compile.scheduling import keep_program_order  # noqa: E402
+from vmoba_compile.scheduling import PROGRAM_ORDER_PASS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi's RoPE
 
@@ -404,7 +404,7 @@ def test_bad_compile_options(kwargs, exc, pattern) -> None:
         ("triton.mix_order_reduction", False, True),
         # The scheduler pass that keeps fused kernels in program order (training memory with
         # activation checkpointing): on unless turned off.
-        ("_post_fusion_custom_pass", keep_program_order, None),
+        ("_post_fusion_custom_pass", PROGRAM_ORDER_PASS, None),
     ],
 )
 @pytest.mark.parametrize("override", [False, True])

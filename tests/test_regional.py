@@ -309,3 +309,69 @@ def test_two_optimized_models_of_one_model_keep_their_own_configs() -> None:
         out_a, _ = a(xs[0], ctx), b(xs[0], ctx)
         with pytest.raises(RuntimeError, match="2 optimized models of this model ran it on that"):
             out_a.square().mean().backward()
+
+
+def _our_hooks(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if "_compiled_call_impl" in m.__dict__]
+
+
+def test_restore_removes_the_hooks_the_last_owner_installed() -> None:
+    """restore() gives back the model as it was: with two optimized models sharing the blocks'
+    hooks, the first restored leaves them to the other (which still runs its VMoBA), the
+    second removes them; the model then runs as a fresh copy, and can be optimized again as a
+    whole model (which a hooked model refuses)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = ReentrantToy(3)
+    model.checkpoint = False
+    fresh = copy.deepcopy(model)
+    x, ctx = toy_inputs()
+    other = VMoBAConfig(**{**_CHUNKS, "selection": "topk", "topk": 1})
+    with torch.no_grad():
+        a = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")
+        b = optimize(model, other, layout=TOY_LAYOUT, lowering="aot_eager")
+        hooked = _our_hooks(model)
+        assert hooked == ["blocks.0", "blocks.1", "blocks.2"]
+        want_b = b(x, ctx)
+        a(x, ctx)
+        assert a.restore() is model
+        assert _our_hooks(model) == hooked  # b still uses them
+        assert torch.equal(b(x, ctx), want_b)
+        assert max_err(want_b, fresh(x, ctx)) > 1e-3  # b really runs VMoBA, not the model
+        with pytest.raises(RuntimeError, match="was restored"):
+            a(x, ctx)
+        with b as same:  # the context manager restores on exit
+            assert same is b
+        assert _our_hooks(model) == []
+        assert all(m._compiled_call_impl is None for m in model.modules())
+        assert torch.equal(model(x, ctx), fresh(x, ctx))
+        b.restore()  # again: nothing left to do
+        whole = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=False)
+        assert max_err(whole(x, ctx), toy_reference(model, x, ctx, CONFIG)) < ATOL_F32
+
+
+def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
+    """What compiles (each block variant: partitions and grid; each lowered graph) goes to the
+    ``vmoba_compile`` loggers at INFO; the library adds no handler and sets no level."""
+    import logging
+
+    for name in ("vmoba_compile", "vmoba_compile.regional", "vmoba_compile.compiler"):
+        log = logging.getLogger(name)
+        assert log.handlers == [] and log.level == logging.NOTSET, name
+    x, ctx = toy_inputs()
+    model = ReentrantToy(3)
+    model.checkpoint = False
+    opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")
+    with caplog.at_level(logging.INFO, logger="vmoba_compile"), torch.no_grad():
+        opt(x, ctx)
+        opt(x, ctx)  # cached: nothing new compiles, nothing new is logged
+    ours = [r for r in caplog.records if r.name.startswith("vmoba_compile")]
+    assert all(r.levelno == logging.INFO for r in ours)
+    variants = [r.getMessage() for r in ours if r.name == "vmoba_compile.regional"]
+    parts = [CONFIG.partition_for(i).value for i in range(3)]
+    assert len(variants) == len(set(parts)) == len(opt._vmoba_regional.variants)
+    for msg, part in zip(variants, dict.fromkeys(parts), strict=True):
+        assert f"partitions {part}, layout" in msg, msg
+    lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.compiler"]
+    assert sum("attention calls rewritten" in m for m in lowered) == len(variants)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 from torch._inductor.scheduler import Scheduler
 
@@ -159,3 +160,69 @@ def test_inductor_hands_the_pass_nodes_it_can_read() -> None:
         assert all(isinstance(d.name, str) for d in node.unmet_dependencies)
     for g, e in zip(got, want, strict=True):  # fused float32 kernels round differently;
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)  # a bad order reads garbage
+
+
+_CACHE_PROBE = """
+import json
+import torch
+from torch._dynamo.utils import counters
+from vmoba_compile.api import memory_inductor_defaults, safe_inductor_defaults
+
+def f(x, w):
+    h = torch.relu(x @ w)
+    return (h.sin() + h.sum(0)).cos()
+
+options = {**safe_inductor_defaults(), **memory_inductor_defaults()}
+torch.compile(f, options=options)(torch.randn(8, 8), torch.randn(8, 8))
+print(json.dumps({k: int(v) for k, v in counters["inductor"].items()}))
+"""
+
+
+def test_pass_uuid_follows_the_source() -> None:
+    """The cache key part inductor takes from the pass: stable, and a hash of this module's
+    source (a changed pass must not load graphs scheduled by the old one)."""
+    import hashlib
+    from pathlib import Path
+
+    from vmoba_compile import _compat, scheduling
+
+    if _compat.SchedulerPassBase.__module__ != "torch._inductor.custom_graph_pass":
+        pytest.skip("this torch has no CustomSchedulerPass protocol")
+    got = scheduling.PROGRAM_ORDER_PASS.uuid()
+    assert got == scheduling.ProgramOrderPass().uuid()
+    assert got == hashlib.sha256(Path(scheduling.__file__).read_bytes()).digest()
+
+
+@pytest.mark.compiled
+def test_second_process_hits_the_fx_graph_cache(tmp_path) -> None:
+    """With optimize's inductor defaults (the program-order pass installed), a second process
+    loads the first one's compiled graph from inductor's FX graph cache instead of bypassing it
+    (a plain function as ``_post_fusion_custom_pass`` bypasses the cache on every compile)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vmoba_compile import _compat
+
+    if _compat.SchedulerPassBase.__module__ != "torch._inductor.custom_graph_pass":
+        pytest.skip("this torch has no CustomSchedulerPass protocol")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first.get("fxgraph_cache_miss", 0) > 0 and first.get("fxgraph_cache_bypass", 0) == 0
+    assert second.get("fxgraph_cache_hit", 0) > 0, second
+    assert second.get("fxgraph_cache_bypass", 0) == 0 and second.get("fxgraph_cache_miss", 0) == 0

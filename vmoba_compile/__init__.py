@@ -1,10 +1,10 @@
 """vmoba_compile: VMoBA sparse attention for video diffusion transformers, as a compiler pass."""
 
+from .api import VMoBAControls, VMoBAModule, explain, optimize
 from .attention import vmoba_attention
 from .compiler import AttentionCall, RewriteReport
 from .config import Granularity, Partition, Scope, Selection, VMoBAConfig
 from .layout import TextPosition, VideoLayout
-from .optimize import VMoBAControls, VMoBAModule, explain, optimize
 from .reference import reference_mask, vmoba_reference
 
 __version__ = "0.1.0"

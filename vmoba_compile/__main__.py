@@ -9,7 +9,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "demo":
         print(
-            "usage: python -m vmoba_compile demo [--device cpu|cuda] [--grid 4x8x12] [--png FILE]"
+            "usage: python -m vmoba_compile demo [--device cpu|cuda] [--grid 4x8x12] "
+            "[--png FILE] [--verbose]"
         )
         return 2
     from .demo import main as demo

@@ -10,13 +10,41 @@ from .layout import ChunkPlan, LayerPlan, PlanIndex, plan_from_key
 
 __all__ = [
     "TORCH_VERSION",
+    "SchedulerPassBase",
     "autograd_inside_op",
     "compiled_flex_attention",
+    "hash_for_files",
     "is_compiling",
     "plan_index",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+try:
+    # Inductor hashes a CustomSchedulerPass's uuid() into its FX graph cache key; any other
+    # callable as ``_post_fusion_custom_pass`` makes it bypass the cache for the whole compile.
+    from torch._inductor.custom_graph_pass import CustomSchedulerPass as SchedulerPassBase
+except ImportError:  # a torch without the scheduler-pass protocol: a plain callable base
+
+    class SchedulerPassBase:  # type: ignore[no-redef]
+        """Stand-in base of a scheduler pass where inductor has no ``CustomSchedulerPass``
+        (its cache then bypasses compiles that use the pass, as for any callable)."""
+
+        def uuid(self) -> object | None:
+            return None
+
+
+@functools.cache
+def hash_for_files(paths: tuple[str, ...]) -> bytes:
+    """A digest of the files' contents (as inductor's ``get_hash_for_files``): a custom pass's
+    ``uuid()``, so a new source gets a new cache key."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            hasher.update(f.read())
+    return hasher.digest()
 
 
 def is_compiling() -> bool:

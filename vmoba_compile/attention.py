@@ -17,7 +17,7 @@ from . import _compat
 from .config import Granularity, Kernel, Partition, VMoBAConfig
 from .kernels import KernelChoice, choose_kernel, flash_block_sparse
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
-from .masks import build_block_mask
+from .masks import build_block_mask, mask_pieces
 from .selection import chunk_keys, gates, select
 
 __all__ = [
@@ -371,9 +371,9 @@ def vmoba_attention(
     sel = _select(qp, kp, plan, config, idx)[0]
     token_level = config.granularity is Granularity.TOKEN
     if choice.kernel is Kernel.FLASH:
-        pieces = build_block_mask(
+        pieces = mask_pieces(
             plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
-            q_tables=backward, raw=True,
+            q_tables=backward,
         )  # fmt: skip
         out = flash_block_sparse(qp, kp, vp, pieces, scale)
     else:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -37,6 +39,7 @@ __all__ = [
     "CallContext",
     "RewriteReport",
     "VMoBABackend",
+    "bind_sdpa",
     "decide",
     "rewrite_graph",
     "vmoba_sdpa",
@@ -197,6 +200,8 @@ class CallContext:
         return f"grid unknown: {self.grid_error}"
 
 
+logger = logging.getLogger(__name__)
+
 CURRENT_CONTEXT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "vmoba_compile_call_context", default=None
 )
@@ -271,10 +276,16 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def _bind(node: fx.Node) -> dict[str, Any]:
-    bound = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+def bind_sdpa(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An SDPA call's arguments by name, defaults filled in: the one binder of the package
+    (graph nodes here, eager calls in :mod:`vmoba_compile.diagnostics`)."""
+    bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    return bind_sdpa(node.args, dict(node.kwargs))
 
 
 def _value(arg: Any) -> Any:
@@ -647,6 +658,17 @@ class VMoBABackend:
         calls = rewrite_graph(gm, ctx, example_inputs, apply=self.apply)
         ctx.calls.extend(calls)
         self.on_graph(ctx.describe(), calls)
+        done = sum(c.rewritten for c in calls)
+        if self.apply:
+            logger.info(
+                "lowering a graph (%s) with %s: %d of %d attention calls rewritten to VMoBA",
+                ctx.describe(),
+                self.lowering,
+                done,
+                len(calls),
+            )
+        t0 = time.perf_counter()
+        compiled: Callable[..., Any]
         if not self.apply:
             compiled = gm.forward
         elif self.lowering == "aot_eager":
@@ -657,7 +679,14 @@ class VMoBABackend:
             from torch._inductor.compile_fx import compile_fx
 
             patches = dict(self.config_patches)
-            compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
+            # compile_fx's declared result covers its AOT modes (paths, weights); a
+            # torch.compile backend gets the callable.
+            compiled = cast(
+                "Callable[..., Any]",
+                compile_fx(gm, list(example_inputs), config_patches=patches),
+            )
+        if self.apply:
+            logger.info("lowered in %.1f s (%s)", time.perf_counter() - t0, self.lowering)
 
         def run(*args: Any) -> Any:
             # Counts graph runs, so the wrapper can tell when Dynamo ran the model without any

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import TYPE_CHECKING, TypeVar
 
 __all__ = [
     "CUDA_INFERENCE_KERNEL_OPTIONS",
@@ -21,6 +22,9 @@ __all__ = [
     "Selection",
     "VMoBAConfig",
 ]
+
+
+_E = TypeVar("_E", bound=Enum)
 
 
 class Partition(str, Enum):
@@ -60,7 +64,7 @@ class Kernel(str, Enum):
     TRITON = "triton"  # FlexAttention's Triton template (every device, every dtype)
 
 
-def _enum(cls: type[Enum], field: str, value: object) -> Enum:
+def _enum(cls: type[_E], field: str, value: object) -> _E:
     if isinstance(value, cls):
         return value
     if isinstance(value, str):
@@ -68,7 +72,7 @@ def _enum(cls: type[Enum], field: str, value: object) -> Enum:
             return cls(value.lower())
         except ValueError:
             pass
-    allowed = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+    allowed = ", ".join(repr(m.value) for m in cls)
     raise ValueError(f"VMoBAConfig.{field} must be one of {allowed}; got {value!r}.")
 
 
@@ -96,7 +100,7 @@ def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
     if value is None:
         return None
     try:
-        items = sorted(dict(value).items())
+        items = sorted(dict(value).items())  # type: ignore[call-overload]  # checked below
     except (TypeError, ValueError):
         items = None
     if items is None or not all(
@@ -171,6 +175,28 @@ class VMoBAConfig:
     target_chunk_blocks: int = 4
     kernel_options: tuple[tuple[str, int | bool], ...] | None = None
     kernel: Kernel = Kernel.AUTO
+
+    if TYPE_CHECKING:
+        # What the constructor accepts (the dataclass's generated __init__ at run time; the
+        # fields above are what __post_init__ stores): enum fields take their string values,
+        # chunks any int sequence, kernel_options a mapping.
+        def __init__(
+            self,
+            schedule: Sequence[Partition | str] | Partition | str = ...,
+            chunk_1d: Sequence[int] | int | None = None,
+            chunk_2d: Sequence[int] | None = None,
+            chunk_3d: Sequence[int] | None = None,
+            selection: Selection | str = ...,
+            topk: int = 4,
+            threshold: float = 0.4,
+            scope: Scope | str = ...,
+            granularity: Granularity | str = ...,
+            block_size: int = 128,
+            target_chunk_blocks: int = 4,
+            kernel_options: Mapping[str, int | bool]
+            | Sequence[tuple[str, int | bool]]
+            | None = None,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         sched = self.schedule

@@ -2,22 +2,26 @@
 
 Offline (random weights, diffusers' ``WanTransformer3DModel`` class), CPU by default. Prints the
 rewrite report, each layer's block density, the output error against the dense model and against
-the model run with ``vmoba_reference`` attention, and timings of dense vs optimized; writes a PNG
-of the selected (query, key) pairs of each layer.
+the model run with ``vmoba_reference`` attention, and timings of dense vs optimized; draws the
+selected (query, key) pairs of each layer into a PNG (:func:`~vmoba_compile.figure.plot_selection`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import statistics
+import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from .api import optimize
 from .config import VMoBAConfig
-from .diagnostics import selection_maps, write_png
-from .optimize import optimize
+from .diagnostics import selection_maps
+from .figure import plot_selection
 
 
 def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype):
@@ -26,7 +30,7 @@ def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SystemExit("the demo needs diffusers: pip install 'vmoba_compile[models]'") from e
     torch.manual_seed(0)
-    model = WanTransformer3DModel(
+    wan = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -40,7 +44,8 @@ def _wan(layers: int, heads: int, head_dim: int, device: str, dtype: torch.dtype
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=128,
     )
-    model = model.to(device).eval()
+    # cast: mypy does not see diffusers' ModelMixin as an nn.Module
+    model = cast(torch.nn.Module, wan).to(device).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -70,8 +75,31 @@ def _time(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+logger = logging.getLogger(__name__)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@contextlib.contextmanager
+def _progress(verbose: bool):
+    """With ``--verbose``, vmoba_compile's INFO records (what is compiling) go to stderr while
+    the demo runs; the library itself sets no handler or level, so it is quiet by default."""
+    if not verbose:
+        yield
+        return
+    log = logging.getLogger("vmoba_compile")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["inductor", "aot_eager"],
         help="aot_eager skips inductor (seconds instead of a minute on a small CPU)",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="log what compiles (blocks, partitions, grid)"
+    )
     args = p.parse_args(argv)
+    with _progress(args.verbose):
+        return _run(p, args)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
@@ -99,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--grid must look like 4x8x12 (frames x height x width tokens); got {grid_text}")
     dtype = torch.bfloat16 if gpu else torch.float32
     block = 128 if gpu else 16
-    chunks = dict(chunk_1d=(1,), chunk_2d=(4, 4), chunk_3d=(2, 4, 4)) if not gpu else {}
-    config = VMoBAConfig(block_size=block, **chunks)
+    if gpu:  # chunk shapes picked from the grid
+        config = VMoBAConfig(block_size=block)
+    else:  # small chunks on the small CPU grid
+        config = VMoBAConfig(block_size=block, chunk_1d=(1,), chunk_2d=(4, 4), chunk_3d=(2, 4, 4))
 
     model = _wan(args.layers, 2 if not gpu else 12, 16 if not gpu else 128, args.device, dtype)
     inputs = _inputs(grid, args.device, dtype)
@@ -108,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{config}\n")
 
     opt = optimize(model, config, lowering=args.lowering)
+    logger.info("the dense comparison: torch.compile of the whole model (inductor)")
     dense_model = torch.compile(model, dynamic=False)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -136,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not gpu:
         print("  (CPU timings say nothing about GPU speed; run --device cuda on a GPU)")
-    write_png(args.png, layers)
-    print(f"\nwrote {args.png}: one panel per layer, rows = queries, columns = keys")
+    written = plot_selection(layers, args.png, config=config)
+    if written.suffix == ".png":
+        print(f"\nwrote {written}: one panel per layer, rows = query tokens, columns = key tokens")
+    else:
+        print(f"\nwrote {written} (install matplotlib or Pillow for the picture)")
     return 0

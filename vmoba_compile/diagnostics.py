@@ -1,4 +1,4 @@
-"""What VMoBA selects in each layer of a real forward call: density and block maps, plus a PNG.
+"""What VMoBA selects in each layer of a real forward call: density and block maps.
 
 :func:`selection_maps` runs the model once, eagerly, and records the ``q``/``k`` of every video
 self-attention call (a ``TorchFunctionMode`` scoped to that one call; nothing is patched), then
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import struct
-import zlib
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from .attention import (
     text_key_mask_from_padding,
     vmoba_attention,
 )
+from .compiler import CallContext, bind_sdpa, decide
 from .config import VMoBAConfig
 from .layout import VideoLayout
 
@@ -39,7 +38,6 @@ __all__ = [
     "capture_attention",
     "selection_maps",
     "vmoba_eager",
-    "write_png",
 ]
 
 
@@ -56,6 +54,9 @@ class LayerSelection:
             samples (text rows and columns included, as the kernel computes them).
         token_map: ``[S, S]`` bool of sample 0, head 0, in the call's token order: True where a
             query (row) attends a key (column), at block resolution.
+        chunk_order: ``[S]`` int64: the tokens in the order the kernel sees them (chunk by
+            chunk, text last), or None (call order).
+        chunk_sizes: real tokens of each chunk, in that order (the text follows them).
     """
 
     module: str
@@ -64,12 +65,8 @@ class LayerSelection:
     layout: VideoLayout
     density: float
     token_map: torch.Tensor
-
-
-_SDPA_PARAMS = (
-    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
-)  # fmt: skip
-_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    chunk_order: torch.Tensor | None = None
+    chunk_sizes: tuple[int, ...] = ()
 
 
 class _SDPAMode(TorchFunctionMode):
@@ -83,8 +80,7 @@ class _SDPAMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.stack:
-            bound = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMS, args, strict=False)), **kwargs)
-            out = self.on_call(self.stack[-1], bound)
+            out = self.on_call(self.stack[-1], bind_sdpa(args, kwargs))
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -142,25 +138,37 @@ def capture_attention(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list
     adapter = find_adapter(model)
     grid = adapter.grid(model, args, kwargs)
     wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
-    calls = []
+    ctx = _eager_context(adapter, wanted, grid, VMoBAConfig())
+    out = []
 
     def record(module: str, a: dict) -> None:
-        calls.append((module, a["query"].detach(), a["key"].detach(), a["attn_mask"]))
+        choice = _eligible(a, module, ctx)
+        if choice is not None:
+            q, k = a["query"].detach(), a["key"].detach()
+            tkm = _text_key_mask(a, choice)
+            out.append(CapturedCall(module, choice.layer_index, choice.layout, q, k, tkm))
 
     with _sdpa_calls(model, wanted, record):
         model(*args, **kwargs)
-    out = []
-    for module, q, k, mask in calls:
-        if q.shape[2] != k.shape[2]:
-            continue
-        layout = grid.layout_for(q.shape[2])
-        if layout is None:
-            continue
-        tkm = None
-        if mask is not None and grid.text_key_padding:
-            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
-        out.append(CapturedCall(module, wanted[module], layout, q, k, tkm))
     return out
+
+
+def _eager_context(adapter: Any, wanted: dict[str, int], grid: Any, config: VMoBAConfig):
+    """The pass's call context for an eager forward (its grid, the adapter's layer numbering)."""
+    return CallContext(config=config, family=adapter.family, layer_of=wanted, grid=grid)
+
+
+def _eligible(a: dict, module: str, ctx: CallContext) -> Any:
+    """The pass's own decision (:func:`~vmoba_compile.compiler.decide`) on an eager SDPA call:
+    how it would be rewritten, or None where the pass leaves it dense."""
+    choice = decide(a, module, ctx, lambda: -1)
+    return None if isinstance(choice, str) else choice
+
+
+def _text_key_mask(a: dict, choice: Any) -> torch.Tensor | None:
+    if not choice.key_padding:
+        return None
+    return text_key_mask_from_padding(a["attn_mask"], choice.layout, a["query"].shape[0])
 
 
 @contextlib.contextmanager
@@ -182,7 +190,7 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
     """
     adapter = find_adapter(model)
     wanted = {n: i for i, n in enumerate(adapter.self_attention_modules(model))}
-    grids: list = []
+    contexts: list[CallContext] = []
 
     def enter(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
@@ -195,23 +203,17 @@ def vmoba_eager(model: torch.nn.Module, config: VMoBAConfig):
                 "torch.no_grad(), or train through vmoba_compile.optimize(model), which handles "
                 "checkpointing."
             )
-        grids[:] = [adapter.grid(module, args, kwargs)]
+        contexts[:] = [_eager_context(adapter, wanted, adapter.grid(module, args, kwargs), config)]
 
     def replace(module: str, a: dict) -> torch.Tensor | None:
-        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
-        if not grids or a["is_causal"] or a["dropout_p"] or q.shape[2] != k.shape[2]:
+        # The calls the pass would rewrite, decided by the pass's own rule.
+        choice = _eligible(a, module, contexts[-1]) if contexts else None
+        if choice is None:
             return None
-        layout = grids[-1].layout_for(q.shape[2])
-        if layout is None:
-            return None
-        tkm = None
-        if mask is not None:  # only a declared boolean key-padding mask (HunyuanVideo)
-            if not grids[-1].text_key_padding or mask.dtype != torch.bool:
-                return None
-            tkm = text_key_mask_from_padding(mask, layout, q.shape[0])
+        tkm = _text_key_mask(a, choice)
         return vmoba_attention(
-            q, k, v, layout=layout, config=config, layer_index=wanted[module],
-            scale=a["scale"], text_key_mask=tkm,
+            a["query"], a["key"], a["value"], layout=choice.layout, config=config,
+            layer_index=choice.layer_index, scale=a["scale"], text_key_mask=tkm,
         )  # fmt: skip
 
     hook = model.register_forward_pre_hook(enter, with_kwargs=True)
@@ -246,12 +248,14 @@ def _block_mask(q, k, layout, config, layer_index, text_key_mask=None):
 
 def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection:
     partition = config.partition_for(layer).value
+    plan = plan_for(layout, config, layer)
+    order = torch.argsort(plan_index(plan, torch.device("cpu")).slots)  # chunk by chunk
+    sizes = tuple(plan.chunk_sizes)
     built = _block_mask(q, k, layout, config, layer, tkm)
     if built is None:
         s = layout.seq_len
-        return LayerSelection(
-            module, layer, partition, layout, 1.0, torch.ones(s, s, dtype=torch.bool)
-        )
+        full = torch.ones(s, s, dtype=torch.bool)
+        return LayerSelection(module, layer, partition, layout, 1.0, full, order, sizes)
     plan, idx, bm = built
     blocks = bm.to_dense().bool()  # [B, H, NB, NB] in padded chunk order (block level)
     count = idx.block_count.to(torch.float64)
@@ -261,46 +265,7 @@ def _layer_selection(module, layer, q, k, layout, config, tkm) -> LayerSelection
     )
     slot_block = idx.slots // plan.block_size
     token_map = blocks[0, 0][slot_block][:, slot_block].cpu()
-    return LayerSelection(module, layer, partition, layout, density, token_map)
-
-
-def _png_bytes(rgb: torch.Tensor) -> bytes:
-    """A PNG (8-bit RGB) of ``rgb``: ``[height, width, 3]`` uint8."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].contiguous().numpy().tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
-_COLORS = {"1d": (230, 85, 13), "2d": (49, 130, 189), "3d": (49, 163, 84)}
-
-
-def write_png(path: str, layers: list[LayerSelection], size: int = 256, gap: int = 6) -> None:
-    """One panel per layer, left to right: attended (query row, key column) pairs of sample 0,
-    head 0, colored by partition (1D orange, 2D blue, 3D green) on white."""
-    if not layers:
-        raise ValueError("no layer to draw: the model made no video self-attention call.")
-    panels = []
-    for sel in layers:
-        m = sel.token_map.float()[None, None]
-        m = F.interpolate(m, size=(size, size), mode="area")[0, 0]
-        color = torch.tensor(_COLORS[sel.partition], dtype=torch.float32)
-        rgb = 255 - m[..., None] * (255 - color)
-        panels.append(rgb.round().to(torch.uint8))
-        panels.append(torch.full((size, gap, 3), 255, dtype=torch.uint8))
-    image = torch.cat(panels[:-1], dim=1)
-    with open(path, "wb") as f:
-        f.write(_png_bytes(image))
+    return LayerSelection(module, layer, partition, layout, density, token_map, order, sizes)
 
 
 @torch.no_grad()

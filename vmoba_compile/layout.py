@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -70,6 +71,18 @@ class VideoLayout:
     width: int
     text_tokens: int = 0
     text_position: TextPosition = TextPosition.SUFFIX
+
+    if TYPE_CHECKING:
+        # The constructor also takes the position's string (``"prefix"``); __post_init__
+        # stores the enum.
+        def __init__(
+            self,
+            frames: int,
+            height: int,
+            width: int,
+            text_tokens: int = 0,
+            text_position: TextPosition | str = ...,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         _positive_int("frames", self.frames)
@@ -349,8 +362,8 @@ class ChunkPlan:
 
 
 def chunk_dims(
-    partition: Partition, chunk: tuple[int, ...], layout: VideoLayout
-) -> tuple[int, ...]:
+    partition: Partition, chunk: Sequence[int], layout: VideoLayout
+) -> tuple[int, int, int]:
     """A partition's chunk shape as a 3D ``(ct, cy, cx)`` clamped to the grid."""
     lay = layout
     if partition is Partition.D1:
@@ -358,7 +371,7 @@ def chunk_dims(
     elif partition is Partition.D2:
         dims = (lay.frames, chunk[0], chunk[1])
     else:
-        dims = tuple(chunk)
+        dims = (chunk[0], chunk[1], chunk[2])
     return (min(dims[0], lay.frames), min(dims[1], lay.height), min(dims[2], lay.width))
 
 
@@ -466,6 +479,7 @@ def _auto_chunk(
             + 0.25 * aspect
         )
 
+    cands: list[tuple[tuple[int, ...], tuple[int, int, int], float]]
     if partition is Partition.D1:
         cands = [((ct,), (ct, height, width), 0.0) for ct in range(1, frames + 1)]
     elif partition is Partition.D2:
@@ -493,7 +507,7 @@ def resolve_chunk(
     config: VMoBAConfig, partition: Partition, layout: VideoLayout
 ) -> tuple[int, int, int]:
     """The 3D chunk shape ``(ct, cy, cx)`` of ``partition`` on ``layout`` under ``config``."""
-    explicit = {
+    explicit: tuple[int, ...] | None = {
         Partition.D1: config.chunk_1d,
         Partition.D2: config.chunk_2d,
         Partition.D3: config.chunk_3d,
@@ -507,4 +521,4 @@ def resolve_chunk(
             config.block_size,
             config.target_chunk_blocks,
         )
-    return chunk_dims(partition, explicit, layout)  # type: ignore[return-value]
+    return chunk_dims(partition, explicit, layout)

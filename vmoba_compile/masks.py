@@ -14,7 +14,7 @@ from a scatter: compiled CPU flex (torch 2.13) read scatter-built buffers wrongl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -30,6 +30,7 @@ __all__ = [
     "build_block_mask",
     "dense_to_indices",
     "make_mask_mod",
+    "mask_pieces",
     "materialize_pieces",
 ]
 
@@ -62,9 +63,30 @@ def build_block_mask(
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
     q_tables: bool = True,
-    raw: bool = False,
-) -> BlockMask | MaskPieces:
+) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
+
+    :func:`mask_pieces` with the same arguments, made plain buffers under compilation
+    (:func:`materialize_pieces`) and put together (:func:`block_mask_from_pieces`).
+    """
+    pieces = mask_pieces(
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables
+    )
+    return block_mask_from_pieces(materialize_pieces(pieces))
+
+
+def mask_pieces(
+    plan: ChunkPlan | LayerPlan,
+    idx: PlanIndex,
+    sel: torch.Tensor,
+    *,
+    token_level: bool,
+    text_key_mask: torch.Tensor | None = None,
+    q_tables: bool = True,
+) -> MaskPieces:
+    """The block tables and ``mask_mod`` tensors of a chunk selection over the padded sequence
+    (a kernel that takes them through an opaque op of its own, :mod:`vmoba_compile.kernels`,
+    uses them as they are).
 
     Args:
         plan: the partition in use.
@@ -77,11 +99,9 @@ def build_block_mask(
         q_tables: build the query-side tables too. Only the backward kernel reads them; an
             inference call skips their two sorts (the mask then has ``q_indices=None``, which
             FlexAttention accepts without gradients and refuses, loudly, with them).
-        raw: return the :class:`MaskPieces` as computed (for a kernel that takes them through
-            an opaque op of its own, :mod:`vmoba_compile.kernels`) instead of the BlockMask.
 
     Returns:
-        A ``BlockMask`` of shape ``[B, H, S_pad, S_pad]`` (or its pieces, with ``raw``).
+        The :class:`MaskPieces` of a ``[B, H, S_pad, S_pad]`` mask.
     """
     device = sel.device
     b, h, u, c = sel.shape
@@ -136,7 +156,8 @@ def build_block_mask(
     # Both directions (the query side only for a backward) of both kinds of blocks, each a plain
     # buffer under compilation (materialize_pieces): on the H100 (torch 2.11) inductor fused their
     # computation (sort, index_select, ...) into the flex template, and that kernel faulted.
-    names, tensors = [], []
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
     sides = (("kv", False), ("q", True)) if q_tables else (("kv", False),)
     for name, dense in (("", partial), ("full_", full)):
         for side, transpose in sides:
@@ -167,7 +188,7 @@ def build_block_mask(
         word_tables.append((part << shifts).sum(-1, dtype=torch.int32))
     tables = dict(zip(names, tensors, strict=True))
     pieces = MaskPieces(tables, word_tables, kv_word, kv_mask, key_ok, bs, nb * bs, token_level)
-    return pieces if raw else block_mask_from_pieces(materialize_pieces(pieces))
+    return pieces
 
 
 # The block tables in the order MaskPieces.tensors() lists them: the forward's four, then the
@@ -255,5 +276,8 @@ def block_mask_from_pieces(pieces: MaskPieces) -> BlockMask:
     tables.update(pieces.tables)
     s, bs = pieces.seq_len, pieces.block_size
     return BlockMask(
-        seq_lengths=(s, s), BLOCK_SIZE=(bs, bs), mask_mod=make_mask_mod(pieces), **tables
+        seq_lengths=(s, s),
+        BLOCK_SIZE=(bs, bs),
+        mask_mod=make_mask_mod(pieces),
+        **cast("dict[str, Any]", tables),  # the kv tables are always built
     )

@@ -59,7 +59,7 @@ def _video_token_units(layout: VideoLayout, chunk: tuple[int, int, int], block_s
         torch.tensor(chunk_of),
         torch.tensor(block_of),
         n_chunks,
-        [key[0] for key in sorted(block_ids, key=block_ids.get)],
+        [key[0] for key in sorted(block_ids, key=lambda b: block_ids[b])],
         rank,
         [block_ids[key] for key in sorted(block_ids)],
     )
@@ -69,10 +69,10 @@ def _walk(gn: torch.Tensor, is_self: torch.Tensor, tau: float) -> torch.Tensor:
     """THRESHOLD over one scope (flattened pairs, in tie order): normalized gates to the kept
     pairs, literally."""
     keep = is_self.clone()
-    total = gn.sum()
-    if total <= 0:  # every gate equal: nothing to rank by; keep everything
+    gsum = gn.sum()
+    if gsum <= 0:  # every gate equal: nothing to rank by; keep everything
         return torch.ones_like(keep)
-    total = float(total)
+    total = float(gsum)
     need = max(0.0, tau - float(gn[is_self].sum()) / total)
     values = gn.tolist()
     others = sorted((~is_self).nonzero().flatten().tolist(), key=lambda j: (-values[j], j))

@@ -26,6 +26,7 @@ call then finds its variant from the forward call that took the same input tenso
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import weakref
 from collections.abc import Callable
@@ -36,6 +37,8 @@ import torch
 from .compiler import CURRENT_CONTEXT, AttentionCall, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
+
+logger = logging.getLogger(__name__)
 
 
 def find_blocks(model: torch.nn.Module, layer_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -101,6 +104,17 @@ class BlockCall:
             impl = cls(block)
             block._compiled_call_impl = impl
         impl.owners.add(owner)
+
+    @classmethod
+    def uninstall(cls, block: torch.nn.Module, owner: RegionalBlocks) -> None:
+        """Drop ``owner`` from the block's hook; the last owner out removes the hook, so the
+        block runs as before ``optimize`` (``nn.Module``'s class default, no compiled call)."""
+        impl = block.__dict__.get("_compiled_call_impl")
+        if not isinstance(impl, cls):
+            return  # someone else's hook (or none): not ours to remove
+        impl.owners.discard(owner)
+        if not impl.owners:
+            del block._compiled_call_impl
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = CURRENT_CONTEXT.get()
@@ -186,6 +200,14 @@ class RegionalBlocks:
         for m in self.modules:
             BlockCall.install(m, self)
 
+    def uninstall(self) -> None:
+        """Leave the blocks: their hooks drop this model (removed when no other optimized model
+        of the same model uses them) and the compiled variants are released."""
+        for m in self.modules:
+            BlockCall.uninstall(m, self)
+        self.variants.clear()
+        self._taken.clear()
+
     def index_of(self, block: torch.nn.Module) -> int:
         return self._index[id(block)]
 
@@ -224,6 +246,12 @@ class RegionalBlocks:
                     self._expand(index, shared or [index], calls, ctx),
                 )
 
+            logger.info(
+                "compiling block variant %d, %s, on block %s (blocks of the same variant reuse it)",
+                len(self.variants) + 1,
+                "dense" if key == ("dense",) else f"partitions {'+'.join(key[0])}, {key[1]}",
+                self.paths[index],
+            )
             fn = self._compile_variant(key, _fresh_function(name), on_graph)
             self.variants[key] = fn
         return fn
@@ -248,6 +276,7 @@ class RegionalBlocks:
         """Block ``index`` called inside this model's forward: its variant, remembered for a
         recomputation in the backward."""
         ctx = CURRENT_CONTEXT.get()
+        assert ctx is not None, "BlockCall hands a block to its owner only inside its forward"
         key = self.key(index, ctx)
         # Also without gradients: reentrant checkpointing runs the forward under no_grad.
         self._remember(index, args, kwargs, key, ctx)

@@ -11,7 +11,10 @@ peak-memory pass (``reorder_for_peak_memory``) then estimates three other orders
 lowest: for the dense graph its LPMF order got 7.7 GiB; for the VMoBA graph none beat the
 re-sorted order's 25 GiB (35-58 GiB), so that one ran.
 
-:func:`keep_program_order` is inductor's ``_post_fusion_custom_pass``: a Kahn topological sort
+:func:`keep_program_order` is inductor's ``_post_fusion_custom_pass`` (installed as
+:data:`PROGRAM_ORDER_PASS`, a scheduler pass whose ``uuid()`` hashes this file, so inductor's FX
+graph cache keeps working with it; a plain function would make inductor bypass that cache on
+every compile, and each new process would pay the cold compile again): a Kahn topological sort
 that, of the kernels whose inputs are ready, always runs the one that came first in the program
 (smallest ``min_order``); nothing is pulled forward by a fused neighbour. Replayed on the recorded
 planning graph of that backward (``scripts/memory_graph.py``), the same fused kernels in this
@@ -26,7 +29,9 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-__all__ = ["keep_program_order"]
+from ._compat import SchedulerPassBase, hash_for_files
+
+__all__ = ["PROGRAM_ORDER_PASS", "ProgramOrderPass", "keep_program_order"]
 
 
 def keep_program_order(nodes: list[Any]) -> list[Any]:
@@ -64,3 +69,23 @@ def keep_program_order(nodes: list[Any]) -> list[Any]:
     if len(order) != len(nodes):
         return list(nodes)
     return order
+
+
+class ProgramOrderPass(SchedulerPassBase):
+    """:func:`keep_program_order` as an inductor scheduler pass that its FX graph cache accepts.
+
+    ``uuid()`` is a hash of this module's source: a changed pass gets a new cache key, an
+    unchanged one lets a second process load the first one's compiled graphs.
+    """
+
+    def __call__(self, nodes: list[Any]) -> list[Any]:
+        return keep_program_order(nodes)
+
+    def uuid(self) -> Any:
+        return hash_for_files((__file__,))
+
+    def __repr__(self) -> str:
+        return "ProgramOrderPass()"
+
+
+PROGRAM_ORDER_PASS = ProgramOrderPass()

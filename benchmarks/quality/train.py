@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_video import MOTIONS, make_batch  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
-from vmoba_compile.optimize import safe_inductor_defaults  # noqa: E402
+from vmoba_compile.api import safe_inductor_defaults  # noqa: E402
 
 TEXT_DIM = 64
 

@@ -51,6 +51,8 @@ backend (``set_attention_backend``) or context parallelism those models never ca
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..layout import TextPosition
@@ -272,7 +274,8 @@ class LTXVideoAdapter(ModelAdapter):
                     f"LTXPipeline does: num_frames=latent_num_frames, height=latent_height, "
                     f"width=latent_width."
                 )
-        grid = VideoGrid(dims["num_frames"], dims["height"], dims["width"])
+        checked = cast("dict[str, int]", dims)  # each an int >= 1 (above)
+        grid = VideoGrid(checked["num_frames"], checked["height"], checked["width"])
         seq = int(x.shape[1])
         if grid.video_tokens != seq:
             raise ValueError(

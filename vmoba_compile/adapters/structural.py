@@ -42,8 +42,8 @@ import contextlib
 import dataclasses
 import inspect
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,7 @@ def analyze(model: torch.nn.Module) -> Structure:
     name = type(model).__name__
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch.nn.Module.")
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -197,7 +198,7 @@ def _config_patch(model: torch.nn.Module) -> tuple[tuple[int, int, int] | None, 
 
 def _patch_convs(
     model: torch.nn.Module, structure: Structure, channel_sizes: dict[int, int]
-) -> tuple[list[tuple[str, torch.nn.Module, int]], list[str]]:
+) -> tuple[list[tuple[str, torch.nn.Conv2d | torch.nn.Conv3d, int]], list[str]]:
     """Convolutions outside the blocks taking the input's channels: ``(name, conv, axis)``, and
     the reasons candidates were rejected."""
     inside = tuple(p + "." for p in structure.blocks)
@@ -229,7 +230,7 @@ def _patch_convs(
     return found, rejected
 
 
-def _padding(m: torch.nn.Module) -> tuple[int, ...]:
+def _padding(m: torch.nn.Conv2d | torch.nn.Conv3d) -> tuple[int, ...]:
     p = m.padding
     if isinstance(p, str):
         return (0,) if p == "valid" else (1,)
@@ -264,7 +265,7 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
         )
     if options:
         axis, patch, source = next(iter(options))
-        return _Patchify(axis, patch, exact=False, source=source)
+        return _Patchify(axis, cast("tuple[int, int, int]", patch), exact=False, source=source)
     if cfg is not None and cfg[0]:
         c = getattr(getattr(model, "config", None), "in_channels", None)
         axes = [a for a, size in channel_sizes.items() if size == c]
@@ -421,7 +422,7 @@ def _verify(
     else:
         raise LayoutUnknown(
             f"structural: {module}'s call of {s} tokens holds the {n} video tokens at rows "
-            f"{start}..{start + n - 1}, between non-video tokens (neither a prefix nor a "
+            f"{start}..{(start or 0) + n - 1}, between non-video tokens (neither a prefix nor a "
             f"suffix). " + _LAYOUT_HINT
         )
     return VideoGrid(t_, y_, x_, text_position=position)

@@ -1,11 +1,16 @@
-"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass."""
+"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass (the module
+``vmoba_compile.api``; ``vmoba_compile.optimize`` is the function)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import Never
 
 import torch
 
@@ -17,7 +22,7 @@ from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VM
 from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
 from .regional import BlockCall, RegionalBlocks, find_blocks
-from .scheduling import keep_program_order
+from .scheduling import PROGRAM_ORDER_PASS
 
 __all__ = [
     "VMoBAControls",
@@ -27,6 +32,8 @@ __all__ = [
     "optimize",
     "safe_inductor_defaults",
 ]
+
+logger = logging.getLogger(__name__)
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional")
 
@@ -177,14 +184,16 @@ def safe_inductor_defaults() -> dict[str, Any]:
 
 def memory_inductor_defaults() -> dict[str, Any]:
     """Inductor options :func:`optimize` adds after :func:`safe_inductor_defaults`: the scheduler
-    pass :func:`~vmoba_compile.scheduling.keep_program_order`, which keeps the kernels in program
-    order after fusion. Without it the VMoBA training backward with activation checkpointing kept
-    several layers' recomputed activations alive at once (8 layers at 55,296 tokens: 26.9 GiB
-    against dense's 10.1; 30 layers out of memory). ``options={"_post_fusion_custom_pass": None}``
-    turns it off. Empty where inductor has no such hook.
+    pass :func:`~vmoba_compile.scheduling.keep_program_order` (as
+    :data:`~vmoba_compile.scheduling.PROGRAM_ORDER_PASS`, which inductor's FX graph cache
+    accepts), which keeps the kernels in program order after fusion. Without it the VMoBA
+    training backward with activation checkpointing kept several layers' recomputed activations
+    alive at once (8 layers at 55,296 tokens: 26.9 GiB against dense's 10.1; 30 layers out of
+    memory). ``options={"_post_fusion_custom_pass": None}`` turns it off. Empty where inductor
+    has no such hook.
     """
     if hasattr(torch._inductor.config, "_post_fusion_custom_pass"):
-        return {"_post_fusion_custom_pass": keep_program_order}
+        return {"_post_fusion_custom_pass": PROGRAM_ORDER_PASS}
     return {}
 
 
@@ -197,8 +206,9 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
         )
     if unknown:
         raise TypeError(
-            f"unknown compile options {unknown}; optimize accepts {list(_COMPILE_KEYS)} "
-            f"(as torch.compile: fullgraph, mode, options=<inductor options>)."
+            f"unknown compile options {unknown}; optimize accepts the keywords "
+            f"{list(_COMPILE_KEYS)} (fullgraph, mode and options=<inductor options> as in "
+            f"torch.compile; it always compiles with its own backend)."
         )
     mode, extra = options.get("mode"), options.get("options") or {}
     if not isinstance(extra, dict):
@@ -223,6 +233,9 @@ class VMoBAModule(torch.nn.Module):
     Its parameters are the wrapped model's (``state_dict`` keys gain the ``_orig_mod.`` prefix,
     as with ``torch.compile``); unknown attributes are looked up on the wrapped model, so
     pipelines can use it in place of the model.
+
+    :meth:`restore` undoes :func:`optimize` and returns the model; used as a context manager
+    (``with optimize(model) as opt:``) it restores on exit.
 
     Attributes:
         vmoba: the run-time :class:`VMoBAControls`.
@@ -253,6 +266,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_param_names = {id(t): n for n, t in named}
         self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
         self._vmoba_warned = False
+        self._vmoba_restored = False
         self.vmoba = VMoBAControls()
         self.report = RewriteReport(
             type(model).__name__,
@@ -273,6 +287,31 @@ class VMoBAModule(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["_orig_mod"], name)
+
+    def restore(self) -> torch.nn.Module:
+        """Undo :func:`optimize`: remove what it installed on the model and return the model.
+
+        With regional compilation the blocks' ``_compiled_call_impl`` hooks are shared by every
+        optimized model of the same model; this one leaves them, and the last one to leave
+        removes them, so the blocks run as before ``optimize`` (another optimized model of the
+        model keeps working until it is restored too). The compiled graphs are released. The
+        optimized model cannot be called afterwards; calling ``restore`` again does nothing.
+
+        Returns:
+            The original model (the one passed to :func:`optimize`).
+        """
+        if self._vmoba_regional is not None:
+            self._vmoba_regional.uninstall()
+        self._vmoba_compiled.clear()
+        self._vmoba_backends.clear()
+        self._vmoba_restored = True
+        return self._orig_mod
+
+    def __enter__(self) -> VMoBAModule:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
 
     @property
     def config_vmoba(self) -> VMoBAConfig:
@@ -296,6 +335,11 @@ class VMoBAModule(torch.nn.Module):
         """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
         backend (None for the dense one); compiled on first use."""
         if key not in self._vmoba_compiled:
+            logger.info(
+                "compiling the whole %s (%s) on its first call",
+                type(self._orig_mod).__name__,
+                "dense warm-up" if key == "dense" else f"dense layers {sorted(key) or 'none'}",
+            )
             backend = None if key == "dense" else self._backend(self.report.add)
             self._vmoba_compiled[key] = self._compile(self._orig_mod, backend), backend
         return self._vmoba_compiled[key]
@@ -309,6 +353,12 @@ class VMoBAModule(torch.nn.Module):
         return self._compile(fn, backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._vmoba_restored:
+            raise RuntimeError(
+                f"this optimized {type(self._orig_mod).__name__} was restored (restore() or the "
+                f"end of its with-block) and no longer runs VMoBA; call the model itself, or "
+                f"optimize(model) again."
+            )
         impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
         if any(c is not None and not isinstance(c, BlockCall) for c in impls):
             _refuse_regional(self._orig_mod, regional=True)  # compile_repeated_blocks ran after
@@ -321,6 +371,7 @@ class VMoBAModule(torch.nn.Module):
             return out
         ctx = _context(self, args, kwargs, controls.dense_layers)
         fn, backend = self._variant(controls.dense_layers)
+        assert backend is not None  # only the "dense" variant has none
         runs = backend.graph_runs
         with _call_scope(ctx):
             out = fn(*args, **kwargs)
@@ -486,7 +537,12 @@ def optimize(
     *,
     layout: VideoLayout | None = None,
     strict: bool = False,
-    **compile_options: Any,
+    fullgraph: bool = False,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    lowering: Literal["inductor", "aot_eager"] = "inductor",
+    regional: bool | None = None,
+    **unsupported: Never,
 ) -> VMoBAModule:
     """Compile ``model`` with its video self-attention rewritten to VMoBA.
 
@@ -498,21 +554,29 @@ def optimize(
         layout: the token layout of every video self-attention call, for models without an
             adapter or to override it. Calls whose length differs stay dense.
         strict: raise (with the report) when a compiled forward call rewrote nothing.
-        **compile_options: ``fullgraph``, ``mode`` and ``options`` as in ``torch.compile``,
-            applied to this compile only. Shapes are static (``dynamic=False``). ``options``
-            start from :func:`safe_inductor_defaults` (mix-order reductions off: they give
-            wrong ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels
-            kept in program order: training memory) and override them.
-            ``lowering="aot_eager"`` skips inductor (debugging; slow kernels).
-            ``regional``: by default (None) the repeated blocks are compiled instead of the
-            whole model when every VMoBA self-attention module lies in a module list (every
-            supported family): one compiled block per partition of the schedule (and per
-            grid), shared by the blocks of that partition; the rest of the model runs
-            uncompiled, and the report lists only the blocks' attention calls. Cold compile
-            then no longer grows with the depth (:mod:`vmoba_compile.regional`). The blocks'
-            ``_compiled_call_impl`` is set, as ``module.compile()`` does; called directly, the
-            model runs as written. ``regional=True`` requires the blocks; ``False`` compiles
-            the whole model (every attention call in the report, slower cold compile).
+        fullgraph: as in ``torch.compile``: raise on a graph break instead of splitting the
+            graph. Shapes are always static (``dynamic=False``: VMoBA fixes each call's block
+            partition at compile time, so each resolution compiles once).
+        mode: as in ``torch.compile`` (``"max-autotune"``, ...): its inductor options, applied
+            to this compile only.
+        options: inductor options for this compile only. They start from
+            :func:`safe_inductor_defaults` (mix-order reductions off: they give wrong
+            ``scale_shift_table`` gradients) and :func:`memory_inductor_defaults` (kernels kept
+            in program order: training memory) and override them; the global inductor config
+            is never written.
+        lowering: ``"inductor"`` (fused kernels) or ``"aot_eager"`` (skips inductor: for
+            debugging and fast CPU checks of the rewrite; slow kernels).
+        regional: by default (None) the repeated blocks are compiled instead of the whole
+            model when every VMoBA self-attention module lies in a module list (every supported
+            family): one compiled block per partition of the schedule (and per grid), shared by
+            the blocks of that partition; the rest of the model runs uncompiled, and the report
+            lists only the blocks' attention calls. Cold compile then no longer grows with the
+            depth (:mod:`vmoba_compile.regional`). The blocks' ``_compiled_call_impl`` is set,
+            as ``module.compile()`` does (called directly, the model runs as written), until
+            :meth:`VMoBAModule.restore` removes it. ``True`` requires the blocks; ``False``
+            compiles the whole model (every attention call in the report, slower cold compile).
+        **unsupported: none: any other keyword (``dynamic=``, ``backend=``) raises, saying
+            what is accepted.
 
     Returns:
         A :class:`VMoBAModule`; call it like the model. ``.report`` lists every attention call
@@ -522,16 +586,26 @@ def optimize(
         ValueError: no adapter knows the model, the structural fallback cannot read it, and no
             layout was given (the message lists the known families and what the fallback
             missed).
+        TypeError: an unknown keyword, or ``options`` not a dict.
         RuntimeError: submodules are already compiled on their own (diffusers' regional
             compilation), or ``regional=False`` on a model that an earlier ``optimize``
             compiled block by block.
     """
     config, adapter = _resolve(model, config, layout)
-    options = _check_compile_options(compile_options)
+    checked = _check_compile_options(
+        {
+            "fullgraph": fullgraph,
+            "mode": mode,
+            "options": options,
+            "lowering": lowering,
+            "regional": regional,
+            **unsupported,
+        }
+    )
     layer_of = _layer_numbering(model, adapter)
-    blocks = _regional_blocks(model, layer_of, options["regional"])
+    blocks = _regional_blocks(model, layer_of, checked["regional"])
     _refuse_regional(model, regional=bool(blocks))
-    return VMoBAModule(model, config, layout, adapter, strict, options, layer_of, blocks)
+    return VMoBAModule(model, config, layout, adapter, strict, checked, layer_of, blocks)
 
 
 def explain(
