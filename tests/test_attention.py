@@ -228,7 +228,7 @@ def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
     the same key-side tables; vmoba_attention asks for them exactly when a backward can follow
     (FlexAttention refuses a mask without them then)."""
     from vmoba_compile import attention
-    from vmoba_compile.attention import permute, plan_blocks, plan_for
+    from vmoba_compile.attention import build_block_mask, permute, plan_blocks, plan_for
 
     layout = VideoLayout(4, 8, 8, text_tokens=20)
     config = VMoBAConfig(block_size=16, chunk_2d=(4, 4), selection="topk", topk=2)
@@ -245,10 +245,10 @@ def test_inference_masks_skip_the_query_side_tables(monkeypatch) -> None:
     asked = []
 
     def spy(*args, **kwargs):
-        asked.append(args[6])  # plan_blocks(qp, kp, plan, config, tkm, idx, q_tables)
-        return plan_blocks(*args, **kwargs)
+        asked.append(kwargs["q_tables"])  # build_block_mask(plan, idx, sel, ..., q_tables=)
+        return build_block_mask(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "plan_blocks", spy)
+    monkeypatch.setattr(attention, "build_block_mask", spy)
     kw = dict(layout=layout, config=config, layer_index=1)
     with torch.no_grad():
         out = vmoba_attention(q, k, v, **kw)

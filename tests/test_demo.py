@@ -238,7 +238,7 @@ def test_vmoba_eager_rewrites_exactly_the_calls_the_pass_rewrites(family: str) -
 
     model, args, kwargs = tm.build(family)
     config = sparse_config(family)
-    report = explain(optimize(model, config, lowering="aot_eager"), *args, **kwargs)
+    report = explain(optimize(model, config, lowering="aot_eager"), args, kwargs)
     want = sorted((c.module, c.layer_index) for c in report.rewritten)
     assert want, "the test needs rewritten calls"
     seen = []
