@@ -305,9 +305,13 @@ class ParallelPlan:
         stack = node.meta.get("nn_module_stack") or {}
         sources = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
         params = _param_sources(gm, example_inputs, ctx.param_names)
+        names = ctx.param_names
+        block = names.block if isinstance(names, _LiveNames) else None
         found = "?"
         for src in sources:
-            path = _module_path(src, params)
+            path = _resolved_path(src, block, names.path) if block is not None else None
+            if path is None:
+                path = _module_path(src, params)
             if path is not None:
                 found = path
                 if path in ctx.layer_of:
@@ -328,6 +332,13 @@ class ParallelPlan:
     ) -> AttentionCall:
         """Decide (and with ``apply`` rewrite) one attention call under this setup."""
         module = self.place(node, gm, example_inputs, ctx)
+        if module == "?" and self.exchanged and self.refusal is None:
+            raise RuntimeError(
+                f"an attention call in a compiled block could not be placed in the model "
+                f"({_shape_text(values['query'], values['key'])}); under Ulysses context "
+                f"parallelism a video self-attention call must get its all-to-all, so it is not "
+                f"left to chance. Please report this with the model class and torch version."
+            )
         exchange = self.degree > 1 and self.refusal is None and module in self.exchanged
         q, k = values["query"], values["key"]
         local = _shape_text(q, k)
@@ -423,12 +434,12 @@ class _LiveNames(Mapping[int, str]):
     unsharded parameters of this forward), built on first use (only when a graph compiles)."""
 
     def __init__(self, path: str, block: torch.nn.Module) -> None:
-        self._path, self._block = path, block
+        self.path, self.block = path, block
         self._names: dict[int, str] | None = None
 
     def _table(self) -> dict[int, str]:
         if self._names is None:
-            b, pre = self._block, self._path + "."
+            b, pre = self.block, self.path + "."
             named = [*b.named_parameters(remove_duplicate=False), *b.named_buffers()]
             self._names = {id(t): pre + n for n, t in named}
         return self._names
@@ -463,6 +474,24 @@ def _param_sources(
         if full is not None and src is not None:
             out.append((src, full))
     return out
+
+
+def _resolved_path(source: str, block: torch.nn.Module, path: str) -> str | None:
+    """The model path of the module Dynamo names ``source`` in a frame of the block call
+    (``L['self']`` is the running block), found by identity: Dynamo may name a module through
+    any alias, e.g. diffusers' hook closure (``L['self'].forward.func.__closure__[0].
+    cell_contents.forward.__self__.attn1``). Source names are Python expressions over the
+    frame's locals (Dynamo's guards evaluate them); one that is not evaluable here gives None."""
+    try:
+        obj = eval(source, {"__builtins__": {}}, {"L": {"self": block}})  # noqa: S307
+    except Exception:  # another frame's locals, or a source form that is not an expression
+        return None
+    if not isinstance(obj, torch.nn.Module):
+        return None
+    for name, m in block.named_modules(prefix=path, remove_duplicate=False):
+        if m is obj:
+            return name
+    return None
 
 
 def _dotted(source: str) -> str:
