@@ -255,27 +255,38 @@ def _refusals() -> dict[str, Any]:
 def _training_worker() -> dict[str, Any]:
     """Gradients of ``mean(out ** 2)`` through our all-to-all against one process's. Keep-all
     config (CPU FlexAttention has no backward kernel): the rewritten calls run the dense math
-    of VMoBA's keep-all path, through the pass's exchange and AOTAutograd's backward."""
+    of VMoBA's keep-all path, through the pass's exchange and AOTAutograd's backward. One case
+    runs the sparse config with FlexAttention's CPU device check lifted (its eager math path
+    differentiates, as in test_regional.py): a sparse forward paired with a dense backward
+    would miss one process's sparse gradients."""
     import torch.distributed as dist
+    import torch.nn.attention.flex_attention as fa
 
     from vmoba_compile import VMoBAConfig, optimize
 
     keep_all = VMoBAConfig(threshold=1.0, **CHUNKS)
+    sparse = VMoBAConfig(**CHUNKS)
+    lift = mock.patch.object(fa, "_validate_device", lambda q, k, v: None)
+    lift.start()
 
     def grads(model: torch.nn.Module, opt: Any, args: tuple, kwargs: dict) -> dict:
         _first(opt(*args, **kwargs)).square().mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    torch._dynamo.reset()
-    model, args, kwargs = _build("wan", num_layers=2)
-    model.train()
-    want = grads(model, optimize(model, keep_all, lowering="aot_eager"), args, kwargs)
+    wants = {}
+    for config in (keep_all, sparse):
+        torch._dynamo.reset()
+        model, args, kwargs = _build("wan", num_layers=2)
+        model.train()
+        wants[config] = grads(model, optimize(model, config, lowering="aot_eager"), args, kwargs)
     res: dict[str, Any] = {}
-    for name, cp, fsdp, ckpt in [
-        ("cp", True, False, False),
-        ("fsdp", False, True, False),
-        ("cp_fsdp_checkpointing", True, True, True),
+    for name, config, cp, fsdp, ckpt in [
+        ("cp", keep_all, True, False, False),
+        ("fsdp", keep_all, False, True, False),
+        ("cp_fsdp_checkpointing", keep_all, True, True, True),
+        ("cp_sparse_checkpointing", sparse, True, False, True),
     ]:
+        want = wants[config]
         torch._dynamo.reset()
         model, _, _ = _build("wan", num_layers=2)
         model.train()
@@ -285,7 +296,7 @@ def _training_worker() -> dict[str, Any]:
             enable_cp(model, ulysses_degree=WORLD)
         if fsdp:
             shard(model)
-        opt = optimize(model, keep_all, lowering="aot_eager")
+        opt = optimize(model, config, lowering="aot_eager")
         got = grads(model, opt, args, kwargs)
         errs = []
         for n, g in got.items():
@@ -301,6 +312,10 @@ def _training_worker() -> dict[str, Any]:
             rewritten=len(opt.report.rewritten),
             report=str(opt.report),
         )
+    res["sparse_vs_keep_all"] = max(
+        _err(wants[sparse][n], wants[keep_all][n]) for n in wants[sparse]
+    )
+    lift.stop()
     return res
 
 
@@ -369,8 +384,10 @@ def training() -> dict[str, Any]:
     return spawn("_training_worker")
 
 
-@pytest.mark.parametrize("case", ["cp", "fsdp", "cp_fsdp_checkpointing"])
+@pytest.mark.parametrize("case", ["cp", "fsdp", "cp_fsdp_checkpointing", "cp_sparse_checkpointing"])
 def test_training_gradients_equal_one_process(training: dict, case: str) -> None:
+    if case == "cp_sparse_checkpointing":
+        assert training["sparse_vs_keep_all"] > 1e-4, "sparse and dense gradients do not differ"
     r = training[case]
     assert r["names"] and r["rewritten"] == 2, r["report"]
     assert r["err"] < 1e-6, f"{case}: max gradient error {r['err']}"
