@@ -140,6 +140,7 @@ def _inference_worker() -> dict[str, Any]:
     config = VMoBAConfig(**CHUNKS)
     res: dict[str, Any] = {}
     for family in ("wan", "ltx_video"):
+        controls = family == "wan"  # the run-time controls on one family (CPU time)
         torch._dynamo.reset()
         model, args, kwargs = _build(family, num_layers=2)
         one = optimize(model, config, lowering="aot_eager")
@@ -147,8 +148,9 @@ def _inference_worker() -> dict[str, Any]:
             want = _first(one(*args, **kwargs))
             with FlexSpy() as spy:
                 one(*args, **kwargs)
-            one.vmoba.dense_layers = {1}
-            want_d1 = _first(one(*args, **kwargs))
+            if controls:
+                one.vmoba.dense_layers = {1}
+                want_d1 = _first(one(*args, **kwargs))
             dense = _first(model(*args, **kwargs))
         flex_per_call = spy.count / len(one.report.rewritten)
 
@@ -161,8 +163,21 @@ def _inference_worker() -> dict[str, Any]:
             graphs = _unique_graphs()
             with FlexSpy() as spy:
                 again = _first(opt(*args, **kwargs))
-            flex_cp = spy.count
-            steady = _unique_graphs() == graphs  # a second step compiles nothing
+        res[family] = dict(
+            err=_err(got, want),
+            err_again=_err(again, want),
+            vmoba_vs_dense=_err(want, dense),
+            steady=_unique_graphs() == graphs,  # a second step compiles nothing
+            rewritten=sorted((c.module, c.layer_index) for c in opt.report.rewritten),
+            one_rewritten=sorted((c.module, c.layer_index) for c in one.report.rewritten),
+            flex_expected=flex_per_call * len(opt.report.rewritten),
+            flex_cp=spy.count,
+            report=str(opt.report),
+        )
+        if not controls:
+            continue
+        wan_want = want
+        with torch.no_grad():
             opt.vmoba.dense_layers = {1}
             got_d1 = _first(opt(*args, **kwargs))
             opt.vmoba.dense_layers = set()
@@ -171,31 +186,19 @@ def _inference_worker() -> dict[str, Any]:
             got_warm = _first(opt(*args, **kwargs))  # step 0: dense warm-up
             got_after = _first(opt(*args, **kwargs))  # step 1: VMoBA
             graphs = _unique_graphs()
-            opt.vmoba.reset()
+            opt.vmoba.reset()  # a second generation: warm-up and VMoBA steps compile nothing
             opt(*args, **kwargs)
             opt(*args, **kwargs)
-            steady = steady and _unique_graphs() == graphs
-        res[family] = dict(
-            err=_err(got, want),
-            err_again=_err(again, want),
-            vmoba_vs_dense=_err(want, dense),
+        res[family].update(
             err_dense_layer=_err(got_d1, want_d1),
             dense_layer_changes=_err(got_d1, got),
             err_warmup=_err(got_warm, dense),
             err_after_warmup=_err(got_after, want),
-            steady=steady,
-            rewritten=sorted((c.module, c.layer_index) for c in opt.report.rewritten),
-            one_rewritten=sorted((c.module, c.layer_index) for c in one.report.rewritten),
-            flex_expected=flex_per_call * len(opt.report.rewritten),
-            flex_cp=flex_cp,
-            report=str(opt.report),
+            steady_controls=_unique_graphs() == graphs,
         )
 
     # FSDP2 before and after context parallelism: the same one-process output.
-    torch._dynamo.reset()
     model, args, kwargs = _build("wan", num_layers=2)
-    with torch.no_grad():
-        want = _first(optimize(model, config, lowering="aot_eager")(*args, **kwargs))
     for order in ("fsdp_then_cp", "cp_then_fsdp"):
         torch._dynamo.reset()
         model, _, _ = _build("wan", num_layers=2)
@@ -209,7 +212,7 @@ def _inference_worker() -> dict[str, Any]:
         with torch.no_grad():
             got = _first(opt(*args, **kwargs))
         res[order] = dict(
-            err=_err(got, want),
+            err=_err(got, wan_want),
             rewritten=sorted((c.module, c.layer_index) for c in opt.report.rewritten),
             report=str(opt.report),
         )
@@ -338,12 +341,16 @@ def test_ulysses_inference_equals_one_process(inference: dict, family: str) -> N
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx_video"])
-def test_ulysses_dense_controls_and_no_recompiles(inference: dict, family: str) -> None:
-    r = inference[family]
+def test_ulysses_repeated_step_compiles_nothing(inference: dict, family: str) -> None:
+    assert inference[family]["steady"], "a repeated step compiled a new graph"
+
+
+def test_ulysses_dense_controls(inference: dict) -> None:
+    r = inference["wan"]
     assert r["err_dense_layer"] < 1e-5 and r["dense_layer_changes"] > 1e-4
     assert r["err_warmup"] < 1e-5, "dense warm-up under CP must equal the dense model"
     assert r["err_after_warmup"] < 1e-5
-    assert r["steady"], "a repeated step compiled a new graph"
+    assert r["steady_controls"], "a second generation with the same controls compiled anew"
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx_video"])
