@@ -173,6 +173,7 @@ def _inference_worker() -> dict[str, Any]:
             flex_expected=flex_per_call * len(opt.report.rewritten),
             flex_cp=spy.count,
             report=str(opt.report),
+            one_process_path=one._vmoba_parallel is None and one.report.parallel is None,
         )
         if not controls:
             continue
@@ -252,6 +253,13 @@ def _refusals() -> dict[str, Any]:
             enable_cp(model, **cp)
         opt = optimize(model, config, lowering="aot_eager")
         out[name] = dict(report=str(opt.report), exchanged=len(opt._vmoba_parallel.exchanged))
+    model, _, _ = _build("wan")
+    enable_cp(model, ulysses_degree=WORLD)
+    try:
+        optimize(model, config, regional=False)
+        out["whole_model"] = "no error"
+    except RuntimeError as e:
+        out["whole_model"] = str(e)
     return out
 
 
@@ -338,6 +346,7 @@ def test_ulysses_inference_equals_one_process(inference: dict, family: str) -> N
     # every video self-attention layer rewritten, as in one process
     assert r["rewritten"] == r["one_rewritten"] and len(r["rewritten"]) == 2, r["report"]
     assert "Ulysses degree 2" in r["report"] and "rank in: [" in r["report"]
+    assert r["one_process_path"], "without a parallel setup optimize must run its usual path"
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx_video"])
@@ -398,3 +407,8 @@ def test_training_gradients_equal_one_process(training: dict, case: str) -> None
     r = training[case]
     assert r["names"] and r["rewritten"] == 2, r["report"]
     assert r["err"] < 1e-6, f"{case}: max gradient error {r['err']}"
+
+
+def test_whole_model_compile_refused_under_cp(inference: dict) -> None:
+    msg = inference["refusals"]["whole_model"]
+    assert "runs under context parallelism" in msg and "without regional=False" in msg, msg

@@ -184,7 +184,7 @@ def _backend_name(processor: Any) -> str:
 
 @dataclasses.dataclass
 class ParallelPlan:
-    """What :func:`detect` found: the parallel setup of a model and how the pass runs under it.
+    """What :func:`detect_parallel` found: a model's parallel setup and how the pass runs under it.
 
     Attributes:
         degree: the Ulysses degree ``P`` (1 without context parallelism).
