@@ -21,6 +21,7 @@ from .adapters.registry import find_adapter, layout_source
 from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
 from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
+from .parallel import ParallelPlan, detect_parallel
 from .regional import BlockCall, RegionalBlocks, find_blocks
 from .scheduling import PROGRAM_ORDER_PASS
 
@@ -252,6 +253,7 @@ class VMoBAModule(torch.nn.Module):
         compile_options: dict[str, Any],
         layer_of: dict[str, int] | None = None,
         blocks: dict[str, tuple[int, ...]] | None = None,
+        parallel: ParallelPlan | None = None,
     ) -> None:
         super().__init__()
         self._orig_mod = model
@@ -275,6 +277,8 @@ class VMoBAModule(torch.nn.Module):
         )
         self._vmoba_regional: RegionalBlocks | None = None
         self._vmoba_backends: list[VMoBABackend] = []
+        self._vmoba_parallel = parallel  # None: one process (vmoba_compile.parallel)
+        self.report.parallel = parallel.describe() if parallel is not None else None
         if blocks:  # optimize's choice (_regional_blocks); None: the whole model
             self._vmoba_regional = RegionalBlocks(
                 model, blocks, self._compile_block_variant, self.report.add
@@ -346,6 +350,8 @@ class VMoBAModule(torch.nn.Module):
 
     def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any) -> Any:
         """One compiled block variant of regional compilation (see :mod:`.regional`)."""
+        if self._vmoba_parallel is not None:
+            return self._vmoba_parallel.compile_variant(self, key, fn, on_graph)
         if key == ("dense",):
             return self._compile(fn, None)
         backend = self._backend(on_graph)
@@ -388,6 +394,7 @@ class VMoBAModule(torch.nn.Module):
         dense = layers if controls.dense_now else controls.dense_layers
         ctx = _context(self, args, kwargs, dense)
         ctx.regional = regional
+        ctx.parallel = self._vmoba_parallel
         expect = not layers <= dense  # some block runs a VMoBA variant
         runs = sum(b.graph_runs for b in self._vmoba_backends)
         with _call_scope(ctx):
@@ -605,7 +612,8 @@ def optimize(
     layer_of = _layer_numbering(model, adapter)
     blocks = _regional_blocks(model, layer_of, checked["regional"])
     _refuse_regional(model, regional=bool(blocks))
-    return VMoBAModule(model, config, layout, adapter, strict, checked, layer_of, blocks)
+    parallel = detect_parallel(model, adapter.family if adapter else None, layer_of, blocks)
+    return VMoBAModule(model, config, layout, adapter, strict, checked, layer_of, blocks, parallel)
 
 
 def explain(

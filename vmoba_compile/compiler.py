@@ -108,6 +108,8 @@ class RewriteReport:
     # Which path found the layout: "adapter 'wan'", "subclass of 'wan' (...)", "structural
     # (...)" or "user layout" (adapters.registry.layout_source); empty: the family alone.
     found_by: str = ""
+    # Under diffusers' context parallelism and/or FSDP2: the setup (see vmoba_compile.parallel).
+    parallel: str | None = None
 
     @property
     def calls(self) -> list[AttentionCall]:
@@ -134,6 +136,8 @@ class RewriteReport:
                 "(dense) and are not listed; attention modules outside the blocks: "
                 + (", ".join(self.outside) or "none")
             )
+        if self.parallel:
+            lines.append(f"  parallel: {self.parallel}")
         if not self.graphs:
             lines.append("  no graph compiled yet: run the model once")
         if len(self.graphs) > 1:
@@ -178,6 +182,8 @@ class CallContext:
         regional: the optimized model's :class:`~vmoba_compile.regional.RegionalBlocks` when
             its blocks are compiled one variant at a time (a block's frame is then expected).
         calls: decisions of the graphs compiled during this forward call.
+        parallel: the :class:`~vmoba_compile.parallel.ParallelPlan` under context parallelism
+            or FSDP2 (None in one process): it places and decides the calls.
     """
 
     config: VMoBAConfig
@@ -191,6 +197,7 @@ class CallContext:
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)
     regional: Any = None
     calls: list[AttentionCall] = dataclasses.field(default_factory=list)
+    parallel: Any = None
 
     def describe(self) -> str:
         if self.layout is not None:
@@ -514,6 +521,13 @@ def rewrite_graph(
                 calls.append(AttentionCall("?", "?", False, f"unrecognized arguments ({e})"))
                 continue
             values = {name: _value(a) for name, a in bound.items()}
+            if ctx.parallel is not None:  # placed by the running block (vmoba_compile.parallel)
+                call = ctx.parallel.rewrite_call(
+                    gm, sub, node, bound, values, ctx, example_inputs, lambda: next(counter), apply
+                )
+                calls.append(call)
+                changed = changed or apply
+                continue
             module = owner_path(node, ctx.layer_of, prefix)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
