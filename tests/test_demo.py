@@ -21,6 +21,7 @@ from vmoba_compile.adapters import find_adapter  # noqa: E402
 from vmoba_compile.diagnostics import selection_maps  # noqa: E402
 
 
+@pytest.mark.slow
 def test_demo_runs_and_writes_the_png(tmp_path) -> None:
     png = tmp_path / "demo.png"
     cmd = [sys.executable, "-m", "vmoba_compile", "demo", "--lowering", "aot_eager", "--verbose"]
@@ -132,6 +133,7 @@ def test_selection_maps_equal_the_reference_selection() -> None:
         assert 0 < sel.density < 1
 
 
+@pytest.mark.slow
 def test_wan_pipeline_example_runs_offline() -> None:
     script = "examples/wan_pipeline.py"
     run = subprocess.run(

@@ -28,7 +28,8 @@ pytest.importorskip("diffusers")
 if not torch.distributed.is_available():  # pragma: no cover - every CI torch has it
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+# Each fixture starts a 2-process gloo group and compiles tiny models in it: tens of seconds.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
 WORLD = 2
 CHUNKS = {"block_size": 16, "chunk_1d": (1,), "chunk_2d": (2, 2), "chunk_3d": (1, 2, 2)}

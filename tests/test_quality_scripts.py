@@ -17,6 +17,7 @@ def _run(*args: str) -> str:
     return run.stdout
 
 
+@pytest.mark.slow
 def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
     ckpt, export = str(tmp_path / "t.pt"), str(tmp_path / "w.pt")
     tiny = ("benchmarks/quality/train.py", "--tiny", "--final-val-batches", "2", "--export", export)
@@ -52,6 +53,7 @@ def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_bench_model_tiny_reports_both_variants_without_recompiles(tmp_path) -> None:
     """The end-to-end benchmark's CPU smoke run (aot_eager, tiny dims): both variants train,
     the VMoBA one with every layer's call rewritten, neither recompiles across steps, and

@@ -133,6 +133,7 @@ def test_second_grid_and_dense_controls() -> None:
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+@pytest.mark.slow
 def test_training_with_checkpointing_gradients_equal_whole_model(family: str) -> None:
     """With diffusers' checkpointing the backward recomputes each block outside the optimized
     model's forward; the recomputation must run the variant its forward ran (run in the eager

@@ -194,6 +194,7 @@ def test_pass_uuid_follows_the_source() -> None:
 
 
 @pytest.mark.compiled
+@pytest.mark.slow
 def test_second_process_hits_the_fx_graph_cache(tmp_path) -> None:
     """With optimize's inductor defaults (the program-order pass installed), a second process
     loads the first one's compiled graph from inductor's FX graph cache instead of bypassing it
