@@ -352,12 +352,3 @@ def children(
             )
     return found
 
-
-def __getattr__(name: str) -> Any:
-    # find_adapter and ADAPTERS live in .registry, which imports every adapter module (and they
-    # import this one); resolve them lazily so `from .base import find_adapter` works too.
-    if name in ("ADAPTERS", "find_adapter"):
-        from . import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
