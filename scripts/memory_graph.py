@@ -8,7 +8,7 @@ sizes and dependencies into the trace. This script:
 - ``extract DIR OUT``: copies every such graph out of the trace as ``OUT/<graph>.json`` (the trace
   itself is too large to bring back from the GPU machine);
 - ``simulate FILE.json[.gz]``: replays the graph in its recorded order (the order inductor had
-  after fusion) and in the order :func:`vmoba_compile.scheduling.keep_program_order` gives it,
+  after fusion) and in the order :func:`~vmoba_compile.passes.keep_program_order` gives it,
   and reports each one's peak and the largest buffers alive there, counted the way inductor's
   ``estimate_peak_memory`` counts them.
 
@@ -118,7 +118,7 @@ class _Dep:
 
 
 def program_order(nodes: list[dict], bufs: dict[str, dict]) -> list[dict]:
-    from vmoba_compile.scheduling import keep_program_order
+    from vmoba_compile.passes.scheduling import keep_program_order
 
     return [n.node for n in keep_program_order([_Node(n, bufs) for n in nodes])]
 

@@ -32,7 +32,7 @@ from vmoba_compile import (  # noqa: E402
     vmoba_reference,
 )
 from vmoba_compile.adapters import find_adapter  # noqa: E402
-from vmoba_compile.scheduling import PROGRAM_ORDER_PASS  # noqa: E402
+from vmoba_compile.passes import PROGRAM_ORDER_PASS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi's RoPE
 

@@ -357,7 +357,7 @@ def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
     ``vmoba_compile`` loggers at INFO; the library adds no handler and sets no level."""
     import logging
 
-    for name in ("vmoba_compile", "vmoba_compile.regional", "vmoba_compile.compiler"):
+    for name in ("vmoba_compile", "vmoba_compile.regional", "vmoba_compile.passes.backend"):
         log = logging.getLogger(name)
         assert log.handlers == [] and log.level == logging.NOTSET, name
     x, ctx = toy_inputs()
@@ -374,5 +374,5 @@ def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
     assert len(variants) == len(set(parts)) == len(opt._vmoba_regional.variants)
     for msg, part in zip(variants, dict.fromkeys(parts), strict=True):
         assert f"partitions {part}, layout" in msg, msg
-    lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.compiler"]
+    lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.passes.backend"]
     assert sum("attention calls rewritten" in m for m in lowered) == len(variants)

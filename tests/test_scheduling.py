@@ -1,4 +1,4 @@
-"""The scheduler pass that keeps inductor's kernels in program order (vmoba_compile.scheduling)."""
+"""The scheduler pass that keeps inductor's kernels in program order (`passes.scheduling`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from torch._inductor.scheduler import Scheduler
 
-from vmoba_compile.scheduling import keep_program_order
+from vmoba_compile.passes.scheduling import keep_program_order
 
 
 @dataclass(frozen=True)

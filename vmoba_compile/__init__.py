@@ -2,9 +2,9 @@
 
 from .api import VMoBAControls, VMoBAModule, explain, optimize
 from .attention import vmoba_attention
-from .compiler import AttentionCall, RewriteReport
 from .config import Granularity, Partition, Scope, Selection, VMoBAConfig
 from .layout import TextPosition, VideoLayout
+from .passes import AttentionCall, RewriteReport
 from .reference import reference_mask, vmoba_reference
 
 __version__ = "0.1.0"

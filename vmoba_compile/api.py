@@ -18,12 +18,18 @@ from . import kernels
 from .adapters.base import ModelAdapter
 from .adapters.base import describe as describe_value
 from .adapters.registry import find_adapter, layout_source
-from .compiler import CURRENT_CONTEXT, LOWERINGS, CallContext, RewriteReport, VMoBABackend
 from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
 from .parallel import ParallelPlan, detect_parallel
+from .passes import (
+    CURRENT_CONTEXT,
+    LOWERINGS,
+    PROGRAM_ORDER_PASS,
+    CallContext,
+    RewriteReport,
+    VMoBABackend,
+)
 from .regional import BlockCall, RegionalBlocks, find_blocks
-from .scheduling import PROGRAM_ORDER_PASS
 
 __all__ = [
     "VMoBAControls",
@@ -185,8 +191,8 @@ def safe_inductor_defaults() -> dict[str, Any]:
 
 def memory_inductor_defaults() -> dict[str, Any]:
     """Inductor options :func:`optimize` adds after :func:`safe_inductor_defaults`: the scheduler
-    pass :func:`~vmoba_compile.scheduling.keep_program_order` (as
-    :data:`~vmoba_compile.scheduling.PROGRAM_ORDER_PASS`, which inductor's FX graph cache
+    pass :func:`~vmoba_compile.passes.scheduling.keep_program_order` (as
+    :data:`~vmoba_compile.passes.scheduling.PROGRAM_ORDER_PASS`, which inductor's FX graph cache
     accepts), which keeps the kernels in program order after fusion. Without it the VMoBA
     training backward with activation checkpointing kept several layers' recomputed activations
     alive at once (8 layers at 55,296 tokens: 26.9 GiB against dense's 10.1; 30 layers out of

@@ -25,9 +25,9 @@ from .attention import (
     text_key_mask_from_padding,
     vmoba_attention,
 )
-from .compiler import CallContext, bind_sdpa, decide
 from .config import VMoBAConfig
 from .layout import VideoLayout
+from .passes import CallContext, bind_sdpa, decide
 
 __all__ = [
     "CapturedCall",
@@ -159,7 +159,7 @@ def _eager_context(adapter: Any, wanted: dict[str, int], grid: Any, config: VMoB
 
 
 def _eligible(a: dict, module: str, ctx: CallContext) -> Any:
-    """The pass's own decision (:func:`~vmoba_compile.compiler.decide`) on an eager SDPA call:
+    """The pass's own decision (:func:`~vmoba_compile.passes.decide`) on an eager SDPA call:
     how it would be rewritten, or None where the pass leaves it dense."""
     choice = decide(a, module, ctx, lambda: -1)
     return None if isinstance(choice, str) else choice

@@ -52,7 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .compiler import (
+from .passes.rewrite import (
     _PATH_ITEM,
     CURRENT_CONTEXT,
     AttentionCall,
@@ -125,7 +125,7 @@ def ulysses_exchange(x: torch.Tensor, degree: int, group: Any, to_heads: bool) -
 class UlyssesAttention:
     """The target of an attention call of a video self-attention module under Ulysses: the
     exchange to ``[B, H/P, S, D]``, the attention (VMoBA's ``inner`` or dense SDPA), the exchange
-    back. Like :class:`~vmoba_compile.compiler.BoundVMoBA`, its static arguments live in the
+    back. Like :class:`~vmoba_compile.passes.rewrite.BoundVMoBA`, its static arguments live in the
     target, not in the graph's arguments."""
 
     def __init__(
@@ -388,7 +388,7 @@ class ParallelPlan:
 
     def _exchanged_values(self, values: dict[str, Any], module: str) -> dict[str, Any]:
         """The call's tensors as the attention sees them after the exchange (meta tensors of
-        ``[B, H/P, S, D]``), for :func:`~vmoba_compile.compiler.decide`."""
+        ``[B, H/P, S, D]``), for :func:`~vmoba_compile.passes.rewrite.decide`."""
         p = self.degree
         out = dict(values)
         for name in ("query", "key", "value"):

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .compiler import CURRENT_CONTEXT, AttentionCall, CallContext
+from .passes import CURRENT_CONTEXT, AttentionCall, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
 

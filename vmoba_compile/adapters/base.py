@@ -351,4 +351,3 @@ def children(
                 f"video self-attention module the VMoBA adapter expects."
             )
     return found
-

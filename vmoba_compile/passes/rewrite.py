@@ -1,4 +1,4 @@
-"""The FX pass: find the SDPA calls in Dynamo's graph and rewrite video self-attention to VMoBA.
+"""The FX rewrite: find the SDPA calls in Dynamo's graph and rewrite video self-attention to VMoBA.
 
 How one compile goes (the backend, :class:`VMoBABackend`):
 
@@ -20,32 +20,26 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
-import logging
 import re
-import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
-from .config import VMoBAConfig
-from .layout import TextPosition, VideoLayout
+from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
+from ..config import VMoBAConfig
+from ..layout import TextPosition, VideoLayout
+from .report import AttentionCall
 
 __all__ = [
-    "AttentionCall",
     "CallContext",
-    "RewriteReport",
-    "VMoBABackend",
     "bind_sdpa",
     "decide",
     "rewrite_graph",
     "vmoba_sdpa",
 ]
-
-LOWERINGS = ("inductor", "aot_eager")
 
 SDPA_TARGETS = frozenset(
     {
@@ -64,104 +58,6 @@ def _sdpa_signature(
 
 
 _SDPA_SIGNATURE = inspect.signature(_sdpa_signature)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """The pass's decision on one attention call of one compiled graph.
-
-    Attributes:
-        module: path of the module that made the call (as in ``named_modules()``), or ``"?"``.
-        shape: ``[B, H, S_q, D]`` of the query and ``S_kv``, as text.
-        rewritten: True if the call runs VMoBA.
-        reason: why it was rewritten (the layout) or why it was left dense.
-        layer_index: the call's VMoBA layer index (None when left dense).
-        partition: ``"1d"``, ``"2d"`` or ``"3d"`` (None when left dense).
-        kernel: the kernel of a rewritten call: ``"flash"`` (FlashAttention-4), ``"triton"``
-            (FlexAttention's Triton template) or ``"sdpa"`` (every chunk kept: dense SDPA);
-            None when left dense. Why is in ``reason``.
-    """
-
-    module: str
-    shape: str
-    rewritten: bool
-    reason: str
-    layer_index: int | None = None
-    partition: str | None = None
-    kernel: str | None = None
-
-
-@dataclasses.dataclass
-class RewriteReport:
-    """Every attention call the pass saw, one list per compiled graph.
-
-    ``str(report)`` is a readable table. After :func:`vmoba_compile.optimize` the report of the
-    optimized model grows with each compile (a new resolution compiles anew).
-    """
-
-    model: str
-    family: str | None
-    graphs: list[tuple[str, list[AttentionCall]]] = dataclasses.field(default_factory=list)
-    compiled: str = "whole model"
-    # With only the blocks compiled: attention modules outside them (run as written, not traced).
-    outside: list[str] = dataclasses.field(default_factory=list)
-    # Which path found the layout: "adapter 'wan'", "subclass of 'wan' (...)", "structural
-    # (...)" or "user layout" (adapters.registry.layout_source); empty: the family alone.
-    found_by: str = ""
-    # Under diffusers' context parallelism and/or FSDP2: the setup (see vmoba_compile.parallel).
-    parallel: str | None = None
-
-    @property
-    def calls(self) -> list[AttentionCall]:
-        """All calls of all graphs, in compile order."""
-        return [c for _, calls in self.graphs for c in calls]
-
-    @property
-    def rewritten(self) -> list[AttentionCall]:
-        return [c for c in self.calls if c.rewritten]
-
-    @property
-    def skipped(self) -> list[AttentionCall]:
-        return [c for c in self.calls if not c.rewritten]
-
-    def add(self, where: str, calls: list[AttentionCall]) -> None:
-        self.graphs.append((where, list(calls)))
-
-    def __str__(self) -> str:
-        family = self.found_by or (f"adapter '{self.family}'" if self.family else "explicit layout")
-        lines = [f"VMoBA rewrite report for {self.model} ({family}; compiled: {self.compiled})"]
-        if self.compiled != "whole model":
-            lines.append(
-                "  only the blocks are compiled: attention calls outside them run as written "
-                "(dense) and are not listed; attention modules outside the blocks: "
-                + (", ".join(self.outside) or "none")
-            )
-        if self.parallel:
-            lines.append(f"  parallel: {self.parallel}")
-        if not self.graphs:
-            lines.append("  no graph compiled yet: run the model once")
-        if len(self.graphs) > 1:
-            calls = self.calls
-            lines.append(
-                f"all {len(self.graphs)} graphs: {len(self.rewritten)} of {len(calls)} attention "
-                f"calls rewritten"
-            )
-        for n, (where, calls) in enumerate(self.graphs, 1):
-            done = sum(c.rewritten for c in calls)
-            lines.append(f"graph {n} ({where}): {done} of {len(calls)} attention calls rewritten")
-            width = max([len(c.module) for c in calls] + [6])
-            lines.append(
-                f"  {'layer':>5}  {'part':4}  {'kernel':6}  {'module':{width}}  "
-                f"{'q shape, kv len':24}  decision"
-            )
-            for c in calls:
-                layer = "-" if c.layer_index is None else str(c.layer_index)
-                part, kernel = c.partition or "-", c.kernel or "-"
-                what = ("VMoBA: " if c.rewritten else "dense: ") + c.reason
-                lines.append(
-                    f"  {layer:>5}  {part:4}  {kernel:6}  {c.module:{width}}  {c.shape:24}  {what}"
-                )
-        return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -206,8 +102,6 @@ class CallContext:
             return f"grid {self.grid.frames}x{self.grid.height}x{self.grid.width}"
         return f"grid unknown: {self.grid_error}"
 
-
-logger = logging.getLogger(__name__)
 
 CURRENT_CONTEXT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "vmoba_compile_call_context", default=None
@@ -631,81 +525,3 @@ def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, choice: _Rewrite, c
 
 # ---------------------------------------------------------------------------------------------
 # the backend
-
-
-class VMoBABackend:
-    """A ``torch.compile`` backend: rewrite with :func:`rewrite_graph`, then inductor.
-
-    Args:
-        on_graph: called with ``(where, calls)`` after each graph is decided (the report).
-        config_patches: inductor options for this compile only (``compile_fx(config_patches=)``).
-        lowering: ``"inductor"`` (fused kernels) or ``"aot_eager"`` (AOTAutograd traces the
-            rewritten graph, forward and backward, and runs it op by op: for debugging, and for
-            fast CPU tests of the rewrite).
-        apply: False decides only and runs the graph unchanged (``explain``).
-    """
-
-    def __init__(
-        self,
-        on_graph: Callable[[str, list[AttentionCall]], None],
-        config_patches: dict[str, Any] | None = None,
-        *,
-        lowering: str = "inductor",
-        apply: bool = True,
-    ) -> None:
-        if lowering not in LOWERINGS:
-            raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
-        self.on_graph = on_graph
-        self.config_patches = dict(config_patches or {})
-        self.lowering = lowering
-        self.apply = apply
-        self.graph_runs = 0
-
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        ctx = CURRENT_CONTEXT.get()
-        if ctx is None:
-            raise RuntimeError(
-                "the VMoBA backend compiled a graph outside a forward call of a model returned by "
-                "vmoba_compile.optimize; use optimize(model) rather than "
-                "torch.compile(backend=VMoBABackend(...))."
-            )
-        calls = rewrite_graph(gm, ctx, example_inputs, apply=self.apply)
-        ctx.calls.extend(calls)
-        self.on_graph(ctx.describe(), calls)
-        done = sum(c.rewritten for c in calls)
-        if self.apply:
-            logger.info(
-                "lowering a graph (%s) with %s: %d of %d attention calls rewritten to VMoBA",
-                ctx.describe(),
-                self.lowering,
-                done,
-                len(calls),
-            )
-        t0 = time.perf_counter()
-        compiled: Callable[..., Any]
-        if not self.apply:
-            compiled = gm.forward
-        elif self.lowering == "aot_eager":
-            from torch._dynamo.backends.registry import lookup_backend
-
-            compiled = lookup_backend("aot_eager")(gm, list(example_inputs))
-        else:
-            from torch._inductor.compile_fx import compile_fx
-
-            patches = dict(self.config_patches)
-            # compile_fx's declared result covers its AOT modes (paths, weights); a
-            # torch.compile backend gets the callable.
-            compiled = cast(
-                "Callable[..., Any]",
-                compile_fx(gm, list(example_inputs), config_patches=patches),
-            )
-        if self.apply:
-            logger.info("lowered in %.1f s (%s)", time.perf_counter() - t0, self.lowering)
-
-        def run(*args: Any) -> Any:
-            # Counts graph runs, so the wrapper can tell when Dynamo ran the model without any
-            # of our graphs (its recompile limit reached, or the frame skipped).
-            self.graph_runs += 1
-            return compiled(*args)
-
-        return run

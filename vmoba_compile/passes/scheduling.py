@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from ._compat import SchedulerPassBase, hash_for_files
+from .._compat import SchedulerPassBase, hash_for_files
 
 __all__ = ["PROGRAM_ORDER_PASS", "ProgramOrderPass", "keep_program_order"]
 
