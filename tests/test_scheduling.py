@@ -184,7 +184,8 @@ def test_pass_uuid_follows_the_source() -> None:
     import hashlib
     from pathlib import Path
 
-    from vmoba_compile import _compat, scheduling
+    from vmoba_compile import _compat
+    from vmoba_compile.passes import scheduling
 
     if _compat.SchedulerPassBase.__module__ != "torch._inductor.custom_graph_pass":
         pytest.skip("this torch has no CustomSchedulerPass protocol")
