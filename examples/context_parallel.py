@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=6, help="token grid width (latent W / 2)")
     p.add_argument("--fsdp", action="store_true", help="also shard with FSDP2")
     p.add_argument("--train", action="store_true", help="one training step instead of a forward")
-    p.add_argument("--lowering", choices=vc.compiler.LOWERINGS, default=None)
+    p.add_argument("--lowering", choices=vc.passes.LOWERINGS, default=None)
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
