@@ -27,7 +27,7 @@ H100 = (9, 0)
 
 
 def choose(config=None, partition="1d", *, device="cuda", dtype=torch.bfloat16, d=128, dv=None,
-           seq_len=55_296, backward=False, capability=H100):  # fmt: skip
+           backward=False, capability=H100):  # fmt: skip
     return K.choose_kernel(
         config or VMoBAConfig(),
         Partition(partition),
@@ -35,7 +35,6 @@ def choose(config=None, partition="1d", *, device="cuda", dtype=torch.bfloat16, 
         dtype=dtype,
         head_dim=d,
         head_dim_v=d if dv is None else dv,
-        seq_len=seq_len,
         backward=backward,
         capability=capability,
     )

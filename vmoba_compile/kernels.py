@@ -140,7 +140,6 @@ def choose_kernel(
     dtype: torch.dtype,
     head_dim: int,
     head_dim_v: int,
-    seq_len: int,
     backward: bool,
     capability: tuple[int, int] | None = None,
 ) -> KernelChoice:
@@ -153,7 +152,6 @@ def choose_kernel(
         dtype: q/k/v dtype.
         head_dim: D of q and k.
         head_dim_v: D of v.
-        seq_len: padded tokens of the call (the kernel's sequence).
         backward: whether a backward will run (grad mode on and an input requires grad).
         capability: the GPU's compute capability (default: read from ``device``).
 
@@ -166,7 +164,7 @@ def choose_kernel(
     kernel, reason, possible = _choose_constant(
         config.kernel.value, config.granularity.value, partition.value, config.block_size,
         device.type, device.index, _DTYPE_NAMES.get(dtype, "other"), head_dim, head_dim_v,
-        seq_len, backward, capability,
+        backward, capability,
     )  # fmt: skip
     return KernelChoice(_KERNELS[kernel], reason, possible)
 
@@ -192,7 +190,6 @@ def _choose(
     dtype: str,
     head_dim: int,
     head_dim_v: int,
-    seq_len: int,
     backward: bool,
     capability: tuple[int, int] | None,
 ) -> tuple[str, str, bool]:
