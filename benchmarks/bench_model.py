@@ -17,11 +17,13 @@ over ``--steps`` steps after the first (0 = no recompiles). Random weights, bf16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -255,6 +257,31 @@ def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
     return "\n".join(lines)
 
 
+INSTALL = 'pip install "vmoba_compile[flash]"'
+
+
+@contextlib.contextmanager
+def fa4_dense_attention(variant: str) -> Iterator[None]:
+    """Every SDPA call on SDPA's flash backend, that backend being FlashAttention-4: the dense
+    baseline on the kernel VMoBA's FlashAttention-4 path uses. In effect from trace to the last
+    timed call (the backend is picked when the graph is traced)."""
+    if variant != "dense":
+        raise SystemExit("--dense-attention fa4 measures the dense variant: add --variant dense")
+    from torch.nn import attention
+
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        raise SystemExit(f"torch {torch.__version__} cannot put FlashAttention-4 under SDPA")
+    try:
+        attention.activate_flash_attention_impl("FA4")
+    except ImportError as e:
+        raise SystemExit(f"--dense-attention fa4 needs FlashAttention-4 ({e}): {INSTALL}") from e
+    try:
+        with attention.sdpa_kernel([attention.SDPBackend.FLASH_ATTENTION]):
+            yield
+    finally:
+        attention.restore_flash_attention_impl()
+
+
 def run_variant(
     name, make_model, inputs, device, steps, train_steps, forward=True, profile=False,
     memory=False, dump=None, lr=1e-5,
@@ -325,12 +352,18 @@ def run_variant(
 
 
 def _run_name(args: dict, variant: str) -> str:
-    """How a saved run compiled: dense or ``optimize``, whole model or blocks."""
+    """How a saved run compiled: dense or ``optimize``, whole model or blocks, and with which
+    attention kernel where it is not the default."""
     if variant.startswith("dense"):
-        return "dense, blocks compiled" if args.get("regional") else "dense `torch.compile`"
+        name = "dense, blocks compiled" if args.get("regional") else "dense `torch.compile`"
+        return name + (", FlashAttention-4 SDPA" if args.get("dense_attention") == "fa4" else "")
+    kernel = args.get("kernel", "auto")
+    suffix = "" if kernel == "auto" else f', kernel="{kernel}"'
     if args.get("whole_model"):
-        return "`optimize(regional=False)`"
-    return "`optimize` (blocks, regional=True)" if args.get("regional") else "`optimize` (default)"
+        return f"`optimize(regional=False{suffix})`"
+    if args.get("regional"):
+        return f"`optimize(regional=True{suffix})`"
+    return f"`optimize({suffix.lstrip(', ')})`" if suffix else "`optimize` (default)"
 
 
 def markdown_table(runs: list[dict]) -> str:
@@ -345,6 +378,7 @@ def markdown_table(runs: list[dict]) -> str:
     def base(key: str) -> float | None:
         for run, row in rows:
             dense = row["variant"].startswith("dense") and not run["args"].get("regional")
+            dense = dense and run["args"].get("dense_attention", "sdpa") == "sdpa"
             if dense and row.get(key):
                 return row[key]
         return None
@@ -438,6 +472,12 @@ def main() -> None:
         "--kernel", choices=["auto", "flash", "triton"], default="auto",
         help="VMoBAConfig.kernel of the vmoba variant (auto: FlashAttention-4 where installed)",
     )  # fmt: skip
+    p.add_argument(
+        "--dense-attention", choices=["sdpa", "fa4"], default="sdpa",
+        help="the dense variant's attention: SDPA's own choice (cuDNN or FlashAttention-2), or "
+        "fa4: SDPA's flash backend only, with FlashAttention-4 activated in it "
+        "(torch.nn.attention.activate_flash_attention_impl('FA4'))",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -501,7 +541,10 @@ def main() -> None:
         variants = variants[:1] if args.variant == "dense" else variants[1:]
     opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
     opts += (args.memory_dump, args.lr)
-    rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
+    with contextlib.ExitStack() as stack:
+        if args.dense_attention == "fa4":
+            stack.enter_context(fa4_dense_attention(args.variant))
+        rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
     for r in rows:
         print(json.dumps(r))
     keys = [k for k in rows[0] if k != "variant"]

@@ -37,6 +37,15 @@ def test_bench_model_md_divides_by_the_dense_whole_model_run(monkeypatch, tmp_pa
     assert lines[3].split(" | ")[1] == "73.3 s"  # dense's own row: no speedup against itself
     assert lines[3].split(" | ")[2] == "1,200 ms"
 
+    # Another kernel's runs are labelled as such, and a FlashAttention-4 dense run is a row of
+    # its own, not the baseline the speedups divide.
+    fa4_dense = _run("dense torch.compile", {"dense_attention": "fa4"}, forward_ms=1000.0)
+    flash = _run("vmoba optimize", {"kernel": "flash"}, forward_ms=500.0)
+    lines = bench_model.markdown_table([fa4_dense, dense_fwd, flash]).splitlines()[2:]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines}
+    assert cells["dense `torch.compile`, FlashAttention-4 SDPA"][1] == "1,000 ms (1.20x)"
+    assert cells['`optimize(kernel="flash")`'][1] == "500 ms (2.40x)"
+
     # The command line reads the saved files.
     paths = []
     for i, run in enumerate([dense_fwd, vmoba]):
