@@ -190,11 +190,11 @@ def test_compiled_cpu_matches_reference(gran, sel, scope, layer, position, hkv, 
 
 def _kernel_inputs(bm) -> list[tuple[int, ...]]:
     """Shapes of everything the flex kernel reads from a BlockMask: its tables and the tensors
-    its mask_mod captures."""
+    its mask_mod reads (kept beside it, the flex op's ``mask_mod_other_buffers``)."""
     tables = [t.shape for t in bm.as_tuple()[2:] if isinstance(t, torch.Tensor)]
-    cells = bm.mask_mod.__closure__ or ()
-    captured = [c.cell_contents.shape for c in cells if isinstance(c.cell_contents, torch.Tensor)]
-    return [tuple(s) for s in tables + captured]
+    _, buffers = bm.mask_mod.vmoba_buffers
+    assert buffers and all(isinstance(b, torch.Tensor) for b in buffers)
+    return [tuple(s) for s in tables + [b.shape for b in buffers]]
 
 
 @pytest.mark.parametrize(

@@ -376,3 +376,33 @@ def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
         assert f"partitions {part}, layout" in msg, msg
     lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.passes.backend"]
     assert sum("attention calls rewritten" in m for m in lowered) == len(variants)
+
+
+def test_compiling_starts_no_nested_dynamo_compile() -> None:
+    """The rewritten graph's flex call, traced by AOTAutograd outside Dynamo, must not start a
+    Dynamo compile of its own (``flex_attention``'s eager path does): torch 2.11 then clears
+    the outer compile's event stack and logs dozens of "Start event not in stack" warnings.
+    Watched on the compile-event logger: a "dynamo" event starting inside another."""
+    from torch._dynamo.utils import ChromiumEventLogger
+
+    nested, seen = [], []
+    start = ChromiumEventLogger.log_event_start
+
+    def spy(self, event_name, *args, **kwargs):
+        if event_name == "dynamo":
+            seen.append(event_name)
+            if "dynamo" in self.get_stack():
+                nested.append(list(self.get_stack()))
+        return start(self, event_name, *args, **kwargs)
+
+    model = ReentrantToy(3)
+    model.checkpoint = False
+    x, ctx = toy_inputs()
+    x.requires_grad_(True)  # the joint (training) trace too
+    opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager")
+    with mock.patch.object(ChromiumEventLogger, "log_event_start", spy), _cpu_flex_backward():
+        out = opt(x, ctx)
+        out.square().mean().backward()
+    assert max_err(out, toy_reference(model, x.detach(), ctx, CONFIG)) < ATOL_F32
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert seen and not nested, nested

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ __all__ = [
     "SchedulerPassBase",
     "autograd_inside_op",
     "compiled_flex_attention",
+    "flex_attention_in_trace",
     "hash_for_files",
     "is_compiling",
     "plan_index",
@@ -72,6 +74,51 @@ def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_in_trace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Any,
+    scale: float | None,
+    kernel_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """``flex_attention(q, k, v, block_mask=..., scale=...)`` for a caller that AOTAutograd or
+    make_fx traces outside Dynamo (the rewritten graph inside inductor's ``compile_fx``).
+
+    Why: called there, ``flex_attention`` takes its eager path, which runs the flex
+    higher-order op through a ``torch.compile`` of its own: a Dynamo compile nested in the one
+    in flight. Up to torch 2.12 the compile-event logger clears its whole event stack when any
+    Dynamo compile ends, so after the inner one every later event of the outer compile logs
+    ``ChromiumEventLogger: Start event not in stack, ignoring`` (dozens per optimized model on
+    the H200, torch 2.11). Under Dynamo, ``flex_attention`` calls the op directly, with the
+    tensors ``mask_mod`` reads lifted into ``mask_mod_other_buffers``; this does the same for
+    our masks (:func:`~vmoba_compile.masks.build_block_mask` keeps its tables beside the
+    ``mask_mod``), with ``flex_attention``'s defaults (identity ``score_mod``, default kernel
+    options; GQA needs nothing: the op reads the head counts from the shapes). Any other
+    mask goes through ``flex_attention``.
+    """
+    import math
+
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
+    from torch.nn.attention.flex_attention import (
+        _apply_kernel_options,
+        _identity,
+        flex_attention,
+    )
+
+    lifted = getattr(block_mask.mask_mod, "vmoba_buffers", None)
+    if lifted is None:
+        kw = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return flex_attention(q, k, v, **kw, kernel_options=kernel_options)
+    mask_mod, buffers = lifted
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    options = _apply_kernel_options(q, k, v, False, kernel_options)
+    parts = (*block_mask.as_tuple()[:-1], mask_mod)
+    out = flex_attention_hop(q, k, v, _identity, parts, scale, options, (), tuple(buffers))
+    return out[0]
 
 
 @functools.lru_cache(maxsize=64)

@@ -175,7 +175,11 @@ def _run_flex(q, k, v, block_mask, scale, kernel_options=None):
     kw = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if kernel_options is not None:
         kw["kernel_options"] = kernel_options
-    if not _compat.is_compiling() and q.device.type == "cuda":
+    if torch.compiler.is_dynamo_compiling():
+        return flex_attention(q, k, v, **kw)  # Dynamo puts the flex op in its graph
+    if _compat.is_compiling():  # AOTAutograd / make_fx outside Dynamo: no nested compile
+        return _compat.flex_attention_in_trace(q, k, v, block_mask, scale, kernel_options)
+    if q.device.type == "cuda":
         return _compat.compiled_flex_attention()(q, k, v, **kw)
     return flex_attention(q, k, v, **kw)
 

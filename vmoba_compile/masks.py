@@ -249,13 +249,19 @@ def materialize_pieces(pieces: MaskPieces) -> MaskPieces:
 
 def make_mask_mod(pieces: MaskPieces) -> Callable:
     """The ``mask_mod`` that encodes the pieces' selection exactly (eager and CPU flex apply
-    only ``mask_mod``; compiled kernels skip it on full blocks)."""
-    word_tables, kv_word, kv_mask = pieces.word_tables, pieces.kv_word, pieces.kv_mask
-    key_ok, bs, token_level, words = (
-        pieces.key_ok, pieces.block_size, pieces.token_level, len(pieces.word_tables),
-    )  # fmt: skip
+    only ``mask_mod``; compiled kernels skip it on full blocks).
 
-    def mask_mod(bi, hi, q_idx, kv_idx):
+    It carries ``vmoba_buffers = (mask_mod_of, buffers)``: the same function with the tensors
+    it reads as trailing arguments (flex's ``mask_mod_other_buffers``), for
+    :func:`vmoba_compile._compat.flex_attention_in_trace`, which hands them to the flex op
+    itself where a caller is traced outside Dynamo."""
+    bs, token_level, words = pieces.block_size, pieces.token_level, len(pieces.word_tables)
+    has_key_ok = pieces.key_ok is not None
+    buffers = (*pieces.word_tables, pieces.kv_word, pieces.kv_mask)
+    buffers += () if pieces.key_ok is None else (pieces.key_ok,)
+
+    def mask_mod_of(bi, hi, q_idx, kv_idx, *bufs):
+        word_tables, kv_word, kv_mask = bufs[:words], bufs[words], bufs[words + 1]
         unit = q_idx if token_level else q_idx // bs
         word = word_tables[-1][bi, hi, unit]
         if words > 1:  # pick the key's word: a few selects instead of a gather
@@ -263,10 +269,14 @@ def make_mask_mod(pieces: MaskPieces) -> Callable:
             for i in range(words - 2, -1, -1):
                 word = torch.where(kw == i, word_tables[i][bi, hi, unit], word)
         ok = (word & kv_mask[kv_idx]) != 0
-        if key_ok is not None:
-            ok = ok & key_ok[bi, kv_idx]
+        if has_key_ok:
+            ok = ok & bufs[words + 2][bi, kv_idx]
         return ok
 
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        return mask_mod_of(bi, hi, q_idx, kv_idx, *buffers)
+
+    mask_mod.vmoba_buffers = (mask_mod_of, buffers)  # type: ignore[attr-defined]
     return mask_mod
 
 
