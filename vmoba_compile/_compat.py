@@ -82,7 +82,7 @@ def flex_attention_in_trace(
     v: torch.Tensor,
     block_mask: Any,
     scale: float | None,
-    kernel_options: dict[str, Any] | None = None,
+    kernel_options: Any = None,
 ) -> torch.Tensor:
     """``flex_attention(q, k, v, block_mask=..., scale=...)`` for a caller that AOTAutograd or
     make_fx traces outside Dynamo (the rewritten graph inside inductor's ``compile_fx``).
@@ -94,10 +94,10 @@ def flex_attention_in_trace(
     ``ChromiumEventLogger: Start event not in stack, ignoring`` (dozens per optimized model on
     the H200, torch 2.11). Under Dynamo, ``flex_attention`` calls the op directly, with the
     tensors ``mask_mod`` reads lifted into ``mask_mod_other_buffers``; this does the same for
-    our masks (:func:`~vmoba_compile.masks.build_block_mask` keeps its tables beside the
-    ``mask_mod``), with ``flex_attention``'s defaults (identity ``score_mod``, default kernel
-    options; GQA needs nothing: the op reads the head counts from the shapes). Any other
-    mask goes through ``flex_attention``.
+    our masks (:func:`~vmoba_compile.masks.make_mask_mod` keeps its tables beside the
+    ``mask_mod``), with ``flex_attention``'s defaults (identity ``score_mod``, the kernel
+    options completed as ``flex_attention`` does; GQA needs nothing: the op reads the head
+    counts from the shapes). Any other mask goes through ``flex_attention``.
     """
     import math
 
@@ -115,7 +115,7 @@ def flex_attention_in_trace(
     mask_mod, buffers = lifted
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
-    options = _apply_kernel_options(q, k, v, False, kernel_options)
+    options: Any = _apply_kernel_options(q, k, v, False, kernel_options)
     parts = (*block_mask.as_tuple()[:-1], mask_mod)
     out = flex_attention_hop(q, k, v, _identity, parts, scale, options, (), tuple(buffers))
     return out[0]
