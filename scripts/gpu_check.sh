@@ -2,7 +2,10 @@
 # One GPU run: environment facts, the GPU tests, the attention benchmark, the model benchmark.
 # Usage (GPU machine, repo root):
 #   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.4 bash scripts/gpu_check.sh
-#   PARTS=model MODEL_GRID=24x36x64 bash scripts/gpu_check.sh   (bench_model, dense then vmoba)
+#   PARTS=model MODEL_RUNS="dense:--variant dense;vmoba:--variant vmoba" bash scripts/gpu_check.sh
+#   PARTS: op (tests/test_gpu.py), pass (tests/test_gpu_pass.py), warm (compile the attention
+#   benchmark's functions alongside the tests, for a later bench part on the same machine),
+#   bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA).
 # The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
@@ -27,7 +30,7 @@ shard() {  # shard NAME FILE [pytest -k expression]
 BENCH_ARGS=(--grids "${BENCH_GRIDS:-24x36x64}" --configs "${BENCH_CONFIGS:-}"
   --layers "${BENCH_LAYERS:-0,1,2}" --batch "${BENCH_BATCH:-1}")
 pids=()
-if [[ " $PARTS " == *" bench "* ]]; then  # compile the benchmark's functions alongside the tests
+if [[ " $PARTS " == *" bench "* || " $PARTS " == *" warm "* ]]; then  # compile alongside the tests
   python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --compile-only --jobs "${BENCH_JOBS:-8}" \
     >"$LOGS/bench_warmup.log" 2>&1 &
   warm=$!
@@ -47,15 +50,22 @@ if [ ${#pids[@]} -gt 0 ]; then
   cat "$LOGS"/gpu_tests_*.log | grep -E "^(FAILED|ERROR)" | head -20
 fi
 
+if [ -n "${warm:-}" ]; then wait "$warm"; echo "== warm-up: $(tail -1 "$LOGS/bench_warmup.log")"; fi
 if [[ " $PARTS " == *" bench "* ]]; then
-  wait $warm; tail -3 "$LOGS/bench_warmup.log"
   timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" \
     --out "$OUT/bench_attention.json" 2>&1 | tee "$LOGS/bench_attention.log" | grep -v '^{' | tail -40
 fi
-if [[ " $PARTS " == *" model "* ]]; then  # end to end, one variant per process
-  for variant in dense vmoba; do
+if [[ " $PARTS " == *" model "* ]]; then  # MODEL_RUNS: NAME:ARGS, ';'-separated, one process each
+  IFS=';' read -ra runs <<< "${MODEL_RUNS:-dense:--variant dense;vmoba:--variant vmoba}"
+  for r in "${runs[@]}"; do
+    name=${r%%:*}
+    # shellcheck disable=SC2086  # ARGS are words
     timeout ${MODEL_TIMEOUT:-280} python3 benchmarks/bench_model.py --grid "${MODEL_GRID:-24x36x64}" \
-      --variant $variant --steps "${MODEL_STEPS:-10}" --train-steps "${MODEL_TRAIN_STEPS:-3}" \
-      --out "$OUT/bench_model_$variant.json" 2>&1 | tee "$LOGS/bench_model_$variant.log" | tail -12
+      ${r#*:} --out "$OUT/model_$name.json" 2>&1 | tee "$LOGS/model_$name.log" | grep -v '^{' | tail -14
   done
+fi
+if [[ " $PARTS " == *" demo "* ]]; then  # the demo's whole output: its report, no warnings
+  timeout ${DEMO_TIMEOUT:-240} python3 -m vmoba_compile demo --device cuda >"$LOGS/demo.log" 2>&1
+  echo "== demo rc $?: $(wc -l < "$LOGS/demo.log") lines, $(grep -c ChromiumEventLogger "$LOGS/demo.log") of ChromiumEventLogger"
+  cat "$LOGS/demo.log" | tail -40
 fi
