@@ -462,7 +462,7 @@ def _kernel(
         return "sdpa", "every chunk kept"
     q, k, v = values["query"], values["key"], values["value"]
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    kc = kernel_for(q, v, config, choice.layer_index, backward)
+    kc = kernel_for(q, v, plan, config, choice.layer_index, backward)
     if not kc.possible:
         return None, f"{kc.reason}; use VMoBAConfig(kernel='auto') to run Triton there"
     return kc.kernel.value, kc.reason
