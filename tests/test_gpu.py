@@ -44,9 +44,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _inputs(layout, hkv, dtype, seed):
+def _inputs(layout, hkv, dtype, seed, d=64):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    s, b, h, d = layout.seq_len, 2, 4, 64
+    s, b, h = layout.seq_len, 2, 4
 
     def r(heads):
         return torch.randn(b, heads, s, d, device="cuda", generator=g, dtype=torch.float32)
@@ -67,13 +67,27 @@ def test_forward_and_gradients_match_reference(case, dtype, kernel, compiled):
         pytest.skip(flash_unavailable())
     if kernel == "flash" and kw["granularity"] == "token":
         pytest.skip("TOKEN granularity trains on Triton (kernel='auto'); FA4 runs its 1d forward")
+    _check_case(layout, kw, hkv, dtype, kernel, compiled)
+
+
+@pytest.mark.parametrize("d", [16, 32, 96, 128])
+def test_flash_head_dims_match_reference(d):
+    """FA4's head dims other than the suite's 64, as the tiny models (16) and real ones (128)
+    have them: the compiled op against the float64 reference, every partition."""
+    if flash_unavailable():
+        pytest.skip(flash_unavailable())
+    layout, kw, hkv = CASES[0]
+    _check_case(layout, kw, hkv, torch.bfloat16, "flash", True, d=d)
+
+
+def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
     chunks = WHOLE_BLOCK_CHUNKS if layout.seq_len == 1024 else CHUNKS
     cfg = VMoBAConfig(block_size=128, kernel=kernel, **chunks, **kw)
     torch._dynamo.reset()  # each test compiles 3 layers; stay far from the recompile limit
     runners = len(kernels._RUNNERS)
     fn = torch.compile(vmoba_attention, fullgraph=True) if compiled else vmoba_attention
     for layer in range(3):
-        q, k, v = _inputs(layout, hkv, dtype, seed=layer)
+        q, k, v = _inputs(layout, hkv, dtype, seed=layer, d=d)
         out = fn(q, k, v, layout=layout, config=cfg, layer_index=layer)
         grad_out = torch.randn_like(out)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
