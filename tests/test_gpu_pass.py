@@ -109,7 +109,7 @@ def test_bf16_forward_and_training_step_match_reference(
     config = dataclasses.replace(CONFIG, kernel=kernel)
     model, args, kwargs = _setup(family)
     opt = optimize(model, config, regional=regional)
-    assert (opt._vmoba_regional is not None) is (regional is None)
+    assert (opt.regional_blocks is not None) is (regional is None)
     with torch.no_grad():
         out = first(opt(*args, **kwargs))
         golden = reference_forward(model, args, kwargs, CONFIG)
