@@ -2,7 +2,7 @@
 
 FA4 cannot run on CPU: these tests check the choice logic, the fallback when FA4 is missing,
 the import isolation and the custom op's mask plumbing (run with FlexAttention's own CPU kernel
-inside the op); the FA4 numerics are GPU tests (tests/test_gpu.py).
+inside the op); the FA4 numerics are GPU tests (tests/test_attention_gpu.py).
 """
 
 from __future__ import annotations

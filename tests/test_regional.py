@@ -2,7 +2,7 @@
 one compiled block per partition variant (CPU, aot_eager).
 
 The oracles are the model run with ``vmoba_reference`` in its video self-attention calls (as in
-test_optimize.py) and the whole-model ``optimize``, which computes the same math: regional
+test_api.py) and the whole-model ``optimize``, which computes the same math: regional
 compilation changes what is compiled, never the result. Training runs the eager FlexAttention
 math (its CPU device check is lifted for the test: flex has no CPU backward kernel, but its
 eager reference path differentiates).
@@ -19,7 +19,7 @@ from conftest import ATOL_F32, max_err
 pytest.importorskip("diffusers")
 
 import tiny_models as tm  # noqa: E402
-from test_optimize import (  # noqa: E402
+from test_api import (  # noqa: E402
     _CHUNKS,
     TOY_LAYOUT,
     ToyAttention,
