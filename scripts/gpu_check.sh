@@ -38,12 +38,12 @@ fi
 if [[ " $PARTS " == *" op "* ]]; then  # OP_SHARDS: pytest -k expressions, one per process, ';'-separated
   IFS=';' read -ra shards <<< "${OP_SHARDS:-compiled and bf16;compiled and fp32;eager-call and bf16;eager-call and fp32}"
   for k in "${shards[@]}"; do
-    shard "op_${k// /_}" tests/test_gpu.py "$k" & pids+=($!)
+    shard "op_${k// /_}" tests/test_attention_gpu.py "$k" & pids+=($!)
   done
 fi
 if [[ " $PARTS " == *" pass "* ]]; then  # PASS_SHARDS likewise (default: one process)
   IFS=';' read -ra shards <<< "${PASS_SHARDS:-}"
-  for k in "${shards[@]:-}"; do shard "pass_${k// /_}" tests/test_gpu_pass.py "$k" & pids+=($!); done
+  for k in "${shards[@]:-}"; do shard "pass_${k// /_}" tests/test_api_gpu.py "$k" & pids+=($!); done
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 if [ ${#pids[@]} -gt 0 ]; then

@@ -189,7 +189,7 @@ def test_vmoba_eager_equals_the_reference_inside_its_block_only(family: str) -> 
     """Eager VMoBA (used by the quality sweeps) computes what the pass computes (the reference
     model with the same schedule), HunyuanVideo's text key padding included; outside the
     ``with`` block the model is dense again."""
-    from test_optimize import first, reference_forward, sparse_config
+    from test_api import first, reference_forward, sparse_config
 
     from vmoba_compile.diagnostics import vmoba_eager
 
@@ -211,7 +211,7 @@ def test_vmoba_eager_refuses_a_checkpointed_training_forward() -> None:
     torch.utils.checkpoint reports only deep in the backward (CheckpointError): vmoba_eager says
     so at the forward call instead; an inference forward of the same model still runs. (CPU
     FlexAttention has no backward, so training without checkpointing is a GPU matter.)"""
-    from test_optimize import first, sparse_config
+    from test_api import first, sparse_config
 
     from vmoba_compile.diagnostics import vmoba_eager
 
@@ -233,7 +233,7 @@ def test_vmoba_eager_rewrites_exactly_the_calls_the_pass_rewrites(family: str) -
     (HunyuanVideo: its text key-padding mask included)."""
     from unittest import mock
 
-    from test_optimize import sparse_config
+    from test_api import sparse_config
 
     from vmoba_compile import diagnostics as dg
     from vmoba_compile import explain, optimize

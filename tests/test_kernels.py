@@ -2,7 +2,7 @@
 
 FA4 cannot run on CPU: these tests check the choice logic, the fallback when FA4 is missing,
 the import isolation and the custom op's mask plumbing (run with FlexAttention's own CPU kernel
-inside the op); the FA4 numerics are GPU tests (tests/test_gpu.py).
+inside the op); the FA4 numerics are GPU tests (tests/test_attention_gpu.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from conftest import ATOL_F32, max_err
 
 from vmoba_compile import VideoLayout, VMoBAConfig, optimize, vmoba_attention
 from vmoba_compile import kernels as K
-from vmoba_compile._compat import autograd_inside_op, plan_index
-from vmoba_compile.attention import _select, permute, plan_for, unpermute
+from vmoba_compile._compat import autograd_inside_op
+from vmoba_compile.attention import permute, plan_blocks, plan_for, unpermute
 from vmoba_compile.config import Kernel, Partition
-from vmoba_compile.masks import block_mask_from_pieces, mask_pieces
+from vmoba_compile.masks import MaskPieces, block_mask_from_pieces, mask_pieces
 
 H100 = (9, 0)
 
@@ -164,11 +164,12 @@ def test_report_names_each_calls_kernel_and_why() -> None:
 def test_forced_flash_call_that_cannot_run_is_left_dense_in_the_report(monkeypatch) -> None:
     monkeypatch.setattr(K, "flash_unavailable", lambda: None)  # installed, but this is a CPU call
     config = dataclasses.replace(CONFIG, kernel="flash")
-    opt = optimize(OneAttention(), config, layout=LAYOUT, lowering="aot_eager", regional=False)
+    model = OneAttention()
+    opt = optimize(model, config, layout=LAYOUT, lowering="aot_eager", regional=False)
     x = torch.randn(1, LAYOUT.seq_len, 8)
     with torch.no_grad():
         out = opt(x)
-        dense = opt._orig_mod(x)
+        dense = model(x)
     (call,) = opt.report.calls
     assert not call.rewritten and "kernel='flash' cannot run" in call.reason, call
     assert max_err(out, dense) < ATOL_F32  # left dense means dense
@@ -182,9 +183,9 @@ def _masked_inputs(layer: int, backward: bool):
     q = torch.randn(2, 4, LAYOUT.seq_len, 8, generator=g)
     k, v = (torch.randn(2, 2, LAYOUT.seq_len, 8, generator=g) for _ in range(2))
     plan = plan_for(LAYOUT, CONFIG, layer)
-    idx = plan_index(plan, q.device)
+    idx = plan.index(q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
-    sel = _select(qp, kp, plan, CONFIG, idx)[0]
+    sel = plan_blocks(qp, kp, plan, CONFIG, idx=idx).sel
     tkm = torch.tensor([[True, True, False, True, False], [True] * 5])
     pieces = mask_pieces(plan, idx, sel, token_level=False, text_key_mask=tkm,
                          q_tables=backward)  # fmt: skip
@@ -195,7 +196,9 @@ def _masked_inputs(layer: int, backward: bool):
 def test_mask_pieces_round_trip_through_the_ops_flat_list(backward) -> None:
     _, _, _, _, pieces, _ = _masked_inputs(1, backward)
     flat = pieces.tensors()
-    back = K._pieces(flat, len(pieces.word_tables), True, pieces.block_size, pieces.seq_len, False)
+    back = MaskPieces.from_tensors(
+        flat, len(pieces.word_tables), True, pieces.block_size, pieces.seq_len, False
+    )
     assert back.tables == pieces.tables and len(back.tables) == (8 if backward else 4)
     assert all(a is b for a, b in zip(back.tensors(), flat, strict=True))
     assert torch.equal(block_mask_from_pieces(back).to_dense(),

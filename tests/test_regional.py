@@ -2,7 +2,7 @@
 one compiled block per partition variant (CPU, aot_eager).
 
 The oracles are the model run with ``vmoba_reference`` in its video self-attention calls (as in
-test_optimize.py) and the whole-model ``optimize``, which computes the same math: regional
+test_api.py) and the whole-model ``optimize``, which computes the same math: regional
 compilation changes what is compiled, never the result. Training runs the eager FlexAttention
 math (its CPU device check is lifted for the test: flex has no CPU backward kernel, but its
 eager reference path differentiates).
@@ -19,7 +19,7 @@ from conftest import ATOL_F32, max_err
 pytest.importorskip("diffusers")
 
 import tiny_models as tm  # noqa: E402
-from test_optimize import (  # noqa: E402
+from test_api import (  # noqa: E402
     _CHUNKS,
     TOY_LAYOUT,
     ToyAttention,
@@ -74,7 +74,7 @@ def test_one_compiled_block_per_partition_matches_reference() -> None:
     assert max_err(got, want) < ATOL_F32
     assert torch.equal(again, got)
     assert max_err(dense, want) > 100 * ATOL_F32, "the test cannot tell VMoBA from dense"
-    variants = opt._vmoba_regional.variants
+    variants = opt.regional_blocks.variants
     assert sorted(k[0] for k in variants) == [("1d",), ("2d",), ("3d",)]  # 4 layers, 3 graphs
     assert len(opt.report.graphs) == 3
     check_report("wan", model, args, kwargs, opt.report, CONFIG)  # every layer, its partition
@@ -92,7 +92,7 @@ def test_other_families_match_reference(family: str) -> None:
         dense = first(model(*args, **kwargs))
     assert max_err(got, want) < 10 * ATOL_F32
     assert max_err(dense, want) > 100 * ATOL_F32, "the test cannot tell VMoBA from dense"
-    classes = {k[3] for k in opt._vmoba_regional.variants if k != ("dense",)}
+    classes = {k[3] for k in opt.regional_blocks.variants if k != ("dense",)}
     assert len(classes) == (2 if family == "hunyuan_video" else 1)
     # Every video self-attention layer, with its partition; calls outside the blocks, such as
     # HunyuanVideo's token refiner, run uncompiled: the report names their modules.
@@ -128,8 +128,8 @@ def test_second_grid_and_dense_controls() -> None:
     assert max_err(got_d, want) > 100 * ATOL_F32
     assert max_err(warm, plain) < ATOL_F32
     assert max_err(after, want) < ATOL_F32
-    grids = {k[1] for k in opt._vmoba_regional.variants if k != ("dense",)}
-    assert len(grids) == 2 and ("dense",) in opt._vmoba_regional.variants
+    grids = {k[1] for k in opt.regional_blocks.variants if k != ("dense",)}
+    assert len(grids) == 2 and ("dense",) in opt.regional_blocks.variants
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
@@ -150,14 +150,14 @@ def test_training_with_checkpointing_gradients_equal_whole_model(family: str) ->
         model.enable_gradient_checkpointing()
         opt = optimize(model, CONFIG, lowering="aot_eager", regional=True)
         out = first(opt(*args, **kwargs))
-        recorded = len(opt._vmoba_regional._taken)
+        recorded = opt.regional_blocks.remembered
         model.zero_grad(set_to_none=True)
         out.square().mean().backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.disable_gradient_checkpointing()  # the reference's SDPA override is not recomputed
         ref = grads(model, lambda: reference_forward(model, args, kwargs, CONFIG))
     assert recorded == 3  # one forward record per block, for a recomputation
-    assert not opt._vmoba_regional._taken  # released with the forward's tensors
+    assert opt.regional_blocks.remembered == 0  # released with the forward's tensors
     assert diff(got, want) < 1e-6
     assert diff(want, ref) < 1e-5
     assert diff(plain, want) > 1e-4
@@ -245,7 +245,7 @@ def test_blocks_with_two_layers_get_the_partition_of_each() -> None:
         opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
         got = opt(x, ctx)
     assert max_err(got, want) < 1e-6
-    keys = sorted(k[0] for k in opt._vmoba_regional.variants)
+    keys = sorted(k[0] for k in opt.regional_blocks.variants)
     assert keys == [("1d", "2d"), ("2d", "3d"), ("3d", "1d")]
     assert [c.partition for c in opt.report.rewritten] == ["1d", "2d", "3d", "1d", "2d", "3d"]
 
@@ -263,7 +263,7 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match="in no ModuleList"):
         optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional=True)
     # the default falls back to the whole model
-    assert optimize(NoList(), CONFIG, layout=TOY_LAYOUT)._vmoba_regional is None
+    assert optimize(NoList(), CONFIG, layout=TOY_LAYOUT).regional_blocks is None
     with pytest.raises(TypeError, match=r"regional must be None \(automatic\), True or False"):
         optimize(NoList(), CONFIG, layout=TOY_LAYOUT, regional="yes")
     model = TwoPerBlockVideo(2)
@@ -371,7 +371,7 @@ def test_compiles_are_logged_at_info_and_quiet_by_default(caplog) -> None:
     assert all(r.levelno == logging.INFO for r in ours)
     variants = [r.getMessage() for r in ours if r.name == "vmoba_compile.regional"]
     parts = [CONFIG.partition_for(i).value for i in range(3)]
-    assert len(variants) == len(set(parts)) == len(opt._vmoba_regional.variants)
+    assert len(variants) == len(set(parts)) == len(opt.regional_blocks.variants)
     for msg, part in zip(variants, dict.fromkeys(parts), strict=True):
         assert f"partitions {part}, layout" in msg, msg
     lowered = [r.getMessage() for r in ours if r.name == "vmoba_compile.passes.backend"]

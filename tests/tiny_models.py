@@ -217,27 +217,29 @@ def _easyanimate_inputs(model: torch.nn.Module, grid: Grid, g: torch.Generator) 
 def _videomae(**config: Any) -> torch.nn.Module:
     from transformers import VideoMAEConfig, VideoMAEModel
 
-    return VideoMAEModel._from_config(VideoMAEConfig(**config), attn_implementation="sdpa")
+    return VideoMAEModel(VideoMAEConfig(attn_implementation="sdpa", **config))
 
 
 def _videomae_classification(**config: Any) -> torch.nn.Module:
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-    cfg = VideoMAEConfig(num_labels=3, **config)
-    return VideoMAEForVideoClassification._from_config(cfg, attn_implementation="sdpa")
+    return VideoMAEForVideoClassification(
+        VideoMAEConfig(num_labels=3, attn_implementation="sdpa", **config)
+    )
 
 
 def _vivit(**config: Any) -> torch.nn.Module:
     from transformers import VivitConfig, VivitModel
 
-    return VivitModel._from_config(VivitConfig(**config), attn_implementation="sdpa")
+    return VivitModel(VivitConfig(attn_implementation="sdpa", **config))
 
 
 def _vivit_classification(**config: Any) -> torch.nn.Module:
     from transformers import VivitConfig, VivitForVideoClassification
 
-    cfg = VivitConfig(num_labels=3, **config)
-    return VivitForVideoClassification._from_config(cfg, attn_implementation="sdpa")
+    return VivitForVideoClassification(
+        VivitConfig(num_labels=3, attn_implementation="sdpa", **config)
+    )
 
 
 def _pixel_inputs(model: torch.nn.Module, grid: Grid, g: torch.Generator) -> Inputs:

@@ -328,6 +328,24 @@ class VMoBAModule(torch.nn.Module):
         """The VMoBA configuration (``.config`` stays the wrapped model's own config)."""
         return self._vmoba_config
 
+    @property
+    def regional_blocks(self) -> RegionalBlocks | None:
+        """The repeated blocks compiled one by one, or None where the whole model is compiled.
+
+        Its ``paths`` name the blocks and ``variants`` holds one compiled function per variant
+        compiled so far (keyed as :meth:`~vmoba_compile.regional.RegionalBlocks.key` says: the
+        partitions of the block's layers, the grid, the block class; ``("dense",)`` for a dense
+        block). Read it to see what compiled; do not change it.
+        """
+        return self._vmoba_regional
+
+    @property
+    def inductor_options(self) -> dict[str, Any]:
+        """The inductor options this model's compiles hand inductor (a copy):
+        :func:`safe_inductor_defaults`, :func:`memory_inductor_defaults`, then ``mode=``'s
+        options, then ``options=``. Unused under ``lowering="aot_eager"``."""
+        return dict(self._vmoba_compile["patches"])
+
     def _compile(self, fn: Any, backend: VMoBABackend | None) -> Any:
         """``fn`` compiled with this model's options: through ``backend``, or without one dense
         (inductor with the compile's options, or ``aot_eager`` under that lowering)."""

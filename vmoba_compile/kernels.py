@@ -36,7 +36,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from ._compat import autograd_inside_op
 from .config import Kernel, Partition, VMoBAConfig
-from .masks import TABLE_NAMES, MaskPieces, block_mask_from_pieces
+from .masks import MaskPieces, block_mask_from_pieces
 
 __all__ = [
     "KernelChoice",
@@ -226,30 +226,13 @@ def _choose(
 # the FlashAttention-4 path
 
 
-def _pieces(
-    tensors: list[torch.Tensor],
-    n_words: int,
-    has_key_ok: bool,
-    block_size: int,
-    seq_len: int,
-    token_level: bool,
-) -> MaskPieces:
-    """:class:`MaskPieces` back from the op's flat tensor list (``MaskPieces.tensors()``)."""
-    n_tables = len(tensors) - n_words - 2 - int(has_key_ok)
-    if n_tables not in (4, 8):
-        raise ValueError(f"a VMoBA mask has 4 or 8 block tables; got {n_tables}")
-    key_ok = tensors[-1] if has_key_ok else None
-    words = list(tensors[n_tables : n_tables + n_words])
-    kv_word, kv_mask = tensors[n_tables + n_words : n_tables + n_words + 2]
-    tables = dict(zip(TABLE_NAMES[:n_tables], tensors[:n_tables], strict=True))
-    return MaskPieces(tables, words, kv_word, kv_mask, key_ok, block_size, seq_len, token_level)
-
-
 def _flex_flash(q, k, v, tensors, n_words, has_key_ok, block_size, token_level, scale, backend):
     """FlexAttention on a mask rebuilt from ``tensors`` (traced whole by the op's own compile,
     so every tensor ``mask_mod`` reads is a graph input). ``backend``: ``"FLASH"``; the CPU
     tests of this plumbing pass ``"DEFAULT"`` (FlexAttention's own choice)."""
-    pieces = _pieces(tensors, n_words, has_key_ok, block_size, q.shape[2], token_level)
+    pieces = MaskPieces.from_tensors(
+        tensors, n_words, has_key_ok, block_size, q.shape[2], token_level
+    )
     return flex_attention(
         q,
         k,

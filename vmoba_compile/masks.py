@@ -224,10 +224,36 @@ class MaskPieces(NamedTuple):
     token_level: bool
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the mask, in a fixed order (:meth:`with_tensors` reads it back)."""
+        """Every tensor of the mask, in a fixed order (:meth:`with_tensors` and
+        :meth:`from_tensors` read it back)."""
         key_ok = [] if self.key_ok is None else [self.key_ok]
         tables = [self.tables[n] for n in TABLE_NAMES if n in self.tables]
         return [*tables, *self.word_tables, self.kv_word, self.kv_mask, *key_ok]
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: list[torch.Tensor],
+        n_words: int,
+        has_key_ok: bool,
+        block_size: int,
+        seq_len: int,
+        token_level: bool,
+    ) -> MaskPieces:
+        """The pieces back from :meth:`tensors`' flat list and the counts and flags that list
+        leaves out (what an op that takes only tensors and constants rebuilds the mask from).
+
+        Raises:
+            ValueError: the list does not hold 4 or 8 block tables besides the other tensors.
+        """
+        n_tables = len(tensors) - n_words - 2 - int(has_key_ok)
+        if n_tables not in (4, 8):
+            raise ValueError(f"a VMoBA mask has 4 or 8 block tables; got {n_tables}")
+        key_ok = tensors[-1] if has_key_ok else None
+        words = list(tensors[n_tables : n_tables + n_words])
+        kv_word, kv_mask = tensors[n_tables + n_words : n_tables + n_words + 2]
+        tables = dict(zip(TABLE_NAMES[:n_tables], tensors[:n_tables], strict=True))
+        return cls(tables, words, kv_word, kv_mask, key_ok, block_size, seq_len, token_level)
 
     def with_tensors(self, xs: list[torch.Tensor]) -> MaskPieces:
         """These pieces with their tensors replaced by ``xs`` (in :meth:`tensors`' order)."""

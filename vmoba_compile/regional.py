@@ -208,6 +208,13 @@ class RegionalBlocks:
         self.variants.clear()
         self._taken.clear()
 
+    @property
+    def remembered(self) -> int:
+        """How many block calls are remembered for a recomputation in the backward: one per
+        block call of a forward whose input tensor is still alive (0 once the forwards' tensors
+        are released, e.g. after their backward)."""
+        return len(self._taken)
+
     def index_of(self, block: torch.nn.Module) -> int:
         return self._index[id(block)]
 

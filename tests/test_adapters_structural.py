@@ -4,7 +4,7 @@ The sweep enumerates every video transformer class diffusers exports (``*Transfo
 diffusers names video DiTs "3D" for frames x height x width, image ones "2D", audio ones "1D";
 ``TransformerTemporalModel`` is a UNet's temporal layer on ``[B * F, C, H, W]``, not a video
 DiT). Each class has an entry below: a tiny build whose VMoBA run is checked, a tiny build whose
-calls must stay dense for a stated reason, a family adapter (tests/test_optimize.py checks those
+calls must stay dense for a stated reason, a family adapter (tests/test_api.py checks those
 end to end; here the structural path must agree with the adapter or stay dense), or a skip
 with the reason. A class diffusers adds later has no entry and fails
 ``test_every_video_transformer_class_has_an_entry``.
@@ -301,7 +301,7 @@ CASES: dict[str, Case] = {
     ),
 }
 
-# Classes a family adapter handles: tiny_models.py builds them, tests/test_optimize.py runs
+# Classes a family adapter handles: tiny_models.py builds them, tests/test_api.py runs
 # them end to end. Here the structural fallback must agree with the adapter or stay dense.
 ADAPTER_CLASSES: dict[str, str] = {
     "WanTransformer3DModel": "wan",

@@ -100,7 +100,7 @@ def check_report(family, model, args, kwargs, report, config, opt=None) -> None:
     With ``opt`` compiled block by block, the report holds the calls inside its blocks."""
     listed = find_adapter(model).self_attention_modules(model)
     spied = record_sdpa(model, args, kwargs)
-    regional = opt._vmoba_regional if opt is not None else None
+    regional = opt.regional_blocks if opt is not None else None
     if regional is not None:
         spied = [c for c in spied if any(c.module.startswith(p + ".") for p in regional.paths)]
     calls = report.calls
@@ -129,7 +129,7 @@ def test_family_sparse_equals_reference(family: str) -> None:
         ref = reference_forward(model, args, kwargs, config)
     # The default compiles every family block by block: one graph per variant (partitions of
     # a block's layers), at most one per partition of the schedule for one block class.
-    variants = opt._vmoba_regional.variants
+    variants = opt.regional_blocks.variants
     graphs = len(opt.report.graphs)
     assert graphs == len(variants) <= len(config.schedule) * 2, opt.report
     check_report(family, model, args, kwargs, opt.report, config, opt)
@@ -410,7 +410,7 @@ def test_bad_compile_options(kwargs, exc, pattern) -> None:
 @pytest.mark.parametrize("override", [False, True])
 def test_compile_option_defaults_and_overrides(key, default, explicit, override) -> None:
     # optimize's compile gets the default, an explicit option still wins, and the global
-    # inductor config is untouched. What the backend hands compile_fx is checked.
+    # inductor config is untouched.
     *path, name = key.split(".")
     holder = functools.reduce(getattr, path, torch._inductor.config)
     if not hasattr(holder, name):
@@ -418,8 +418,7 @@ def test_compile_option_defaults_and_overrides(key, default, explicit, override)
     kwargs = {"options": {key: explicit}} if override else {}
     before = getattr(holder, name)
     opt = optimize(ToyVideo(["self"]), layout=TOY_LAYOUT, **kwargs)
-    _, backend = opt._variant(opt.vmoba.dense_layers)
-    assert backend.config_patches[key] is (explicit if override else default)
+    assert opt.inductor_options[key] is (explicit if override else default)
     assert getattr(holder, name) is before  # global untouched
 
 
@@ -488,4 +487,4 @@ def test_explain_on_an_optimized_model_uses_its_config_and_matches_its_report() 
         (c.module, c.rewritten, c.layer_index, c.partition, c.reason) for c in before.calls
     ] == [(c.module, c.rewritten, c.layer_index, c.partition, c.reason) for c in opt.report.calls]
     # explain did not add to the optimized model's report: one graph per compiled block variant
-    assert len(opt.report.graphs) == len(opt._vmoba_regional.variants) == 2
+    assert len(opt.report.graphs) == len(opt.regional_blocks.variants) == 2
