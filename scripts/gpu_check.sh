@@ -3,9 +3,9 @@
 # Usage (GPU machine, repo root):
 #   PARTS="op pass bench" BENCH_GRIDS=24x36x64 BENCH_CONFIGS=block-thr0.4 bash scripts/gpu_check.sh
 #   PARTS=model MODEL_RUNS="dense:--variant dense;vmoba:--variant vmoba" bash scripts/gpu_check.sh
-#   PARTS: op (tests/test_gpu.py), pass (tests/test_gpu_pass.py), warm (compile the attention
-#   benchmark's functions alongside the tests, for a later bench part on the same machine),
-#   bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA).
+#   PARTS: op (tests/test_attention_gpu.py), pass (tests/test_api_gpu.py), warm (compile the
+#   attention benchmark's functions alongside the tests, for a later bench part on the same
+#   machine), bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA).
 # The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
