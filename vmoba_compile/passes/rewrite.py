@@ -9,7 +9,8 @@ How one compile goes (the backend, :class:`VMoBABackend`):
    ``scaled_dot_product_attention`` call (``torch._C._nn`` builtin or ``aten`` op), its arguments
    bound by name.
 3. Each call gets a decision (:func:`decide`): video self-attention whose length matches the
-   layout is rewritten; anything else is left dense with the reason.
+   layout is rewritten; anything else is left dense with its
+   :class:`~vmoba_compile.passes.report.SkipReason` and message.
 4. A rewritten call becomes :func:`vmoba_sdpa` with its layer index, layout and partition fixed.
 5. The graph goes to inductor's ``compile_fx`` with this compile's options, which traces
    :func:`vmoba_sdpa` into selection ops and a FlexAttention template, fused into Triton kernels.
