@@ -36,7 +36,14 @@ pytest.importorskip("transformers")
 import tiny_models as tm  # noqa: E402
 from sdpa_spy import record_sdpa, run_with_sdpa  # noqa: E402
 
-from vmoba_compile import VideoLayout, VMoBAConfig, explain, optimize, vmoba_reference  # noqa: E402
+from vmoba_compile import (  # noqa: E402
+    SkipReason,
+    VideoLayout,
+    VMoBAConfig,
+    explain,
+    optimize,
+    vmoba_reference,
+)
 from vmoba_compile.adapters import find_adapter  # noqa: E402
 from vmoba_compile.adapters.structural import STRUCTURAL, LayoutUnknown  # noqa: E402
 
@@ -87,14 +94,18 @@ class Case:
         inputs: ``() -> (args, kwargs)``, seeded by the test.
         grid: the true token grid ``(frames, height, width)`` (from the model's source).
         text: non-video tokens in each video self-attention call and where they sit.
-        dense: None when VMoBA must run; else a regex of the reason every call stays dense.
+        dense: None when VMoBA must run; else the reasons every call stays dense (each call's
+            ``skip`` is one of them).
+        detail: with ``SkipReason.GRID_UNKNOWN`` among ``dense``, a regex of the fallback's
+            explanation some grid-unknown call's message must hold.
     """
 
     config: dict[str, Any]
     inputs: Callable[[], tuple[tuple, dict]]
     grid: tuple[int, int, int]
     text: tuple[int, str] = (0, "suffix")
-    dense: str | None = None
+    dense: frozenset[SkipReason] | None = None
+    detail: str | None = None
 
 
 CASES: dict[str, Case] = {
@@ -211,7 +222,8 @@ CASES: dict[str, Case] = {
             ),
         ),
         (3, 4, 6),
-        dense=r"matches neither axis 1 \(3\) and axis 2 \(8\)",
+        dense=frozenset({SkipReason.GRID_UNKNOWN, SkipReason.CROSS_ATTENTION}),
+        detail=r"matches neither axis 1 \(3\) and axis 2 \(8\)",
     ),
     # Self-attention is linear attention (no SDPA); only the cross-attention calls SDPA.
     "SanaVideoTransformer3DModel": Case(
@@ -237,7 +249,7 @@ CASES: dict[str, Case] = {
             ),
         ),
         (3, 4, 6),
-        dense=r"cross-attention \(72 queries, 12 keys\)",
+        dense=frozenset({SkipReason.CROSS_ATTENTION}),
     ),
     # Factorised attention: spatial blocks attend within a frame (S = H' W'), temporal blocks
     # along time (S = F): no call sees the video as one sequence.
@@ -265,7 +277,8 @@ CASES: dict[str, Case] = {
             ),
         ),
         (3, 4, 4),
-        dense=r"no call of the candidate self-attention modules|cross-attention",
+        dense=frozenset({SkipReason.GRID_UNKNOWN, SkipReason.CROSS_ATTENTION}),
+        detail=r"no call of the candidate self-attention modules",
     ),
     # Joint [video, text] with a boolean text mask the fallback cannot declare as key padding.
     "HunyuanVideo15Transformer3DModel": Case(
@@ -297,7 +310,7 @@ CASES: dict[str, Case] = {
             ),
         ),
         (3, 4, 6),
-        dense=r"boolean attention mask|not a video self-attention module",
+        dense=frozenset({SkipReason.MASK_UNDECLARED, SkipReason.NOT_SELF_ATTENTION}),
     ),
 }
 
@@ -463,7 +476,11 @@ def test_structural_leaves_calls_dense_with_the_reason(name: str) -> None:
     model, args, kwargs = built(name)
     report = explain(model, args, kwargs)
     assert report.calls and not report.rewritten, report
-    assert any(re.search(CASES[name].dense, c.reason) for c in report.calls), report
+    case = CASES[name]
+    assert case.dense and {c.skip for c in report.calls} <= case.dense, f"{name}:\n{report}"
+    if case.detail is not None:
+        grid_unknown = [c for c in report.calls if c.skip is SkipReason.GRID_UNKNOWN]
+        assert any(re.search(case.detail, c.reason) for c in grid_unknown), report
 
 
 # Tiny adapter-family models the fallback cannot read, and why (the adapters know more).
@@ -648,6 +665,7 @@ def _dense_reason(model: torch.nn.Module, kwargs: dict) -> str:
     """Every call of the model stays dense; the one reason of its self-attention calls."""
     report = explain(model, (), kwargs)
     assert report.calls and not report.rewritten, report
+    assert {c.skip for c in report.calls} == {SkipReason.GRID_UNKNOWN}, report
     reasons = {c.reason for c in report.calls}
     assert len(reasons) == 1, reasons
     (reason,) = reasons

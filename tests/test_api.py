@@ -24,6 +24,7 @@ import tiny_models as tm  # noqa: E402
 from sdpa_spy import record_sdpa, run_with_sdpa  # noqa: E402
 
 from vmoba_compile import (  # noqa: E402
+    SkipReason,
     VideoLayout,
     VMoBAConfig,
     explain,
@@ -113,7 +114,7 @@ def check_report(family, model, args, kwargs, report, config, opt=None) -> None:
     for c in rewritten:
         assert c.layer_index == listed.index(c.module)
         assert c.partition == config.partition_for(c.layer_index).value
-    assert all(c.reason for c in report.skipped)
+    assert all(c.skip is not None and c.reason for c in report.skipped)
 
 
 # ------------------------------------------------------------------------- every family
@@ -256,24 +257,33 @@ def test_skip_reasons() -> None:
     by_module = {c.module: c for c in report.calls}
     assert len(report.calls) == len(kinds)
     assert by_module["blocks.0"].rewritten and by_module["blocks.0"].layer_index == 0
+    assert by_module["blocks.0"].skip is None
     expected = {
-        "blocks.1": "cross-attention",
-        "blocks.2": "causal",
-        "blocks.3": "float32 attention mask",
-        "blocks.4": "dropout",
-        "blocks.5": "boolean attention mask the adapter does not declare",
+        "blocks.1": SkipReason.CROSS_ATTENTION,
+        "blocks.2": SkipReason.CAUSAL,
+        "blocks.3": SkipReason.MASK_NOT_BOOL,
+        "blocks.4": SkipReason.DROPOUT,
+        "blocks.5": SkipReason.MASK_UNDECLARED,
     }
-    for module, reason in expected.items():
-        assert not by_module[module].rewritten and reason in by_module[module].reason, report
+    for module, skip in expected.items():
+        assert not by_module[module].rewritten and by_module[module].skip is skip, report
+    # The messages hold the call's numbers, and the table shows them.
+    s = TOY_LAYOUT.seq_len
+    assert by_module["blocks.1"].reason == f"cross-attention ({s} queries, 5 keys)"
+    assert by_module["blocks.3"].reason.startswith("torch.float32 attention mask")
+    assert by_module["blocks.4"].reason == "attention dropout (dropout_p=0.1)"
     text = str(report)
-    assert "cross-attention" in text and "blocks.0" in text
+    assert f"dense: cross-attention ({s} queries, 5 keys)" in text and "blocks.0" in text
 
 
 def test_sequence_not_matching_layout_stays_dense() -> None:
     other = VideoLayout(frames=2, height=4, width=5)
     report = explain(ToyVideo(["self"]), toy_inputs(), layout=other)
     (call,) = report.calls
-    assert not call.rewritten and "do not match the layout" in call.reason
+    assert not call.rewritten and call.skip is SkipReason.LAYOUT_MISMATCH
+    # both lengths and the layout, to see which side is wrong
+    assert call.reason.startswith(f"{TOY_LAYOUT.seq_len} tokens do not match the layout's "), call
+    assert f"{other.seq_len} ({other})" in call.reason, call
 
 
 def test_layer_schedule_survives_graph_breaks() -> None:
@@ -295,7 +305,9 @@ def test_graph_break_inside_the_block_loop_stays_dense_with_the_reason() -> None
     model = ToyVideo(["self"] * 3, graph_break_after=0, in_loop=True)
     report = explain(model, toy_inputs(), layout=TOY_LAYOUT)
     assert report.calls and not report.rewritten, report
-    assert all("Remove the graph break" in c.reason for c in report.calls)
+    assert all(c.skip is SkipReason.SHARED_FRAME for c in report.calls), report
+    assert "frame of blocks.0 alone" in report.calls[0].reason  # where, and the fix
+    assert "Remove the graph break" in report.calls[0].reason
     assert report.calls[0].module == "blocks.0"
 
 
@@ -346,7 +358,8 @@ def test_dense_warmup_steps_and_dense_layers() -> None:
         assert max_err(got, toy_reference(model, x, ctx, config, frozenset({1}))) < ATOL_F32
         last = opt.report.graphs[-1][1]
         assert [c.rewritten for c in last] == [True, False, True]
-        assert "dense_layers" in last[1].reason
+        assert last[1].skip is SkipReason.DENSE_LAYER
+        assert last[1].reason == "layer 1 kept dense by the runtime controls (dense_layers)"
 
 
 def test_pipeline_callback_counts_and_resets() -> None:

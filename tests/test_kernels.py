@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ATOL_F32, max_err
 
-from vmoba_compile import VideoLayout, VMoBAConfig, optimize, vmoba_attention
+from vmoba_compile import SkipReason, VideoLayout, VMoBAConfig, optimize, vmoba_attention
 from vmoba_compile import kernels as K
 from vmoba_compile._compat import autograd_inside_op
 from vmoba_compile.attention import permute, plan_blocks, plan_for, unpermute
@@ -171,7 +171,9 @@ def test_forced_flash_call_that_cannot_run_is_left_dense_in_the_report(monkeypat
         out = opt(x)
         dense = model(x)
     (call,) = opt.report.calls
-    assert not call.rewritten and "kernel='flash' cannot run" in call.reason, call
+    assert not call.rewritten and call.skip is SkipReason.FLASH_CANNOT_RUN, call
+    # what stands in the way, and the fix
+    assert "on cpu" in call.reason and "VMoBAConfig(kernel='auto')" in call.reason, call
     assert max_err(out, dense) < ATOL_F32  # left dense means dense
     with pytest.raises(RuntimeError, match="kernel='flash' cannot run.*on cpu"):
         q = torch.randn(1, 2, LAYOUT.seq_len, 4)

@@ -4,7 +4,7 @@ from .api import VMoBAControls, VMoBAModule, explain, optimize
 from .attention import vmoba_attention
 from .config import Granularity, Partition, Scope, Selection, VMoBAConfig
 from .layout import TextPosition, VideoLayout
-from .passes import AttentionCall, RewriteReport
+from .passes import AttentionCall, RewriteReport, SkipReason
 from .reference import reference_mask, vmoba_reference
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionCall",
     "RewriteReport",
+    "SkipReason",
     "VMoBAControls",
     "VMoBAModule",
     "explain",

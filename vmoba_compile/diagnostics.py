@@ -27,7 +27,7 @@ from .attention import (
 )
 from .config import VMoBAConfig
 from .layout import VideoLayout
-from .passes import CallContext, bind_sdpa, decide
+from .passes import CallContext, Skip, bind_sdpa, decide
 
 __all__ = [
     "CapturedCall",
@@ -162,7 +162,7 @@ def _eligible(a: dict, module: str, ctx: CallContext) -> Any:
     """The pass's own decision (:func:`~vmoba_compile.passes.decide`) on an eager SDPA call:
     how it would be rewritten, or None where the pass leaves it dense."""
     choice = decide(a, module, ctx, lambda: -1)
-    return None if isinstance(choice, str) else choice
+    return None if isinstance(choice, Skip) else choice
 
 
 def _text_key_mask(a: dict, choice: Any) -> torch.Tensor | None:

@@ -52,6 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .passes.report import Skip, SkipReason
 from .passes.rewrite import (
     _PATH_ITEM,
     CURRENT_CONTEXT,
@@ -59,6 +60,7 @@ from .passes.rewrite import (
     BoundVMoBA,
     CallContext,
     _kernel,
+    _Rewrite,
     _rewrite_reason,
     _shape_text,
     decide,
@@ -195,7 +197,7 @@ class ParallelPlan:
         exchanged: the video self-attention modules whose Ulysses exchange the pass does itself:
             path -> attention processor (its ``_parallel_config`` is set aside in a block call).
         refusal: why VMoBA is refused under this setup (every call then stays dense), with the
-            fix; None when supported.
+            fix (``str()`` of it is the message); None when supported.
         ring_degree: diffusers' ring degree (refused above 1).
     """
 
@@ -204,7 +206,7 @@ class ParallelPlan:
     rank: int = 0
     fsdp: list[str] = dataclasses.field(default_factory=list)
     exchanged: dict[str, Any] = dataclasses.field(default_factory=dict)
-    refusal: str | None = None
+    refusal: Skip | None = None
     ring_degree: int = 1
 
     def describe(self) -> str:
@@ -350,41 +352,47 @@ class ParallelPlan:
             shape = f"{_shape_text(values['query'], values['key'])} (rank in: {local})"
         else:
             shape = local
-        choice: Any = decide(values, module, ctx, next_layer)
-        if self.refusal is not None:
-            if not isinstance(choice, str):
-                choice = f"context parallel: {self.refusal}"
-        elif self.degree > 1 and not isinstance(choice, str) and not exchange:
-            choice = (
-                f"module {module} is not a video self-attention module whose Ulysses exchange "
-                f"the pass runs, so under context parallelism it is never rewritten"
-            )
-        elif exchange and not isinstance(choice, str) and ctx.grid is not None:
-            n = ctx.grid.video_tokens
-            if n % self.degree:
-                choice = (
-                    f"{n} video tokens are not divisible by the Ulysses degree {self.degree}; "
-                    f"choose a resolution whose token count is"
-                )
-        kernel, why = (
-            (None, "") if isinstance(choice, str) else _kernel(rank_values, choice, ctx.config)
-        )
-        if not isinstance(choice, str) and kernel is None:  # kernel='flash' cannot run it
-            choice = why
-        if isinstance(choice, str):
-            call = AttentionCall(module, shape, False, choice)
-            inner = None
+        decided = self._decide(values, rank_values, module, ctx, next_layer, exchange)
+        inner = None
+        if isinstance(decided, Skip):
+            call = AttentionCall.dense(module, shape, decided)
         else:
+            choice, (name, why) = decided
             partition = ctx.config.partition_for(choice.layer_index).value
             reason = _rewrite_reason(choice, ctx.config)
             if exchange:
                 reason += f", on H/{self.degree} heads per rank after the Ulysses all-to-all"
-            reason += f"; kernel {kernel}: {why}"
-            call = AttentionCall(module, shape, True, reason, choice.layer_index, partition, kernel)
+            reason += f"; kernel {name}: {why}"
+            call = AttentionCall(module, shape, True, reason, choice.layer_index, partition, name)
             inner = BoundVMoBA(choice, ctx.config, bound["scale"])
         if apply and (exchange or inner is not None):
             self._replace(sub, node, bound, inner, exchange, module)
         return call
+
+    def _decide(
+        self,
+        values: dict[str, Any],
+        rank_values: dict[str, Any],
+        module: str,
+        ctx: CallContext,
+        next_layer: Callable[[], int],
+        exchange: bool,
+    ) -> tuple[_Rewrite, tuple[str, str]] | Skip:
+        """:func:`~vmoba_compile.passes.rewrite.decide` on the call as attention sees it
+        (``values``), then this setup's own refusals, then the kernel (on the tensors as they
+        run: ``rank_values``): the rewrite and its ``(kernel, why)``, or why the call stays
+        dense."""
+        choice = decide(values, module, ctx, next_layer)
+        if isinstance(choice, Skip):
+            return choice
+        if self.refusal is not None:
+            return Skip(self.refusal.reason, f"context parallel: {self.refusal.message}")
+        if self.degree > 1 and not exchange:
+            return SkipReason.CP_NOT_EXCHANGED.skip(module=module)
+        if exchange and ctx.grid is not None and ctx.grid.video_tokens % self.degree:
+            return SkipReason.CP_VIDEO_TOKENS.skip(tokens=ctx.grid.video_tokens, degree=self.degree)
+        kernel = _kernel(rank_values, choice, ctx.config)
+        return kernel if isinstance(kernel, Skip) else (choice, kernel)  # Skip: flash cannot run
 
     def _exchanged_values(self, values: dict[str, Any], module: str) -> dict[str, Any]:
         """The call's tensors as the attention sees them after the exchange (meta tensors of
@@ -580,11 +588,7 @@ def detect_parallel(
             if proc is not None and getattr(proc, "_parallel_config", None) is not None
         }
         if not plan.exchanged:
-            plan.refusal = (
-                "no video self-attention processor of the model has diffusers' parallel config "
-                "(enable_parallelism did not reach them); call model.enable_parallelism(...) "
-                "before optimize"
-            )
+            plan.refusal = SkipReason.CP_NOT_ENABLED.skip()
     if plan.refusal is not None:
         logger.warning("VMoBA under context parallelism refused: %s", plan.refusal)
     return plan
@@ -596,45 +600,23 @@ def _refusal(
     family: str | None,
     plan: ParallelPlan,
     processors: Mapping[str, Any],
-) -> str | None:
+) -> Skip | None:
     """Why VMoBA cannot run under this context-parallel setup (with the fix), or None."""
     if plan.ring_degree > 1:
-        return (
-            f"ring attention (ring_degree={plan.ring_degree}) merges per-rank partial results "
-            f"through their log-sum-exp and would need a mask per key slice, which VMoBA does "
-            f"not provide. Fix: ContextParallelConfig(ulysses_degree=P) with ring_degree=1"
-        )
+        return SkipReason.CP_RING.skip(ring_degree=plan.ring_degree)
     if getattr(cp, "ulysses_anything", False):
-        return (
-            "ulysses_anything splits heads and tokens unevenly across ranks. Fix: "
-            "ContextParallelConfig(ulysses_degree=P, ulysses_anything=False) with heads and "
-            "video tokens divisible by P"
-        )
+        return SkipReason.CP_ULYSSES_ANYTHING.skip()
     if family in JOINT_TEXT_FAMILIES:
-        return (
-            f"{JOINT_TEXT_FAMILIES[family]} joins text and video tokens in one self-attention "
-            f"sequence; splitting that sequence across ranks interleaves text into the video "
-            f"slices and breaks the video layout VMoBA partitions. Fix: run it without context "
-            f"parallelism (FSDP2 alone is supported)"
-        )
-    name = type(model).__name__
+        return SkipReason.CP_JOINT_TEXT.skip(family=JOINT_TEXT_FAMILIES[family])
     classes = {c.__name__ for c in type(model).__mro__}
     if not classes & set(SUPPORTED_CP_CLASSES):
-        return (
-            f"{name} is not validated under context parallelism (supported: "
-            f"{', '.join(SUPPORTED_CP_CLASSES)}). Fix: run it without context parallelism"
+        return SkipReason.CP_UNSUPPORTED_MODEL.skip(
+            model=type(model).__name__, supported=", ".join(SUPPORTED_CP_CLASSES)
         )
     heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
     if isinstance(heads, int) and heads % plan.degree:
-        return (
-            f"{heads} attention heads are not divisible by ulysses_degree={plan.degree}. Fix: "
-            f"choose a ulysses_degree that divides the head count"
-        )
+        return SkipReason.CP_HEADS.skip(heads=heads, degree=plan.degree)
     backends = sorted({_backend_name(p) for p in processors.values() if p is not None})
     if any(b != "native" for b in backends):
-        return (
-            f"the attention backend is {', '.join(backends)}; the pass rewrites "
-            f"torch's scaled_dot_product_attention, which diffusers calls with the 'native' "
-            f"backend. Fix: model.set_attention_backend('native') before enable_parallelism"
-        )
+        return SkipReason.CP_BACKEND.skip(backends=", ".join(backends))
     return None

@@ -2,7 +2,7 @@
 scheduler pass (see README.md beside this file)."""
 
 from .backend import LOWERINGS, VMoBABackend
-from .report import AttentionCall, RewriteReport
+from .report import AttentionCall, RewriteReport, Skip, SkipReason
 from .rewrite import CURRENT_CONTEXT, CallContext, bind_sdpa, decide, rewrite_graph, vmoba_sdpa
 from .scheduling import PROGRAM_ORDER_PASS, ProgramOrderPass, keep_program_order
 
@@ -14,6 +14,8 @@ __all__ = [
     "CallContext",
     "ProgramOrderPass",
     "RewriteReport",
+    "Skip",
+    "SkipReason",
     "VMoBABackend",
     "bind_sdpa",
     "decide",

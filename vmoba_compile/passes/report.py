@@ -3,8 +3,127 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import Any
 
-__all__ = ["AttentionCall", "RewriteReport"]
+__all__ = ["AttentionCall", "RewriteReport", "Skip", "SkipReason"]
+
+
+class SkipReason(enum.Enum):
+    """Why the pass left an attention call dense: one member per rule, its value the message
+    template (``str(reason)`` gives it). :meth:`format` fills in the call's details; the report's
+    :attr:`AttentionCall.reason` is that message, :attr:`AttentionCall.skip` the member, for code
+    that tells the cases apart. The placeholders of each template are its documented details."""
+
+    # the call itself (decide)
+    NO_SHAPES = "no shape information for q/k/v in the graph"
+    NOT_4D = "q/k/v are not [B, H, S, D] (q has {dims} dims)"
+    CROSS_ATTENTION = "cross-attention ({queries} queries, {keys} keys)"
+    CAUSAL = "causal attention"
+    CAUSAL_AT_RUN_TIME = "is_causal decided at run time"
+    DROPOUT_AT_RUN_TIME = "dropout_p decided at run time"
+    DROPOUT = "attention dropout (dropout_p={p})"
+    HEADS_MISMATCH = "{query_heads} query heads vs {key_heads} key heads without enable_gqa"
+    SCALE_AT_RUN_TIME = "scale decided at run time"
+    NOT_SELF_ATTENTION = "not a video self-attention module of {family}"
+    # the layout of the call's length
+    LAYOUT_MISMATCH = "{tokens} tokens do not match the layout's {expected} ({layout})"
+    GRID_UNKNOWN = "video grid unknown for this call: {detail}"
+    TOO_SHORT_FOR_GRID = "{tokens} tokens cannot hold the {video_tokens}-token video grid"
+    LENGTH_AT_RUN_TIME = "sequence length {length} is decided at run time"
+    RUN_TIME_TEXT_NOT_SUFFIX = "run-time text length is supported for suffix text only"
+    LENGTH_UNBOUNDED = (
+        "sequence length {length} is decided at run time and has no known upper bound"
+    )
+    BOUND_TOO_SHORT_FOR_GRID = (
+        "at most {upper} tokens cannot hold the {video_tokens}-token video grid"
+    )
+    # the attention mask
+    MASK_AT_RUN_TIME_LENGTH = "attention mask on a call of run-time length"
+    MASK_NO_SHAPES = "attention mask without shape information"
+    MASK_NOT_BOOL = "{dtype} attention mask (only boolean text key padding is honoured)"
+    MASK_UNDECLARED = "boolean attention mask the adapter does not declare as text key padding"
+    MASK_NOT_KEY_PADDING = "boolean mask of shape {shape} is not a [B, 1, 1, S] key padding"
+    MASK_WITHOUT_TEXT = "key-padding mask on a call without text tokens"
+    # the layer, the graph, the kernel
+    DENSE_LAYER = "layer {layer} kept dense by the runtime controls (dense_layers)"
+    UNRECOGNIZED_ARGUMENTS = "unrecognized arguments ({error})"
+    SHARED_FRAME = (
+        "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "
+        "that graph for sibling blocks, so one layer's partition cannot be fixed. Remove the "
+        "graph break (fullgraph=True shows it)"
+    )
+    FLASH_CANNOT_RUN = "{why}; use VMoBAConfig(kernel='auto') to run Triton there"
+    # context parallelism (vmoba_compile.parallel): a refused setup's calls carry its member,
+    # their message prefixed with "context parallel: "
+    CP_RING = (
+        "ring attention (ring_degree={ring_degree}) merges per-rank partial results through "
+        "their log-sum-exp and would need a mask per key slice, which VMoBA does not provide. "
+        "Fix: ContextParallelConfig(ulysses_degree=P) with ring_degree=1"
+    )
+    CP_ULYSSES_ANYTHING = (
+        "ulysses_anything splits heads and tokens unevenly across ranks. Fix: "
+        "ContextParallelConfig(ulysses_degree=P, ulysses_anything=False) with heads and video "
+        "tokens divisible by P"
+    )
+    CP_JOINT_TEXT = (
+        "{family} joins text and video tokens in one self-attention sequence; splitting that "
+        "sequence across ranks interleaves text into the video slices and breaks the video "
+        "layout VMoBA partitions. Fix: run it without context parallelism (FSDP2 alone is "
+        "supported)"
+    )
+    CP_UNSUPPORTED_MODEL = (
+        "{model} is not validated under context parallelism (supported: {supported}). Fix: run "
+        "it without context parallelism"
+    )
+    CP_HEADS = (
+        "{heads} attention heads are not divisible by ulysses_degree={degree}. Fix: choose a "
+        "ulysses_degree that divides the head count"
+    )
+    CP_BACKEND = (
+        "the attention backend is {backends}; the pass rewrites torch's "
+        "scaled_dot_product_attention, which diffusers calls with the 'native' backend. Fix: "
+        "model.set_attention_backend('native') before enable_parallelism"
+    )
+    CP_NOT_ENABLED = (
+        "no video self-attention processor of the model has diffusers' parallel config "
+        "(enable_parallelism did not reach them); call model.enable_parallelism(...) before "
+        "optimize"
+    )
+    CP_NOT_EXCHANGED = (
+        "module {module} is not a video self-attention module whose Ulysses exchange the pass "
+        "runs, so under context parallelism it is never rewritten"
+    )
+    CP_VIDEO_TOKENS = (
+        "{tokens} video tokens are not divisible by the Ulysses degree {degree}; choose a "
+        "resolution whose token count is"
+    )
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def format(self, **details: Any) -> str:
+        """The message of one call: the template with its details filled in.
+
+        Raises:
+            KeyError: a detail of the template is missing.
+        """
+        return str(self.value).format(**details)
+
+    def skip(self, **details: Any) -> Skip:
+        """This reason with its message for one call (what the pass's steps return)."""
+        return Skip(self, self.format(**details))
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A call left dense: the rule (:class:`SkipReason`) and the formatted message."""
+
+    reason: SkipReason
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,12 +134,14 @@ class AttentionCall:
         module: path of the module that made the call (as in ``named_modules()``), or ``"?"``.
         shape: ``[B, H, S_q, D]`` of the query and ``S_kv``, as text.
         rewritten: True if the call runs VMoBA.
-        reason: why it was rewritten (the layout) or why it was left dense.
+        reason: why it was rewritten (the layout) or why it was left dense (the message of
+            ``skip``).
         layer_index: the call's VMoBA layer index (None when left dense).
         partition: ``"1d"``, ``"2d"`` or ``"3d"`` (None when left dense).
         kernel: the kernel of a rewritten call: ``"flash"`` (FlashAttention-4), ``"triton"``
             (FlexAttention's Triton template) or ``"sdpa"`` (every chunk kept: dense SDPA);
             None when left dense. Why is in ``reason``.
+        skip: the rule that left the call dense (None for a rewritten call).
     """
 
     module: str
@@ -30,6 +151,20 @@ class AttentionCall:
     layer_index: int | None = None
     partition: str | None = None
     kernel: str | None = None
+    skip: SkipReason | None = None
+
+    def __post_init__(self) -> None:
+        # Code reads `skip` to tell dense calls apart: a dense call without one is a pass bug.
+        if self.rewritten == (self.skip is not None):
+            raise ValueError(
+                f"an AttentionCall has a skip reason exactly when it is dense; got "
+                f"rewritten={self.rewritten}, skip={self.skip}"
+            )
+
+    @classmethod
+    def dense(cls, module: str, shape: str, skip: Skip) -> AttentionCall:
+        """A call left dense for ``skip``."""
+        return cls(module, shape, False, skip.message, skip=skip.reason)
 
 
 @dataclasses.dataclass

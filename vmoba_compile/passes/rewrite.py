@@ -9,7 +9,8 @@ How one compile goes (the backend, :class:`VMoBABackend`):
    ``scaled_dot_product_attention`` call (``torch._C._nn`` builtin or ``aten`` op), its arguments
    bound by name.
 3. Each call gets a decision (:func:`decide`): video self-attention whose length matches the
-   layout is rewritten; anything else is left dense with the reason.
+   layout is rewritten; anything else is left dense with its
+   :class:`~vmoba_compile.passes.report.SkipReason` and message.
 4. A rewritten call becomes :func:`vmoba_sdpa` with its layer index, layout and partition fixed.
 5. The graph goes to inductor's ``compile_fx`` with this compile's options, which traces
    :func:`vmoba_sdpa` into selection ops and a FlexAttention template, fused into Triton kernels.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from ..config import VMoBAConfig
 from ..layout import TextPosition, VideoLayout
-from .report import AttentionCall
+from .report import AttentionCall, Skip, SkipReason
 
 __all__ = [
     "CallContext",
@@ -271,8 +272,12 @@ def _shape_text(q: Any, k: Any) -> str:
 
 def decide(
     args: dict[str, Any], module: str, ctx: CallContext, next_layer: Callable[[], int]
-) -> _Rewrite | str:
-    """Rewrite this SDPA call (and how), or the reason it stays dense.
+) -> _Rewrite | Skip:
+    """Rewrite this SDPA call (and how), or why it stays dense.
+
+    The steps run in this order, each returning the :class:`Skip` of the first rule the call
+    breaks: the shapes, the call's semantics, the module, the layout of its length, the mask,
+    the layer.
 
     Args:
         args: the call's bound arguments, tensors as example (fake) values.
@@ -282,93 +287,125 @@ def decide(
             without an adapter), in graph order.
     """
     q, k, v = args["query"], args["key"], args["value"]
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return "no shape information for q/k/v in the graph"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q/k/v are not [B, H, S, D] (q has {q.dim()} dims)"
-    sq, sk = q.shape[2], k.shape[2]
-    if not _same(sq, sk):
-        return f"cross-attention ({sq} queries, {sk} keys)"
-    causal = args["is_causal"]
-    if causal is not False:
-        return "causal attention" if causal is True else "is_causal decided at run time"
-    p = args["dropout_p"]
-    if not isinstance(p, (int, float)):
-        return "dropout_p decided at run time"
-    if p > 0:
-        return f"attention dropout (dropout_p={p})"
-    if q.shape[1] != k.shape[1] and not (
-        args["enable_gqa"] is True and q.shape[1] % k.shape[1] == 0
-    ):
-        return f"{q.shape[1]} query heads vs {k.shape[1]} key heads without enable_gqa"
-    if not isinstance(args["scale"], (int, float, type(None))):
-        return "scale decided at run time"
-
-    if ctx.family is not None and module not in ctx.layer_of:
-        return f"not a video self-attention module of {ctx.family}"
-
+    skip = _check_shapes(q, k, v) or _check_semantics(args) or _check_module(module, ctx)
+    if skip is not None:
+        return skip
+    sq = q.shape[2]
     dynamic = not isinstance(sq, int)
     layout = _dynamic_layout(sq, ctx) if dynamic else _static_layout(sq, ctx)
-    if isinstance(layout, str):
+    if isinstance(layout, Skip):
         return layout
+    skip = _check_mask(args["attn_mask"], q.shape[0], sq, layout, dynamic, ctx)
+    if skip is not None:
+        return skip
+    layer = _resolve_layer(module, ctx, next_layer)
+    if isinstance(layer, Skip):
+        return layer
+    key_padding = args["attn_mask"] is not None  # a mask that passed the checks pads the keys
+    return _Rewrite(layout, layer, key_padding, dynamic_text=dynamic)
 
-    key_padding = False
-    mask = args["attn_mask"]
-    if mask is not None:
-        if dynamic:
-            return "attention mask on a call of run-time length"
-        if not isinstance(mask, torch.Tensor):
-            return "attention mask without shape information"
-        if mask.dtype != torch.bool:
-            return f"{mask.dtype} attention mask (only boolean text key padding is honoured)"
-        declared = ctx.grid is not None and ctx.grid.text_key_padding
-        if not declared:
-            return "boolean attention mask the adapter does not declare as text key padding"
-        b = q.shape[0]
-        if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, 1, sq) or mask.shape[0] not in (1, b):
-            return f"boolean mask of shape {list(mask.shape)} is not a [B, 1, 1, S] key padding"
-        if layout.text_tokens == 0:
-            return "key-padding mask on a call without text tokens"
-        key_padding = True
 
+def _check_shapes(q: Any, k: Any, v: Any) -> Skip | None:
+    """q/k/v are ``[B, H, S, D]`` tensors of one length (self-attention)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return SkipReason.NO_SHAPES.skip()
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return SkipReason.NOT_4D.skip(dims=q.dim())
+    sq, sk = q.shape[2], k.shape[2]
+    if not _same(sq, sk):
+        return SkipReason.CROSS_ATTENTION.skip(queries=sq, keys=sk)
+    return None
+
+
+def _check_semantics(args: dict[str, Any]) -> Skip | None:
+    """What VMoBA does not compute: causal attention, dropout, heads that do not pair up, and
+    arguments known only at run time."""
+    causal = args["is_causal"]
+    if causal is not False:
+        return (SkipReason.CAUSAL if causal is True else SkipReason.CAUSAL_AT_RUN_TIME).skip()
+    p = args["dropout_p"]
+    if not isinstance(p, (int, float)):
+        return SkipReason.DROPOUT_AT_RUN_TIME.skip()
+    if p > 0:
+        return SkipReason.DROPOUT.skip(p=p)
+    hq, hk = args["query"].shape[1], args["key"].shape[1]
+    if hq != hk and not (args["enable_gqa"] is True and hq % hk == 0):
+        return SkipReason.HEADS_MISMATCH.skip(query_heads=hq, key_heads=hk)
+    if not isinstance(args["scale"], (int, float, type(None))):
+        return SkipReason.SCALE_AT_RUN_TIME.skip()
+    return None
+
+
+def _check_module(module: str, ctx: CallContext) -> Skip | None:
+    """With an adapter, only its video self-attention modules are rewritten."""
+    if ctx.family is not None and module not in ctx.layer_of:
+        return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
+    return None
+
+
+def _check_mask(
+    mask: Any, batch: int, sq: Any, layout: VideoLayout, dynamic: bool, ctx: CallContext
+) -> Skip | None:
+    """No mask, or a boolean ``[B or 1, 1, 1, S]`` text key padding the adapter declares."""
+    if mask is None:
+        return None
+    if dynamic:
+        return SkipReason.MASK_AT_RUN_TIME_LENGTH.skip()
+    if not isinstance(mask, torch.Tensor):
+        return SkipReason.MASK_NO_SHAPES.skip()
+    if mask.dtype != torch.bool:
+        return SkipReason.MASK_NOT_BOOL.skip(dtype=mask.dtype)
+    if not (ctx.grid is not None and ctx.grid.text_key_padding):
+        return SkipReason.MASK_UNDECLARED.skip()
+    if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, 1, sq) or mask.shape[0] not in (1, batch):
+        return SkipReason.MASK_NOT_KEY_PADDING.skip(shape=list(mask.shape))
+    if layout.text_tokens == 0:
+        return SkipReason.MASK_WITHOUT_TEXT.skip()
+    return None
+
+
+def _resolve_layer(module: str, ctx: CallContext, next_layer: Callable[[], int]) -> int | Skip:
+    """The call's VMoBA layer index, unless the runtime controls keep that layer dense."""
     layer = ctx.layer_of.get(module)
     if layer is None:
         layer = next_layer()
     if layer in ctx.dense_layers:
-        return f"layer {layer} kept dense by the runtime controls (dense_layers)"
-    return _Rewrite(layout, layer, key_padding, dynamic_text=dynamic)
+        return SkipReason.DENSE_LAYER.skip(layer=layer)
+    return layer
 
 
-def _static_layout(sq: int, ctx: CallContext) -> VideoLayout | str:
+def _static_layout(sq: int, ctx: CallContext) -> VideoLayout | Skip:
     """The layout of a call of ``sq`` tokens, or why there is none."""
     if ctx.layout is not None:
         if ctx.layout.seq_len != sq:
-            return f"{sq} tokens do not match the layout's {ctx.layout.seq_len} ({ctx.layout})"
+            return SkipReason.LAYOUT_MISMATCH.skip(
+                tokens=sq, expected=ctx.layout.seq_len, layout=ctx.layout
+            )
         return ctx.layout
     if ctx.grid is None:
-        return f"video grid unknown for this call: {ctx.grid_error}"
+        return SkipReason.GRID_UNKNOWN.skip(detail=ctx.grid_error)
     layout = ctx.grid.layout_for(sq)
     if layout is None:
-        return f"{sq} tokens cannot hold the {ctx.grid.video_tokens}-token video grid"
+        return SkipReason.TOO_SHORT_FOR_GRID.skip(tokens=sq, video_tokens=ctx.grid.video_tokens)
     return layout
 
 
-def _dynamic_layout(sq: Any, ctx: CallContext) -> VideoLayout | str:
+def _dynamic_layout(sq: Any, ctx: CallContext) -> VideoLayout | Skip:
     """A call whose length is decided at run time (``S = N + text``, the text count
     data-dependent): the layout at the text's upper bound, when the adapter declares such text
     and it is a suffix with a known bound."""
     grid = ctx.grid
     if grid is None or not ctx.data_dependent_text:
-        return f"sequence length {sq} is decided at run time"
+        return SkipReason.LENGTH_AT_RUN_TIME.skip(length=sq)
     if grid.text_position is not TextPosition.SUFFIX:
-        return "run-time text length is supported for suffix text only"
+        return SkipReason.RUN_TIME_TEXT_NOT_SUFFIX.skip()
     try:
         upper = int(sq.node.shape_env.bound_sympy(sq.node.expr).upper)
     except (AttributeError, TypeError, ValueError, OverflowError):
-        return f"sequence length {sq} is decided at run time and has no known upper bound"
+        return SkipReason.LENGTH_UNBOUNDED.skip(length=sq)
     layout = grid.layout_for(upper)
     if layout is None:
-        return f"at most {upper} tokens cannot hold the {grid.video_tokens}-token video grid"
+        return SkipReason.BOUND_TOO_SHORT_FOR_GRID.skip(upper=upper, video_tokens=grid.video_tokens)
     return layout
 
 
@@ -412,7 +449,8 @@ def rewrite_graph(
             try:
                 bound = _bind(node)
             except TypeError as e:
-                calls.append(AttentionCall("?", "?", False, f"unrecognized arguments ({e})"))
+                skip = SkipReason.UNRECOGNIZED_ARGUMENTS.skip(error=e)
+                calls.append(AttentionCall.dense("?", "?", skip))
                 continue
             values = {name: _value(a) for name, a in bound.items()}
             if ctx.parallel is not None:  # placed by the running block (vmoba_compile.parallel)
@@ -425,23 +463,20 @@ def rewrite_graph(
             module = owner_path(node, ctx.layer_of, prefix)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
-            if prefix and ctx.regional is None and not isinstance(choice, str):
-                choice = (
-                    f"compiled in a frame of {prefix.rstrip('.')} alone (a graph break in a "
-                    f"parent module); Dynamo reuses that graph for sibling blocks, so one layer's "
-                    f"partition cannot be fixed. Remove the graph break (fullgraph=True shows it)"
-                )
-            if isinstance(choice, str):
-                calls.append(AttentionCall(module, shape, False, choice))
+            if prefix and ctx.regional is None and not isinstance(choice, Skip):
+                choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
+            if isinstance(choice, Skip):
+                calls.append(AttentionCall.dense(module, shape, choice))
                 continue
             partition = ctx.config.partition_for(choice.layer_index).value
-            kernel, why = _kernel(values, choice, ctx.config)
-            if kernel is None:  # kernel='flash' and FA4 cannot run this call
-                calls.append(AttentionCall(module, shape, False, why))
+            kernel = _kernel(values, choice, ctx.config)
+            if isinstance(kernel, Skip):  # kernel='flash' and FA4 cannot run this call
+                calls.append(AttentionCall.dense(module, shape, kernel))
                 continue
-            reason = f"{_rewrite_reason(choice, ctx.config)}; kernel {kernel}: {why}"
+            name, why = kernel
+            reason = f"{_rewrite_reason(choice, ctx.config)}; kernel {name}: {why}"
             calls.append(
-                AttentionCall(module, shape, True, reason, choice.layer_index, partition, kernel)
+                AttentionCall(module, shape, True, reason, choice.layer_index, partition, name)
             )
             if apply:
                 _replace(sub, node, bound, choice, ctx.config)
@@ -454,9 +489,10 @@ def rewrite_graph(
 
 def _kernel(
     values: dict[str, Any], choice: _Rewrite, config: VMoBAConfig
-) -> tuple[str | None, str]:
+) -> tuple[str, str] | Skip:
     """The kernel the rewritten call will run and why (:func:`~vmoba_compile.attention.
-    kernel_for`, the op's own choice), or ``(None, why)`` when ``kernel='flash'`` cannot run."""
+    kernel_for`, the op's own choice), or the :class:`Skip` when ``kernel='flash'`` cannot run
+    (the call then stays dense)."""
     plan = plan_for(choice.layout, config, choice.layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
         return "sdpa", "every chunk kept"
@@ -464,7 +500,7 @@ def _kernel(
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     kc = kernel_for(q, v, plan, config, choice.layer_index, backward)
     if not kc.possible:
-        return None, f"{kc.reason}; use VMoBAConfig(kernel='auto') to run Triton there"
+        return SkipReason.FLASH_CANNOT_RUN.skip(why=kc.reason)
     return kc.kernel.value, kc.reason
 
 
