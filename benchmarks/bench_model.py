@@ -172,16 +172,26 @@ def forward_by_kind(fn) -> dict:
 _MASKS: list | None = None
 
 
-def _mask_spy(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``vmoba_compile::materialize`` on CUDA, recording each mask's density: it receives every
-    block table of one mask (kv partial/full, and q partial/full for a backward)."""
+def _record_density(xs: list[torch.Tensor]) -> None:
+    """Record the block density of one mask from its tensors in ``MaskPieces.tensors()`` order
+    (the kv tables first: partial counts, partial indices, full counts, full indices)."""
     if _MASKS is not None:
-        four_d = sum(x.dim() == 4 for x in xs)  # the index tables: 4 with q tables, else 2
-        counts = [x for x in xs if x.dim() == 3]
-        nb = xs[1].shape[-1]
-        pairs = counts[0].float().mean() + counts[2 if four_d == 4 else 1].float().mean()
-        _MASKS.append(float(pairs) / nb)
+        pairs = xs[0].float().mean() + xs[2].float().mean()
+        _MASKS.append(float(pairs) / xs[1].shape[-1])
+
+
+def _mask_spy(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``vmoba_compile::materialize`` on CUDA (the Triton path's tables, every table of one
+    mask), recording the mask's density."""
+    _record_density(xs)
     return [x.clone() for x in xs]
+
+
+def _flash_spy(q, k, v, tensors, *static):
+    """``vmoba_compile::flash_block_sparse`` on CUDA (the FlashAttention-4 path's forward),
+    recording the mask's density, then the op's own kernel."""
+    _record_density(tensors)
+    return vc.kernels._flash_forward._init_fn(q, k, v, tensors, *static)
 
 
 def mask_densities(step) -> list[float]:
@@ -190,6 +200,7 @@ def mask_densities(step) -> list[float]:
     global _MASKS
     if not getattr(mask_densities, "registered", False):
         torch.library.register_kernel("vmoba_compile::materialize", "cuda", _mask_spy)
+        torch.library.register_kernel("vmoba_compile::flash_block_sparse", "cuda", _flash_spy)
         mask_densities.registered = True
     _MASKS = []
     try:

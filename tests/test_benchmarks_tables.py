@@ -57,3 +57,21 @@ def test_bench_model_md_divides_by_the_dense_whole_model_run(monkeypatch, tmp_pa
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| `optimize` (default) | - | 600 ms (2.00x) |" in out.stdout
+
+
+def test_bench_model_density_spy_reads_the_masks_block_density(monkeypatch) -> None:
+    """The density bench_model records from a mask's tensors (as the materialize and FA4 ops
+    receive them) equals the BlockMask's own share of computed blocks, with and without the
+    query-side tables a backward adds."""
+    monkeypatch.syspath_prepend("benchmarks")
+    import bench_model
+    from test_kernels import _masked_inputs
+
+    from vmoba_compile.masks import block_mask_from_pieces
+
+    for backward in (False, True):
+        pieces = _masked_inputs(1, backward)[4]
+        monkeypatch.setattr(bench_model, "_MASKS", [])
+        bench_model._record_density(pieces.tensors())
+        want = 1 - block_mask_from_pieces(pieces).sparsity() / 100
+        assert abs(bench_model._MASKS[0] - want) < 1e-6 and 0 < want < 1, (backward, want)
