@@ -260,7 +260,7 @@ def bench_grid(
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
             cold_fwd_s = time.perf_counter() - tc
 
-            kern = kernel_for(q, v, plan, cfg, layer, backward=False).kernel
+            kern = kernel_for(q, v, cfg, layer, backward=False).kernel
 
             def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm, cfg=cfg, kern=kern):
                 opts = cfg.flex_kernel_options("cuda", backward=False)  # timed without gradients
@@ -282,7 +282,7 @@ def bench_grid(
                     dict(
                         common,
                         method=f"vmoba-{cname}-{cfg.partition_for(layer).value}",
-                        kernel=kernel_for(q, v, plan, cfg, layer, backward=bwd).kernel.value,
+                        kernel=kernel_for(q, v, cfg, layer, backward=bwd).kernel.value,
                         backward=bwd,
                         ms=ms,
                         density=density,

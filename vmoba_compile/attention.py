@@ -313,7 +313,6 @@ def _select(qp, kp, plan, config, idx):
 def kernel_for(
     q: torch.Tensor,
     v: torch.Tensor,
-    plan: ChunkPlan | LayerPlan,
     config: VMoBAConfig,
     layer_index: int,
     backward: bool,
@@ -326,7 +325,6 @@ def kernel_for(
         dtype=q.dtype,
         head_dim=q.shape[-1],
         head_dim_v=v.shape[-1],
-        seq_len=plan.num_blocks * plan.block_size,
         backward=backward,
     )
 
@@ -367,7 +365,7 @@ def vmoba_attention(
 
     # The same test as FlexAttention's own for whether a backward will run.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    choice = kernel_for(q, v, plan, config, layer_index, backward)
+    choice = kernel_for(q, v, config, layer_index, backward)
     if not choice.possible:
         raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
     idx = _compat.plan_index(plan, q.device)

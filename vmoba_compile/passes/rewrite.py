@@ -498,7 +498,7 @@ def _kernel(
         return "sdpa", "every chunk kept"
     q, k, v = values["query"], values["key"], values["value"]
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    kc = kernel_for(q, v, plan, config, choice.layer_index, backward)
+    kc = kernel_for(q, v, config, choice.layer_index, backward)
     if not kc.possible:
         return SkipReason.FLASH_CANNOT_RUN.skip(why=kc.reason)
     return kc.kernel.value, kc.reason
