@@ -64,6 +64,7 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
         (dict(d=12), "head dim is 12"),
         (dict(d=256, capability=(10, 0)), "takes head dims 8-128"),
         (dict(dv=264), "value head dim is 264"),
+        (dict(d=16, backward=True), "need head dims of at least 32; this call's is 16"),
         (dict(config=VMoBAConfig(block_size=64)), "block_size=128; this config has 64"),
         (dict(backward=True), "training call: Triton (FA4 training is opt-in, kernel='flash'"),
         (dict(config=VMoBAConfig(granularity="token"), backward=True), "TOKEN granularity back"),
@@ -74,6 +75,14 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
 def test_auto_falls_back_to_triton_with_the_reason(fa4_installed, kwargs, why) -> None:
     got = choose(**kwargs)
     assert got.kernel is Kernel.TRITON and got.possible and why in got.reason, got
+
+
+def test_flash_forward_takes_head_dim_16_and_its_backward_refuses_it(fa4_installed) -> None:
+    assert choose(VMoBAConfig(kernel="flash"), d=16).kernel is Kernel.FLASH
+    got = choose(VMoBAConfig(kernel="flash"), d=16, backward=True)
+    assert got.kernel is Kernel.TRITON and not got.possible and "at head dim 16" in got.reason
+    assert choose(VMoBAConfig(kernel="flash"), d=32, backward=True).kernel is Kernel.FLASH
+    assert choose(VMoBAConfig(kernel="flash"), d=16, backward=True, capability=(10, 0)).possible
 
 
 def test_token_granularity_1d_forward_runs_fa4(fa4_installed) -> None:

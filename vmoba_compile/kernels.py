@@ -47,6 +47,8 @@ __all__ = [
 
 # FA4's block-sparse kernels were validated here with 128 x 128 sparse blocks.
 _FLASH_BLOCK_SIZE = 128
+# Below this head dim FA4's Hopper backward gave a wrong dq (tests/test_attention_gpu.py, H200).
+_FLASH_HOPPER_BWD_MIN_HEAD_DIM = 32
 _TRAINING_ON_TRITON = (
     "training call: Triton (FA4 training is opt-in, kernel='flash', until the model suite's "
     "training step passes through it)"
@@ -101,6 +103,7 @@ def _flash_obstacle(
     head_dim: int,
     head_dim_v: int,
     capability: tuple[int, int] | None,
+    backward: bool = False,
 ) -> str | None:
     """What keeps FA4 from running this call at all (None: it can run)."""
     missing = flash_unavailable()
@@ -124,6 +127,12 @@ def _flash_obstacle(
                 f"FlashAttention-4 on compute capability {major}.x takes head dims 8-{widest}, "
                 f"multiples of 8; this call's {name} is {d}"
             )
+    if backward and major == 9 and min(head_dim, head_dim_v) < _FLASH_HOPPER_BWD_MIN_HEAD_DIM:
+        return (
+            f"FlashAttention-4's Hopper backward computed a wrong dq at head dim 16 (H200, "
+            f"flash-attn-4 4.0.0b36; right at 32-128): training calls need head dims of at "
+            f"least {_FLASH_HOPPER_BWD_MIN_HEAD_DIM}; this call's is {min(head_dim, head_dim_v)}"
+        )
     if block_size != _FLASH_BLOCK_SIZE:
         return (
             f"the FlashAttention-4 path is validated with block_size={_FLASH_BLOCK_SIZE}; this "
@@ -197,7 +206,9 @@ def _choose(
         return "triton", "kernel='triton'", True
     if capability is None and device_type == "cuda" and torch.cuda.is_available():
         capability = torch.cuda.get_device_capability(device_index)
-    obstacle = _flash_obstacle(block_size, device_type, dtype, head_dim, head_dim_v, capability)
+    obstacle = _flash_obstacle(
+        block_size, device_type, dtype, head_dim, head_dim_v, capability, backward
+    )
     if kernel == "flash":
         if obstacle is not None:
             return "triton", f"kernel='flash' cannot run: {obstacle}", False
