@@ -285,12 +285,17 @@ def _training_worker() -> dict[str, Any]:
         _first(opt(*args, **kwargs)).square().mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    wants = {}
-    for config in (keep_all, sparse):
-        torch._dynamo.reset()
-        model, args, kwargs = _build("wan", num_layers=2)
-        model.train()
-        wants[config] = grads(model, optimize(model, config, lowering="aot_eager"), args, kwargs)
+    # The one-process references are the same on every rank (seeded builds, same inputs): each
+    # rank computes one of the two and the ranks exchange them.
+    references = (keep_all, sparse)
+    torch._dynamo.reset()
+    model, args, kwargs = _build("wan", num_layers=2)
+    model.train()
+    config = references[dist.get_rank() % len(references)]
+    mine = grads(model, optimize(model, config, lowering="aot_eager"), args, kwargs)
+    gathered: list[Any] = [None] * WORLD
+    dist.all_gather_object(gathered, {n: g.detach().clone() for n, g in mine.items()})
+    wants = {c: gathered[i] for i, c in enumerate(references)}
     res: dict[str, Any] = {}
     for name, config, cp, fsdp, ckpt in [
         ("cp", keep_all, True, False, False),
