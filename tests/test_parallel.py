@@ -174,7 +174,7 @@ def _inference_worker() -> dict[str, Any]:
             flex_expected=flex_per_call * len(opt.report.rewritten),
             flex_cp=spy.count,
             report=str(opt.report),
-            one_process_path=one._vmoba_parallel is None and one.report.parallel is None,
+            one_process_path=one.parallel_plan is None and one.report.parallel is None,
         )
         if not controls:
             continue
@@ -253,7 +253,7 @@ def _refusals() -> dict[str, Any]:
         else:
             enable_cp(model, **cp)
         opt = optimize(model, config, lowering="aot_eager")
-        out[name] = dict(report=str(opt.report), exchanged=len(opt._vmoba_parallel.exchanged))
+        out[name] = dict(report=str(opt.report), exchanged=len(opt.parallel_plan.exchanged))
     model, _, _ = _build("wan")
     enable_cp(model, ulysses_degree=WORLD)
     try:

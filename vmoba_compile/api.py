@@ -340,6 +340,13 @@ class VMoBAModule(torch.nn.Module):
         return self._vmoba_regional
 
     @property
+    def parallel_plan(self) -> ParallelPlan | None:
+        """The multi-GPU setup ``optimize`` found (diffusers' Ulysses context parallelism and/or
+        FSDP2; :mod:`vmoba_compile.parallel`), or None in one process. Its ``exchanged`` names
+        the modules whose Ulysses exchange the pass does itself. Read it; do not change it."""
+        return self._vmoba_parallel
+
+    @property
     def inductor_options(self) -> dict[str, Any]:
         """The inductor options this model's compiles hand inductor (a copy):
         :func:`safe_inductor_defaults`, :func:`memory_inductor_defaults`, then ``mode=``'s
