@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from hypothesis import strategies as st
 
 from vmoba_compile import VideoLayout, VMoBAConfig
+from vmoba_compile.attention import permute, plan_blocks, plan_for
 
 
 @st.composite
@@ -34,3 +36,17 @@ def configs(draw, layout: VideoLayout, **fixed) -> VMoBAConfig:
     )
     kwargs.update(fixed)
     return VMoBAConfig(**kwargs)
+
+
+def qk_inputs(layout: VideoLayout, seed: int, b: int = 2, h: int = 2, d: int = 8):
+    """Seeded random ``q, k`` of ``[b, h, S, d]`` for ``layout``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, layout.seq_len, d, generator=g)
+    k = torch.randn(b, h, layout.seq_len, d, generator=g)
+    return q, k
+
+
+def selection_of(q, k, layout: VideoLayout, config: VMoBAConfig, layer: int):
+    """The op's :class:`~vmoba_compile.attention.BlockPlan` of layer ``layer``."""
+    plan = plan_for(layout, config, layer)
+    return plan_blocks(permute(q, plan), permute(k, plan), plan, config)

@@ -4,23 +4,11 @@ the full blocks and ``mask_mod`` against the selection and the reference mask.""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import configs, layouts
+from strategies import configs, layouts, qk_inputs, selection_of
 from torch.nn.attention.flex_attention import create_mask
 
 from vmoba_compile import reference_mask
 from vmoba_compile.attention import permute, plan_blocks, plan_for
-
-
-def _inputs(layout, seed, b=2, h=2, d=8):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, layout.seq_len, d, generator=g)
-    k = torch.randn(b, h, layout.seq_len, d, generator=g)
-    return q, k
-
-
-def _selection(q, k, layout, config, layer):
-    plan = plan_for(layout, config, layer)
-    return plan_blocks(permute(q, plan), permute(k, plan), plan, config)
 
 
 @settings(max_examples=200)
@@ -34,7 +22,7 @@ def test_block_mask_agrees_with_selection_and_reference(data):
     layout = data.draw(layouts(max_side=6, max_text=12))
     config = data.draw(configs(layout))
     layer = data.draw(st.integers(0, 2))
-    q, k = _inputs(layout, data.draw(st.integers(0, 2**16)))
+    q, k = qk_inputs(layout, data.draw(st.integers(0, 2**16)))
     plan = plan_for(layout, config, layer)
     if plan.num_chunks == 1:
         return
@@ -135,7 +123,7 @@ def test_mask_mod_reads_selections_past_the_first_word():
     from vmoba_compile import VideoLayout, VMoBAConfig
 
     layout = VideoLayout(2, 8, 8, text_tokens=5)
-    q, k = _inputs(layout, 7)
+    q, k = qk_inputs(layout, 7)
     for granularity in ("block", "token"):
         config = VMoBAConfig(
             block_size=16, chunk_1d=(1,), chunk_2d=(1, 1), chunk_3d=(1, 2, 2), selection="topk",
@@ -143,7 +131,7 @@ def test_mask_mod_reads_selections_past_the_first_word():
         )  # fmt: skip
         plan = plan_for(layout, config, 1)
         assert plan.num_chunks == 64 and plan.columns + 2 > 2 * 31
-        bm = _selection(q, k, layout, config, 1).block_mask
+        bm = selection_of(q, k, layout, config, 1).block_mask
         sp = plan.padded_len
         token_mask = create_mask(bm.mask_mod, q.shape[0], q.shape[1], sp, sp, device="cpu")
         slots = plan.token_slots(q.device)

@@ -5,21 +5,7 @@ import dataclasses
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import configs, layouts
-
-from vmoba_compile.attention import permute, plan_blocks, plan_for
-
-
-def _inputs(layout, seed, b=2, h=2, d=8):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, layout.seq_len, d, generator=g)
-    k = torch.randn(b, h, layout.seq_len, d, generator=g)
-    return q, k
-
-
-def _selection(q, k, layout, config, layer):
-    plan = plan_for(layout, config, layer)
-    return plan_blocks(permute(q, plan), permute(k, plan), plan, config)
+from strategies import configs, layouts, qk_inputs, selection_of
 
 
 @settings(max_examples=200)
@@ -28,8 +14,8 @@ def test_self_chunk_always_selected_and_topk_counts(data):
     layout = data.draw(layouts())
     config = data.draw(configs(layout, selection="topk"))
     layer = data.draw(st.integers(0, 2))
-    q, k = _inputs(layout, data.draw(st.integers(0, 2**16)))
-    bp = _selection(q, k, layout, config, layer)
+    q, k = qk_inputs(layout, data.draw(st.integers(0, 2**16)))
+    bp = selection_of(q, k, layout, config, layer)
     sel, real = bp.sel, bp.unit_real
     assert bool((sel | ~bp.is_self).all()), "self chunk dropped"
     counts = sel[:, :, real].sum(-1)
@@ -43,12 +29,12 @@ def test_threshold_is_monotone_in_tau_and_keeps_self(data):
     layout = data.draw(layouts())
     config = data.draw(configs(layout, selection="threshold"))
     layer = data.draw(st.integers(0, 2))
-    q, k = _inputs(layout, data.draw(st.integers(0, 2**16)))
+    q, k = qk_inputs(layout, data.draw(st.integers(0, 2**16)))
     taus = sorted(data.draw(st.lists(st.floats(0.01, 1.2), min_size=2, max_size=4)))
     prev = None
     for tau in taus:
         cfg = dataclasses.replace(config, threshold=tau)
-        bp = _selection(q, k, layout, cfg, layer)
+        bp = selection_of(q, k, layout, cfg, layer)
         sel = bp.sel[:, :, bp.unit_real]
         assert bool((sel | ~bp.is_self[bp.unit_real]).all()), "self chunk dropped"
         if bp.plan.num_chunks > 1:
