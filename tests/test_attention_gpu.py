@@ -77,6 +77,10 @@ def test_flash_head_dims_match_reference(d):
     if flash_unavailable():
         pytest.skip(flash_unavailable())
     layout, kw, hkv = CASES[0]
+    if d < kernels._FLASH_HOPPER_BWD_MIN_HEAD_DIM and torch.cuda.get_device_capability()[0] == 9:
+        with pytest.raises(RuntimeError, match="head dims of at least"):
+            _check_case(layout, kw, hkv, torch.bfloat16, "flash", True, d=d)
+        return
     _check_case(layout, kw, hkv, torch.bfloat16, "flash", True, d=d)
 
 
@@ -84,8 +88,16 @@ def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
     chunks = WHOLE_BLOCK_CHUNKS if layout.seq_len == 1024 else CHUNKS
     cfg = VMoBAConfig(block_size=128, kernel=kernel, **chunks, **kw)
     torch._dynamo.reset()  # each test compiles 3 layers; stay far from the recompile limit
-    runners = len(kernels._RUNNERS)
     fn = torch.compile(vmoba_attention, fullgraph=True) if compiled else vmoba_attention
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _check_layers(layout, cfg, hkv, dtype, fn, d)
+    if kernel == "flash":  # the FA4 training op and its backward ran (not the Triton path)
+        names = {e.key for e in prof.key_averages()}
+        for op in ("vmoba_compile::flash_block_train", "vmoba_compile::flash_block_train_backward"):
+            assert op in names, f"{op} did not run; ops seen: {sorted(n for n in names if 'vmoba' in n)}"
+
+
+def _check_layers(layout, cfg, hkv, dtype, fn, d):
     for layer in range(3):
         q, k, v = _inputs(layout, hkv, dtype, seed=layer, d=d)
         out = fn(q, k, v, layout=layout, config=cfg, layer_index=layer)
@@ -113,5 +125,3 @@ def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
         if not cfg.keeps_all_chunks(plan_for(layout, cfg, layer).num_chunks):
             dense = F.scaled_dot_product_attention(q64, k64, v64, enable_gqa=gqa)
             assert _rel(out, dense) > 10 * _rel(out, gold), "cannot tell VMoBA from dense here"
-    if kernel == "flash":  # the FA4 op ran (its compiled runners are made on first use)
-        assert len(kernels._RUNNERS) > runners

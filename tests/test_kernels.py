@@ -21,13 +21,14 @@ from vmoba_compile import kernels as K
 from vmoba_compile._compat import autograd_inside_op
 from vmoba_compile.attention import permute, plan_blocks, plan_for, unpermute
 from vmoba_compile.config import Kernel, Partition
-from vmoba_compile.masks import MaskPieces, block_mask_from_pieces, mask_pieces
+from vmoba_compile.masks import TABLE_NAMES, MaskPieces, block_mask_from_pieces, mask_pieces
+from vmoba_compile.reference import vmoba_reference
 
 H100 = (9, 0)
 
 
 def choose(config=None, partition="1d", *, device="cuda", dtype=torch.bfloat16, d=128, dv=None,
-           backward=False, capability=H100):  # fmt: skip
+           backward=False, seq_len=None, capability=H100):  # fmt: skip
     return K.choose_kernel(
         config or VMoBAConfig(),
         Partition(partition),
@@ -36,6 +37,7 @@ def choose(config=None, partition="1d", *, device="cuda", dtype=torch.bfloat16, 
         head_dim=d,
         head_dim_v=d if dv is None else dv,
         backward=backward,
+        seq_len=seq_len,
         capability=capability,
     )
 
@@ -52,6 +54,10 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
     for backward in (False, True):
         assert choose(VMoBAConfig(kernel="flash"), backward=backward).kernel is Kernel.FLASH
     assert choose(dtype=torch.float16, d=64, capability=(10, 0)).kernel is Kernel.FLASH
+    # training calls from FLASH_TRAINING_MIN_TOKENS tokens (or of unknown length)
+    for seq_len in (None, K.FLASH_TRAINING_MIN_TOKENS, 55296):
+        got = choose(backward=True, seq_len=seq_len)
+        assert got.kernel is Kernel.FLASH and "training call" in got.reason, (seq_len, got)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +72,7 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
         (dict(dv=264), "value head dim is 264"),
         (dict(d=16, backward=True), "need head dims of at least 32; this call's is 16"),
         (dict(config=VMoBAConfig(block_size=64)), "block_size=128; this config has 64"),
-        (dict(backward=True), "training call: Triton (FA4 training is opt-in, kernel='flash'"),
+        (dict(backward=True, seq_len=8192), "training call of 8192 tokens: below 16384 Triton's"),
         (dict(config=VMoBAConfig(granularity="token"), backward=True), "TOKEN granularity back"),
         (dict(config=VMoBAConfig(granularity="token"), partition="2d"), "2d forward: Triton"),
         (dict(config=VMoBAConfig(kernel="triton")), "kernel='triton'"),
@@ -263,3 +269,97 @@ def test_an_ops_kernel_can_differentiate_a_recomputation() -> None:
     x = torch.randn(5, requires_grad=True)
     _sin(x).sum().backward()
     assert torch.allclose(x.grad, x.detach().cos())
+
+
+def _training_inputs(layer: int, text_key_mask: bool):
+    (q, k, v), _, plan, idx, _, tkm = _masked_inputs(layer, True)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    return (q, k, v), plan, idx, (tkm if text_key_mask else None)
+
+
+@pytest.mark.parametrize("text_key_mask", [True, False], ids=["key-mask", "no-key-mask"])
+def test_the_training_ops_block_tables_and_key_validity_are_the_whole_mask(
+    text_key_mask, monkeypatch
+) -> None:
+    """The BLOCK-granularity training op gives FA4 only the block tables and a [B, S_pad]
+    key-validity table (no selection bits): with a plain-torch stand-in for FA4 behind the same
+    op, its output and dq/dk/dv equal the float64 reference (every partition, GQA, B = 2,
+    text suffix, padding, masked text keys), and the backward runs no forward."""
+    calls = {"forward": 0}
+    forward = K._reference_forward
+
+    def counting(*args):
+        calls["forward"] += 1
+        return forward(*args)
+
+    monkeypatch.setattr(K, "_reference_forward", counting)
+    for layer in range(3):
+        (q, k, v), plan, idx, tkm = _training_inputs(layer, text_key_mask)
+        qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+        sel = plan_blocks(qp, kp, plan, CONFIG, idx=idx).sel
+        pieces = mask_pieces(plan, idx, sel, token_level=False, text_key_mask=tkm)
+        out = K.flash_block_sparse(qp, kp, vp, pieces, None, slot_real=idx.real,
+                                   backend="DEFAULT")  # fmt: skip
+        out = unpermute(out, plan, idx)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        assert calls["forward"] == layer + 1, calls  # one forward per call, none in backward
+
+        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = vmoba_reference(*ref_in, layout=LAYOUT, config=CONFIG, layer_index=layer,
+                              text_key_mask=tkm)  # fmt: skip
+        ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+        assert max_err(out, ref) < ATOL_F32, (layer, max_err(out, ref))
+        for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+            assert max_err(got, want) < ATOL_F32, (layer, name, max_err(got, want))
+        assert max_err(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) > 1e-2
+
+
+def test_the_training_op_needs_slot_real() -> None:
+    (q, k, v), plan, idx, _ = _training_inputs(0, False)
+    qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+    pieces = mask_pieces(plan, idx, plan_blocks(qp, kp, plan, CONFIG, idx=idx).sel,
+                         token_level=False)  # fmt: skip
+    with pytest.raises(ValueError, match="needs slot_real"):
+        K.flash_block_sparse(qp, kp, vp, pieces, None, backend="DEFAULT")
+
+
+def test_the_training_ops_fake_kernels_give_the_real_shapes() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, (qp, kp, vp), _, _, pieces, _ = _masked_inputs(0, True)
+    tables = [pieces.tables[n] for n in TABLE_NAMES]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q, k = mode.from_tensor(qp), mode.from_tensor(kp)
+        v = mode.from_tensor(torch.empty(*vp.shape[:-1], 16))
+        flat = [mode.from_tensor(t) for t in tables]
+        key_valid = mode.from_tensor(pieces.key_ok)
+        out, lse = torch.ops.vmoba_compile.flash_block_train(q, k, v, flat, key_valid, 16, None,
+                                                             "FLASH")  # fmt: skip
+        dq, dk, dv = torch.ops.vmoba_compile.flash_block_train_backward(
+            q, k, v, out, lse, out, flat, key_valid, 16, None, "FLASH"
+        )
+    assert tuple(out.shape) == (*qp.shape[:-1], 16) and out.dtype == qp.dtype
+    assert tuple(lse.shape) == tuple(qp.shape[:-1]) and lse.dtype == torch.float32
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+@pytest.mark.compiled
+def test_the_training_ops_trace_into_a_compiled_graph() -> None:
+    """Under torch.compile (AOTAutograd; the model path) the training op and its backward are
+    opaque nodes with fake kernels: the compiled gradients equal the eager ones."""
+    (q, k, v), plan, idx, tkm = _training_inputs(1, True)
+
+    def attend(q, k, v):
+        qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+        sel = plan_blocks(qp, kp, plan, CONFIG, idx=idx).sel
+        pieces = mask_pieces(plan, idx, sel, token_level=False, text_key_mask=tkm)
+        out = K.flash_block_sparse(qp, kp, vp, pieces, None, slot_real=idx.real,
+                                   backend="DEFAULT")  # fmt: skip
+        return unpermute(out, plan, idx)
+
+    eager = torch.autograd.grad(attend(q, k, v).square().sum(), (q, k, v))
+    compiled_fn = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    compiled = torch.autograd.grad(compiled_fn(q, k, v).square().sum(), (q, k, v))
+    for got, want in zip(compiled, eager, strict=True):
+        assert max_err(got, want) < ATOL_F32

@@ -326,6 +326,7 @@ def kernel_for(
         head_dim=q.shape[-1],
         head_dim_v=v.shape[-1],
         backward=backward,
+        seq_len=q.shape[2] if isinstance(q.shape[2], int) else None,
     )
 
 
@@ -377,7 +378,7 @@ def vmoba_attention(
             plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
             q_tables=backward,
         )  # fmt: skip
-        out = flash_block_sparse(qp, kp, vp, pieces, scale)
+        out = flash_block_sparse(qp, kp, vp, pieces, scale, slot_real=idx.real)
     else:
         bm = build_block_mask(
             plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,

@@ -4,22 +4,32 @@ Two kernels compute VMoBA's block-sparse attention:
 
 - **Triton**: FlexAttention's Triton template, traced into the caller's graph (every device and
   dtype; the mask is built in the same graph).
-- **FlashAttention-4** (``flash_attn.cute``, CuTe DSL; Hopper and newer): FlexAttention's
-  ``BACKEND="FLASH"``, run behind one opaque custom op per direction
-  (``vmoba_compile::flash_block_sparse`` and its backward). Inside the op the block tables and
-  everything ``mask_mod`` reads are inputs of a small compiled graph of their own.
+- **FlashAttention-4** (``flash_attn.cute``, CuTe DSL; Hopper and newer), behind opaque custom
+  ops, so that inductor never lowers FA4 inside the caller's graph:
 
-Why an opaque op: inductor's FLASH lowering (torch 2.11-2.13) hands the CuTe template only
+  - inference (``vmoba_compile::flash_block_sparse``): FlexAttention's ``BACKEND="FLASH"`` in a
+    small compiled graph of its own, in which the block tables and everything ``mask_mod`` reads
+    are graph inputs (every granularity);
+  - training at BLOCK granularity (``vmoba_compile::flash_block_train`` and its backward):
+    FA4's own block-sparse forward, which returns the log-sum-exp, and its block-sparse backward,
+    which reads that log-sum-exp and the forward's output: no forward runs twice.
+
+Why opaque ops: inductor's FLASH lowering (torch 2.11-2.13) hands the CuTe template only
 q, k, v, the log-sum-exp and the four block tables as inputs; the buffers ``mask_mod`` reads are
 loaded from inside the template without being declared as its reads, so when the caller's graph
 computes them (VMoBA's selection does), the scheduler finds no reader, removes them, and codegen
-fails (``AssertionError: bufNN`` from ``cutedsl_kernel.py`` ``_add_kernel_input``). As graph
-inputs of the op's own graph they are never removed.
+fails (``AssertionError: bufNN`` from ``cutedsl_kernel.py`` ``_add_kernel_input``).
 
-The backward recomputes the forward inside its op (FlexAttention's backward needs the forward's
-autograd graph, which does not cross an opaque op): one extra FA4 forward per backward.
+Why the training path calls FA4 itself: FlexAttention's backward needs the forward's autograd
+graph, which does not cross an opaque op, so a FlexAttention backward inside an op must run the
+forward again (one extra FA4 forward per layer; the TOKEN-granularity training path, forced with
+``kernel="flash"``, still does). At BLOCK granularity the mask needs no selection bits inside a
+block: a KV block is selected for a whole query block, and only its key slots differ (padding,
+masked text keys). FA4's ``mask_mod`` then reads one ``[B, S_pad]`` key-validity table, on the
+partial blocks only.
 
-Nothing here imports ``flash_attn``; FlexAttention imports it when it lowers a FLASH call.
+Nothing here imports ``flash_attn``; FlexAttention imports it when it lowers a FLASH call, and
+:func:`_fa4` when the training path first runs.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from ._compat import autograd_inside_op
 from .config import Kernel, Partition, VMoBAConfig
-from .masks import MaskPieces, block_mask_from_pieces
+from .masks import TABLE_NAMES, MaskPieces, block_mask_from_pieces
 
 __all__ = [
     "KernelChoice",
@@ -49,10 +59,9 @@ __all__ = [
 _FLASH_BLOCK_SIZE = 128
 # Below this head dim FA4's Hopper backward gave a wrong dq (tests/test_attention_gpu.py, H200).
 _FLASH_HOPPER_BWD_MIN_HEAD_DIM = 32
-_TRAINING_ON_TRITON = (
-    "training call: Triton (FA4 training is opt-in, kernel='flash', until the model suite's "
-    "training step passes through it)"
-)
+# Training calls shorter than this run Triton under kernel="auto": at 8,192 tokens FA4's
+# block-sparse backward was the slower one on the H200 (benchmarks/README.md, "Kernel choice").
+FLASH_TRAINING_MIN_TOKENS = 16384
 _FLASH_PIN = "pip install 'vmoba_compile[flash]' (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1)"
 
 
@@ -150,6 +159,7 @@ def choose_kernel(
     head_dim: int,
     head_dim_v: int,
     backward: bool,
+    seq_len: int | None = None,
     capability: tuple[int, int] | None = None,
 ) -> KernelChoice:
     """The kernel of one VMoBA call (the pass and the op decide with this one function).
@@ -162,18 +172,20 @@ def choose_kernel(
         head_dim: D of q and k.
         head_dim_v: D of v.
         backward: whether a backward will run (grad mode on and an input requires grad).
+        seq_len: tokens in the call (None: unknown, taken as long).
         capability: the GPU's compute capability (default: read from ``device``).
 
     Returns:
-        The :class:`KernelChoice`. ``kernel="auto"`` uses FA4 for inference calls where it can
-        run and is the faster one as measured: BLOCK granularity, and TOKEN granularity's 1D
-        layers (its 2D/3D masks, partial blocks everywhere, run faster in Triton). Training
-        calls run Triton unless ``kernel="flash"`` forces FA4.
+        The :class:`KernelChoice`. ``kernel="auto"`` uses FA4 where it can run and is the
+        faster one as measured on the H200: BLOCK granularity, forward and training from
+        :data:`FLASH_TRAINING_MIN_TOKENS` tokens (shorter training calls run Triton, whose
+        backward is faster there), and TOKEN granularity's 1D forward (its 2D/3D masks,
+        partial blocks everywhere, and every TOKEN backward run faster in Triton).
     """
     kernel, reason, possible = _choose_constant(
         config.kernel.value, config.granularity.value, partition.value, config.block_size,
         device.type, device.index, _DTYPE_NAMES.get(dtype, "other"), head_dim, head_dim_v,
-        backward, capability,
+        backward, seq_len, capability,
     )  # fmt: skip
     return KernelChoice(_KERNELS[kernel], reason, possible)
 
@@ -200,6 +212,7 @@ def _choose(
     head_dim: int,
     head_dim_v: int,
     backward: bool,
+    seq_len: int | None,
     capability: tuple[int, int] | None,
 ) -> tuple[str, str, bool]:
     if kernel == "triton":
@@ -221,11 +234,13 @@ def _choose(
         if partition != "1d":
             return "triton", f"TOKEN granularity, {partition} forward: Triton is faster", True
         return "flash", "TOKEN granularity, 1d forward: FA4 is faster", True
+    if backward and seq_len is not None and seq_len < FLASH_TRAINING_MIN_TOKENS:
+        return "triton", (
+            f"training call of {seq_len} tokens: below {FLASH_TRAINING_MIN_TOKENS} Triton's "
+            f"backward is faster"
+        ), True  # fmt: skip
     if backward:
-        # The op's FA4 forward and backward match the float64 reference on the H200, but the
-        # model suite's checkpointed training step through FA4 has not passed yet
-        # (benchmarks/README.md): training stays on Triton unless forced.
-        return "triton", _TRAINING_ON_TRITON, True
+        return "flash", "FA4 available (training call)", True
     return "flash", "FA4 available (inference call)", True
 
 
@@ -337,6 +352,191 @@ def _backward(ctx, grad_out):
 _flash_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# the training path at BLOCK granularity: FA4's block-sparse forward and backward, called directly
+
+
+@functools.cache
+def _fa4() -> types.SimpleNamespace:
+    """FA4's forward, backward, block-table type and VMoBA's ``mask_mod`` (imported on first use)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    @cute.jit
+    def index_of(value: cute.TensorSSA, dtype: str) -> cute.Numeric:
+        # A position arrives as a one-element SSA value; a tensor is indexed with a scalar.
+        frag = cute.make_rmem_tensor(1, dtype)
+        frag.store(value)
+        return frag[0]
+
+    @cute.jit
+    def key_valid_mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+        # Evaluated on partial blocks only: the block tables carry the selection.
+        key_valid = aux_tensors[0]
+        ok = cute.make_rmem_tensor(1, cutlass.Boolean)
+        ok[0] = key_valid[index_of(b_idx, cutlass.Int32), index_of(kv_idx, cutlass.Int32)]
+        return ok.load()
+
+    return types.SimpleNamespace(
+        fwd=_flash_attn_fwd, bwd=_flash_attn_bwd, tables=BlockSparseTensorsTorch,
+        mask_mod=key_valid_mask_mod,
+    )  # fmt: skip
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, D]`` as FA4's ``[B, S, H, D]`` view (no copy)."""
+    return x.transpose(1, 2)
+
+
+@torch.library.custom_op("vmoba_compile::flash_block_train", mutates_args=())
+def _train_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: list[torch.Tensor],
+    key_valid: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, s, _ = q.shape
+    if backend == "DEFAULT":
+        return _reference_forward(q, k, v, tables[:4], key_valid, block_size, scale)
+    out = q.new_empty(b, h, s, v.shape[-1])
+    lse = q.new_empty(b, h, s, dtype=torch.float32)
+    fa = _fa4()
+    fa.fwd(
+        _bhsd(q), _bhsd(k), _bhsd(v),
+        softmax_scale=scale,
+        return_lse=True,
+        mask_mod=fa.mask_mod,
+        block_sparse_tensors=fa.tables(*tables[:4], block_size=(block_size, block_size)),
+        aux_tensors=[key_valid],
+        out=_bhsd(out),
+        lse=lse,
+    )  # fmt: skip
+    return out, lse
+
+
+@_train_forward.register_fake
+def _(q, k, v, tables, key_valid, block_size, scale, backend):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, h, s, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("vmoba_compile::flash_block_train_backward", mutates_args=())
+def _train_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    tables: list[torch.Tensor],
+    key_valid: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "DEFAULT":
+        return _reference_backward(q, k, v, out, lse, grad_out, tables[4:], key_valid,
+                                   block_size, scale)  # fmt: skip
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    fa = _fa4()
+    fa.bwd(
+        _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), _bhsd(grad_out), lse,
+        softmax_scale=scale,
+        mask_mod=fa.mask_mod,
+        aux_tensors=[key_valid],
+        dq=_bhsd(dq), dk=_bhsd(dk), dv=_bhsd(dv),
+        block_sparse_tensors=fa.tables(*tables[4:], block_size=(block_size, block_size)),
+        deterministic=torch.are_deterministic_algorithms_enabled()
+        and not torch.is_deterministic_algorithms_warn_only_enabled(),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@_train_backward.register_fake
+def _(q, k, v, out, lse, grad_out, tables, key_valid, block_size, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _train_setup_context(ctx, inputs, output):
+    q, k, v, tables, key_valid, *static = inputs
+    ctx.static = static
+    ctx.n_tables = len(tables)
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_valid, *tables)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _train_backward_rule(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_valid, *tables = ctx.saved_tensors
+    dq, dk, dv = _train_backward(q, k, v, out, lse, grad_out.contiguous(), tables, key_valid,
+                                 *ctx.static)  # fmt: skip
+    return dq, dk, dv, [None] * ctx.n_tables, None, None, None, None
+
+
+_train_forward.register_autograd(_train_backward_rule, setup_context=_train_setup_context)
+
+
+# A stand-in for FA4 with the same contract, in plain torch (CPU tests of the ops' plumbing and
+# of the claim that the block tables plus the key-validity table are VMoBA's whole mask).
+
+
+def _reference_mask(
+    num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+    key_valid: torch.Tensor, block_size: int, transpose: bool,
+) -> torch.Tensor:  # fmt: skip
+    """``[B, H, S, S]`` bool from one side's block tables (the query side's when ``transpose``)."""
+    n = idx.shape[-1]
+    blocks = torch.zeros(*num.shape, n, dtype=torch.int32, device=num.device)
+    for cnt, ind in ((num, idx), (full_num, full_idx)):
+        live = torch.arange(ind.shape[-1], device=ind.device) < cnt[..., None]
+        blocks.scatter_add_(-1, ind.long(), live.to(torch.int32))
+    allowed = blocks > 0
+    if transpose:
+        allowed = allowed.transpose(-1, -2)
+    allowed = allowed.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
+    return allowed & key_valid[:, None, None, :]
+
+
+def _reference_scores(q, k, allowed, scale):
+    groups = q.shape[1] // k.shape[1]
+    kf = k.double().repeat_interleave(groups, 1)
+    scores = q.double() @ kf.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return scores.masked_fill(~allowed, float("-inf")), kf, groups
+
+
+def _reference_forward(q, k, v, tables, key_valid, block_size, scale):
+    allowed = _reference_mask(*tables, key_valid, block_size, transpose=False)
+    scores, _, groups = _reference_scores(q, k, allowed, scale)
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
+    out = p @ v.double().repeat_interleave(groups, 1)
+    return out.to(q.dtype), lse.float()
+
+
+def _reference_backward(q, k, v, out, lse, grad_out, q_tables, key_valid, block_size, scale):
+    allowed = _reference_mask(*q_tables, key_valid, block_size, transpose=True)
+    scores, kf, groups = _reference_scores(q, k, allowed, scale)
+    sm = q.shape[-1] ** -0.5 if scale is None else scale
+    p = torch.exp(scores - lse.double()[..., None]).nan_to_num(0.0)
+    do, vf = grad_out.double(), v.double().repeat_interleave(groups, 1)
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    ds = p * (dp - (do * out.double()).sum(-1, keepdim=True))
+    dq = ds @ kf * sm
+    dk = ds.transpose(-1, -2) @ q.double() * sm
+
+    def per_kv_head(x):
+        b, _, s, d = x.shape
+        return x.reshape(b, k.shape[1], groups, s, d).sum(2)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
 def flash_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -344,6 +544,7 @@ def flash_block_sparse(
     pieces: MaskPieces,
     scale: float | None,
     *,
+    slot_real: torch.Tensor | None = None,
     backend: str = "FLASH",
 ) -> torch.Tensor:
     """VMoBA's block-sparse attention on FlashAttention-4, forward and backward.
@@ -352,30 +553,43 @@ def flash_block_sparse(
         q: ``[B, H, S_pad, D]`` in padded chunk order.
         k: ``[B, Hkv, S_pad, D]``.
         v: ``[B, Hkv, S_pad, Dv]``.
-        pieces: the mask (:func:`~vmoba_compile.masks.build_block_mask` with ``raw=True``);
-            with a backward, built with the query-side tables.
+        pieces: the mask (:func:`~vmoba_compile.masks.mask_pieces`); with a backward, built
+            with the query-side tables.
         scale: softmax scale (None: ``1 / sqrt(D)``).
-        backend: FlexAttention's ``BACKEND`` inside the op; ``"DEFAULT"`` lets FlexAttention
-            choose (CPU tests of the op's plumbing; there is no FA4 on CPU).
+        slot_real: ``[S_pad]`` bool, True where the padded slot holds a real token
+            (``PlanIndex.real``); needed by a BLOCK-granularity call with gradients.
+        backend: ``"FLASH"``; ``"DEFAULT"`` runs stand-ins with the same contract (the
+            inference op: FlexAttention's own kernel choice; the training op: a float64
+            reference in plain torch), for CPU tests of the plumbing (there is no FA4 on CPU).
 
     Returns:
         ``[B, H, S_pad, Dv]``.
     """
     grads = q.requires_grad or k.requires_grad or v.requires_grad
-    if grads and torch.is_grad_enabled() and len(pieces.tables) != 8:
+    training = grads and torch.is_grad_enabled()
+    if training and len(pieces.tables) != 8:
         raise ValueError(
             "flash_block_sparse with gradients needs the query-side block tables: build the "
             "mask with q_tables=True."
         )
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    scale = None if scale is None else float(scale)
+    if training and not pieces.token_level:
+        if slot_real is None:
+            raise ValueError(
+                "flash_block_sparse with gradients at BLOCK granularity needs slot_real "
+                "(PlanIndex.real): FA4's mask_mod reads which key slots hold real tokens."
+            )
+        # The mask's key_ok covers text keys only (video padding is in its selection bits).
+        key_valid = slot_real.to(torch.bool).expand(q.shape[0], -1)
+        if pieces.key_ok is not None:
+            key_valid = key_valid & pieces.key_ok
+        tables = [pieces.tables[n] for n in TABLE_NAMES]
+        out, _ = _train_forward(
+            q, k, v, tables, key_valid.contiguous(), pieces.block_size, scale, backend
+        )
+        return out
     return _flash_forward(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        pieces.tensors(),
-        len(pieces.word_tables),
-        pieces.key_ok is not None,
-        pieces.block_size,
-        pieces.token_level,
-        None if scale is None else float(scale),
-        backend,
-    )
+        q, k, v, pieces.tensors(), len(pieces.word_tables), pieces.key_ok is not None,
+        pieces.block_size, pieces.token_level, scale, backend,
+    )  # fmt: skip

@@ -164,7 +164,8 @@ def mask_pieces(
             names += [f"{name}{side}_num_blocks", f"{name}{side}_indices"]
             tensors += dense_to_indices(dense.transpose(-1, -2) if transpose else dense)
 
-    # key_ok: per key slot, False for masked text keys and padding (only with a text key mask).
+    # key_ok: per key slot, False for masked text keys and the padding after the text (only with
+    # a text key mask; video padding slots stay True, their column is never selected).
     key_ok = None
     if text_key_mask is not None:
         pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
@@ -208,7 +209,8 @@ class MaskPieces(NamedTuple):
         word_tables: the selection as bits, one ``[B, H, R]`` int32 table per 31-column word.
         kv_word: ``[S_pad]`` which word holds each key slot's column.
         kv_mask: ``[S_pad]`` int32, that column's bit.
-        key_ok: ``[B, S_pad]`` bool, False for masked text keys and padding; or None.
+        key_ok: ``[B, S_pad]`` bool, False for masked text keys and the padding after the text
+            (video padding slots are True: the selection bits exclude them); or None.
         block_size: query and key block size.
         seq_len: the padded sequence length ``S_pad``.
         token_level: whether the word tables have a row per query token (else per query block).
