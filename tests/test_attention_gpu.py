@@ -94,7 +94,9 @@ def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
     if kernel == "flash":  # the FA4 training op and its backward ran (not the Triton path)
         names = {e.key for e in prof.key_averages()}
         for op in ("vmoba_compile::flash_block_train", "vmoba_compile::flash_block_train_backward"):
-            assert op in names, f"{op} did not run; ops seen: {sorted(n for n in names if 'vmoba' in n)}"
+            assert op in names, (
+                f"{op} did not run; ops seen: {sorted(n for n in names if 'vmoba' in n)}"
+            )
 
 
 def _check_layers(layout, cfg, hkv, dtype, fn, d):

@@ -358,7 +358,7 @@ _flash_forward.register_autograd(_backward, setup_context=_setup_context)
 
 @functools.cache
 def _fa4() -> types.SimpleNamespace:
-    """FA4's forward, backward, block-table type and VMoBA's ``mask_mod`` (imported on first use)."""
+    """FA4's forward, backward, block tables and VMoBA's ``mask_mod`` (imported on first use)."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
