@@ -194,6 +194,13 @@ def _flash_spy(q, k, v, tensors, *static):
     return vc.kernels._flash_forward._init_fn(q, k, v, tensors, *static)
 
 
+def _flash_train_spy(q, k, v, tables, *rest):
+    """``vmoba_compile::flash_block_train`` on CUDA (the FlashAttention-4 training path's
+    forward), likewise."""
+    _record_density(tables)
+    return vc.kernels._train_forward._init_fn(q, k, v, tables, *rest)
+
+
 def mask_densities(step) -> list[float]:
     """The block density of every VMoBA mask one more ``step`` builds (computed query-key block
     pairs over all pairs of the padded sequence, mean over batch and heads), in call order."""
@@ -201,6 +208,7 @@ def mask_densities(step) -> list[float]:
     if not getattr(mask_densities, "registered", False):
         torch.library.register_kernel("vmoba_compile::materialize", "cuda", _mask_spy)
         torch.library.register_kernel("vmoba_compile::flash_block_sparse", "cuda", _flash_spy)
+        torch.library.register_kernel("vmoba_compile::flash_block_train", "cuda", _flash_train_spy)
         mask_densities.registered = True
     _MASKS = []
     try:
@@ -271,26 +279,97 @@ def memory_at_peak(step, rows: int = 25, dump: str | None = None) -> str:
 INSTALL = 'pip install "vmoba_compile[flash]"'
 
 
+_FA4_DENSE_CALLS = [0]  # calls that ran (counted in the op, outside any traced code)
+
+
+@torch.library.custom_op("vmoba_bench::fa4_dense", mutates_args=())
+def _fa4_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention on FlashAttention-4's own forward: ``[B, H, S, D]`` in, output and
+    log-sum-exp out."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    _FA4_DENSE_CALLS[0] += 1
+    b, h, s, _ = q.shape
+    out = q.new_empty(b, h, s, v.shape[-1])
+    lse = q.new_empty(b, h, s, dtype=torch.float32)
+    t = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    _flash_attn_fwd(*t, softmax_scale=scale, return_lse=True, out=out.transpose(1, 2), lse=lse)
+    return out, lse
+
+
+@_fa4_dense.register_fake
+def _(q, k, v, scale):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, h, s, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("vmoba_bench::fa4_dense_backward", mutates_args=())
+def _fa4_dense_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+    t = [x.transpose(1, 2) for x in (q, k, v, out, grad_out.contiguous())]
+    dq, dk, dv = (g.transpose(1, 2) for g in grads)
+    _flash_attn_bwd(*t, lse, softmax_scale=scale, dq=dq, dk=dk, dv=dv)
+    return tuple(grads)
+
+
+@_fa4_dense_backward.register_fake
+def _(q, k, v, out, lse, grad_out, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+def _fa4_dense_setup(ctx, inputs, output):
+    ctx.scale = inputs[3]
+    ctx.save_for_backward(*inputs[:3], *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fa4_dense_grads(ctx, grad_out, _grad_lse):
+    return (*_fa4_dense_backward(*ctx.saved_tensors, grad_out, ctx.scale), None)
+
+
+_fa4_dense.register_autograd(_fa4_dense_grads, setup_context=_fa4_dense_setup)
+
+
+class _FA4DenseSDPA(torch.overrides.TorchFunctionMode):
+    """Unmasked, non-causal, dropout-free bf16/fp16 CUDA SDPA calls as :func:`_fa4_dense`
+    (everything else as called). Active from trace to the last timed call: Dynamo traces the
+    mode, so the compiled graphs hold the FA4 ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and len(args) == 3:
+            q, k, v = args
+            plain = kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
+            plain = plain and not kwargs.get("is_causal") and q.shape[1] == k.shape[1]
+            if plain and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+                return _fa4_dense(q, k, v, kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def fa4_dense_attention(variant: str) -> Iterator[None]:
-    """Every SDPA call on SDPA's flash backend, that backend being FlashAttention-4: the dense
-    baseline on the kernel VMoBA's FlashAttention-4 path uses. In effect from trace to the last
-    timed call (the backend is picked when the graph is traced)."""
+    """Every plain SDPA call of the dense model on FlashAttention-4 (forward and backward), the
+    kernel VMoBA's FlashAttention-4 path uses. FA4's own interface is called: torch 2.11's
+    ``activate_flash_attention_impl("FA4")`` unpacks two values from ``_flash_attn_fwd``, which
+    returns five in flash-attn-4 4.0.0b36 (``ValueError: too many values to unpack``, H200), and
+    diffusers' FA4 backend (``flash_4_hub``) loads its kernel from the Hugging Face Hub."""
     if variant != "dense":
         raise SystemExit("--dense-attention fa4 measures the dense variant: add --variant dense")
-    from torch.nn import attention
-
-    if not hasattr(attention, "activate_flash_attention_impl"):
-        raise SystemExit(f"torch {torch.__version__} cannot put FlashAttention-4 under SDPA")
-    try:
-        attention.activate_flash_attention_impl("FA4")
-    except ImportError as e:
-        raise SystemExit(f"--dense-attention fa4 needs FlashAttention-4 ({e}): {INSTALL}") from e
-    try:
-        with attention.sdpa_kernel([attention.SDPBackend.FLASH_ATTENTION]):
-            yield
-    finally:
-        attention.restore_flash_attention_impl()
+    missing = vc.kernels.flash_unavailable()
+    if missing is not None:
+        raise SystemExit(f"--dense-attention fa4: {missing}")
+    before = _FA4_DENSE_CALLS[0]
+    with _FA4DenseSDPA():
+        yield
+    if _FA4_DENSE_CALLS[0] == before:
+        raise SystemExit("--dense-attention fa4: no SDPA call of the model went to FA4")
 
 
 def run_variant(
@@ -367,7 +446,7 @@ def _run_name(args: dict, variant: str) -> str:
     attention kernel where it is not the default."""
     if variant.startswith("dense"):
         name = "dense, blocks compiled" if args.get("regional") else "dense `torch.compile`"
-        return name + (", FlashAttention-4 SDPA" if args.get("dense_attention") == "fa4" else "")
+        return name + (", FlashAttention-4" if args.get("dense_attention") == "fa4" else "")
     kernel = args.get("kernel", "auto")
     suffix = "" if kernel == "auto" else f', kernel="{kernel}"'
     if args.get("whole_model"):
@@ -486,8 +565,7 @@ def main() -> None:
     p.add_argument(
         "--dense-attention", choices=["sdpa", "fa4"], default="sdpa",
         help="the dense variant's attention: SDPA's own choice (cuDNN or FlashAttention-2), or "
-        "fa4: SDPA's flash backend only, with FlashAttention-4 activated in it "
-        "(torch.nn.attention.activate_flash_attention_impl('FA4'))",
+        "fa4: FlashAttention-4's own forward and backward for every unmasked SDPA call",
     )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)

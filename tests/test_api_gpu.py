@@ -64,10 +64,10 @@ OVERRIDES = {"hunyuan_video": dict(num_layers=2, num_single_layers=1, rope_axes_
 
 def _setup(family: str, head_dim: int = 16):
     torch._dynamo.reset()
-    over = dict(OVERRIDES.get(family, {}))
+    over = {"num_layers": 3, **OVERRIDES.get(family, {})}
     if "rope_axes_dim" in over:  # the RoPE axes sum to the head dim
         over["rope_axes_dim"] = tuple(a * head_dim // 16 for a in over["rope_axes_dim"])
-    model, _, _ = tm.build(family, attention_head_dim=head_dim, num_layers=3, **over)
+    model, _, _ = tm.build(family, attention_head_dim=head_dim, **over)
     args, kwargs = tm.spec(family).make_inputs(model, GRID, torch.Generator().manual_seed(0))
     model = model.to("cuda", torch.bfloat16)
     return model, _to(args, torch.bfloat16), {k: _to(v, torch.bfloat16) for k, v in kwargs.items()}
