@@ -344,17 +344,19 @@ class _FA4DenseSDPA(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and len(args) == 3:
-            q, k, v = args
-            plain = kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
-            plain = plain and not kwargs.get("is_causal") and q.shape[1] == k.shape[1]
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            names = ("query", "key", "value")  # diffusers passes them by keyword
+            q, k, v = (*args[:3], *(kwargs.get(n) for n in names[len(args[:3]) :]))
+            rest = {n: a for n, a in kwargs.items() if n not in names}
+            plain = len(args) <= 3 and rest.get("attn_mask") is None and not rest.get("dropout_p")
+            plain = plain and not rest.get("is_causal") and q.shape[1] == k.shape[1]
             if plain and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-                return _fa4_dense(q, k, v, kwargs.get("scale"))[0]
+                return _fa4_dense(q, k, v, rest.get("scale"))[0]
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def fa4_dense_attention(variant: str) -> Iterator[None]:
+def fa4_dense_attention(variant: str, train_steps: int, checkpointing: bool) -> Iterator[None]:
     """Every plain SDPA call of the dense model on FlashAttention-4 (forward and backward), the
     kernel VMoBA's FlashAttention-4 path uses. FA4's own interface is called: torch 2.11's
     ``activate_flash_attention_impl("FA4")`` unpacks two values from ``_flash_attn_fwd``, which
@@ -362,6 +364,13 @@ def fa4_dense_attention(variant: str) -> Iterator[None]:
     diffusers' FA4 backend (``flash_4_hub``) loads its kernel from the Hugging Face Hub."""
     if variant != "dense":
         raise SystemExit("--dense-attention fa4 measures the dense variant: add --variant dense")
+    if train_steps and checkpointing:
+        raise SystemExit(
+            "--dense-attention fa4 measures forward calls and training without checkpointing: "
+            "a torch function mode is thread-local, and autograd's CUDA thread recomputes the "
+            "checkpointed blocks without it (torch.utils.checkpoint.CheckpointError: a "
+            "different number of tensors saved). Add --train-steps 0 or --no-checkpointing."
+        )
     missing = vc.kernels.flash_unavailable()
     if missing is not None:
         raise SystemExit(f"--dense-attention fa4: {missing}")
@@ -632,7 +641,9 @@ def main() -> None:
     opts += (args.memory_dump, args.lr)
     with contextlib.ExitStack() as stack:
         if args.dense_attention == "fa4":
-            stack.enter_context(fa4_dense_attention(args.variant))
+            stack.enter_context(
+                fa4_dense_attention(args.variant, args.train_steps, not args.no_checkpointing)
+            )
         rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
     for r in rows:
         print(json.dumps(r))
