@@ -54,10 +54,16 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
     for backward in (False, True):
         assert choose(VMoBAConfig(kernel="flash"), backward=backward).kernel is Kernel.FLASH
     assert choose(dtype=torch.float16, d=64, capability=(10, 0)).kernel is Kernel.FLASH
-    # training calls from FLASH_TRAINING_MIN_TOKENS tokens (or of unknown length)
-    for seq_len in (None, K.FLASH_TRAINING_MIN_TOKENS, 55296):
-        got = choose(backward=True, seq_len=seq_len)
-        assert got.kernel is Kernel.FLASH and "training call" in got.reason, (seq_len, got)
+    # training calls from FLASH_TRAINING_MIN_TOKENS tokens, forward calls from
+    # FLASH_INFERENCE_MIN_TOKENS (or of unknown length)
+    for backward, least in (
+        (True, K.FLASH_TRAINING_MIN_TOKENS),
+        (False, K.FLASH_INFERENCE_MIN_TOKENS),
+    ):
+        for seq_len in (None, least, 55296):
+            got = choose(backward=backward, seq_len=seq_len)
+            assert got.kernel is Kernel.FLASH, (backward, seq_len, got)
+        assert choose(backward=backward, seq_len=least - 1).kernel is Kernel.TRITON
 
 
 @pytest.mark.parametrize(
@@ -72,7 +78,9 @@ def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
         (dict(dv=264), "value head dim is 264"),
         (dict(d=16, backward=True), "need head dims of at least 32; this call's is 16"),
         (dict(config=VMoBAConfig(block_size=64)), "block_size=128; this config has 64"),
-        (dict(backward=True, seq_len=8192), "training call of 8192 tokens: below 16384 Triton's"),
+        (dict(backward=True, seq_len=8192), "training call of 8192 tokens: below 16384 Triton"),
+        (dict(seq_len=16384), "inference call of 16384 tokens: below 32768 Triton is faster"),
+        (dict(config=VMoBAConfig(granularity="token"), seq_len=16384), "inference call of 16384"),
         (dict(config=VMoBAConfig(granularity="token"), backward=True), "TOKEN granularity back"),
         (dict(config=VMoBAConfig(granularity="token"), partition="2d"), "2d forward: Triton"),
         (dict(config=VMoBAConfig(kernel="triton")), "kernel='triton'"),

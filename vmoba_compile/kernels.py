@@ -59,9 +59,13 @@ __all__ = [
 _FLASH_BLOCK_SIZE = 128
 # Below this head dim FA4's Hopper backward gave a wrong dq (tests/test_attention_gpu.py, H200).
 _FLASH_HOPPER_BWD_MIN_HEAD_DIM = 32
-# Training calls shorter than this run Triton under kernel="auto": at 8,192 tokens FA4's
-# block-sparse backward was the slower one on the H200 (benchmarks/README.md, "Kernel choice").
+# Calls shorter than these run Triton under kernel="auto" (H200, benchmarks/README.md, "Kernel
+# choice by sequence length"): training is faster on FA4 from 16,384 tokens (Triton's at 8,192);
+# a forward is faster on Triton at 8,192 and 16,384 tokens and on FA4 at 55,296, FA4's op costing
+# about 1 ms more outside its kernel; 32,768 is where FA4's kernel saving passes that, estimated
+# from the kernel times (not measured between 16,384 and 55,296).
 FLASH_TRAINING_MIN_TOKENS = 16384
+FLASH_INFERENCE_MIN_TOKENS = 32768
 _FLASH_PIN = "pip install 'vmoba_compile[flash]' (flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1)"
 
 
@@ -177,10 +181,11 @@ def choose_kernel(
 
     Returns:
         The :class:`KernelChoice`. ``kernel="auto"`` uses FA4 where it can run and is the
-        faster one as measured on the H200: BLOCK granularity, forward and training from
-        :data:`FLASH_TRAINING_MIN_TOKENS` tokens (shorter training calls run Triton, whose
-        backward is faster there), and TOKEN granularity's 1D forward (its 2D/3D masks,
-        partial blocks everywhere, and every TOKEN backward run faster in Triton).
+        faster one as measured on the H200: BLOCK granularity, training calls from
+        :data:`FLASH_TRAINING_MIN_TOKENS` tokens and forward calls from
+        :data:`FLASH_INFERENCE_MIN_TOKENS`, and TOKEN granularity's 1D forward from
+        :data:`FLASH_INFERENCE_MIN_TOKENS` (its 2D/3D masks, partial blocks everywhere, and every
+        TOKEN backward run faster in Triton). Shorter calls run Triton.
     """
     kernel, reason, possible = _choose_constant(
         config.kernel.value, config.granularity.value, partition.value, config.block_size,
@@ -233,15 +238,13 @@ def _choose(
             return "triton", "TOKEN granularity backward: Triton is faster", True
         if partition != "1d":
             return "triton", f"TOKEN granularity, {partition} forward: Triton is faster", True
+    least = FLASH_TRAINING_MIN_TOKENS if backward else FLASH_INFERENCE_MIN_TOKENS
+    if seq_len is not None and seq_len < least:
+        kind = "training" if backward else "inference"
+        return "triton", f"{kind} call of {seq_len} tokens: below {least} Triton is faster", True
+    if granularity == "token":
         return "flash", "TOKEN granularity, 1d forward: FA4 is faster", True
-    if backward and seq_len is not None and seq_len < FLASH_TRAINING_MIN_TOKENS:
-        return "triton", (
-            f"training call of {seq_len} tokens: below {FLASH_TRAINING_MIN_TOKENS} Triton's "
-            f"backward is faster"
-        ), True  # fmt: skip
-    if backward:
-        return "flash", "FA4 available (training call)", True
-    return "flash", "FA4 available (inference call)", True
+    return "flash", f"FA4 available ({'training' if backward else 'inference'} call)", True
 
 
 # ---------------------------------------------------------------------------------------------
