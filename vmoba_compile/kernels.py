@@ -362,10 +362,10 @@ _flash_forward.register_autograd(_backward, setup_context=_setup_context)
 @functools.cache
 def _fa4() -> types.SimpleNamespace:
     """FA4's forward, backward, block tables and VMoBA's ``mask_mod`` (imported on first use)."""
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+    import cutlass  # type: ignore[import-not-found]
+    import cutlass.cute as cute  # type: ignore[import-not-found]
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # type: ignore[import-not-found]
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # type: ignore[import-not-found]
 
     @cute.jit
     def index_of(value: cute.TensorSSA, dtype: str) -> cute.Numeric:
@@ -489,10 +489,11 @@ _train_forward.register_autograd(_train_backward_rule, setup_context=_train_setu
 
 
 def _reference_mask(
-    num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
-    key_valid: torch.Tensor, block_size: int, transpose: bool,
-) -> torch.Tensor:  # fmt: skip
-    """``[B, H, S, S]`` bool from one side's block tables (the query side's when ``transpose``)."""
+    tables: list[torch.Tensor], key_valid: torch.Tensor, block_size: int, transpose: bool
+) -> torch.Tensor:
+    """``[B, H, S, S]`` bool from one side's four block tables (counts, indices, full counts,
+    full indices; the query side's when ``transpose``)."""
+    num, idx, full_num, full_idx = tables
     n = idx.shape[-1]
     blocks = torch.zeros(*num.shape, n, dtype=torch.int32, device=num.device)
     for cnt, ind in ((num, idx), (full_num, full_idx)):
@@ -513,7 +514,7 @@ def _reference_scores(q, k, allowed, scale):
 
 
 def _reference_forward(q, k, v, tables, key_valid, block_size, scale):
-    allowed = _reference_mask(*tables, key_valid, block_size, transpose=False)
+    allowed = _reference_mask(tables, key_valid, block_size, transpose=False)
     scores, _, groups = _reference_scores(q, k, allowed, scale)
     lse = torch.logsumexp(scores, -1)
     p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
@@ -522,7 +523,7 @@ def _reference_forward(q, k, v, tables, key_valid, block_size, scale):
 
 
 def _reference_backward(q, k, v, out, lse, grad_out, q_tables, key_valid, block_size, scale):
-    allowed = _reference_mask(*q_tables, key_valid, block_size, transpose=True)
+    allowed = _reference_mask(q_tables, key_valid, block_size, transpose=True)
     scores, kf, groups = _reference_scores(q, k, allowed, scale)
     sm = q.shape[-1] ** -0.5 if scale is None else scale
     p = torch.exp(scores - lse.double()[..., None]).nan_to_num(0.0)
