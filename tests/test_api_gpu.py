@@ -105,7 +105,8 @@ def test_bf16_forward_and_training_step_match_reference(
     """The default (``regional=None``: these models' blocks, three compiled variants for 1D, 2D
     and 3D) with the training step under diffusers' activation checkpointing, whose
     recomputation runs outside the forward call; and the whole-model compile. ``kernel="flash"``:
-    the same through FlashAttention-4 (at these 1,024 tokens ``auto`` picks Triton for every call)."""
+    the same through FlashAttention-4 (at these 1,024 tokens ``auto`` picks Triton for every
+    call)."""
     if kernel == "flash" and flash_unavailable():
         pytest.skip(flash_unavailable())
     config = dataclasses.replace(CONFIG, kernel=kernel)
