@@ -75,6 +75,8 @@ _GEN = torch.Generator()
 
 # tiny_models' Wan config without the options the Wan derivatives below do not take.
 _WAN_LIKE = {k: v for k, v in tm._WAN.items() if k not in ("qk_norm", "rope_max_seq_len")}
+# The tiny HunyuanVideo config's arguments that MotifVideoTransformer3DModel does not take.
+_NOT_MOTIF = ("guidance_embeds", "num_refiner_layers", "pooled_projection_dim")
 
 
 def _wan_like_inputs() -> tuple[tuple, dict]:
@@ -149,18 +151,7 @@ CASES: dict[str, Case] = {
     ),
     # HunyuanVideo-like dual- and single-stream blocks, joint [video, text].
     "MotifVideoTransformer3DModel": Case(
-        dict(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=10,
-            num_layers=1,
-            num_single_layers=1,
-            patch_size=2,
-            patch_size_t=1,
-            text_embed_dim=16,
-            rope_axes_dim=(2, 4, 4),
-        ),
+        {k: v for k, v in tm._HUNYUAN.items() if k not in _NOT_MOTIF},
         _wan_like_inputs,
         (3, 4, 6),
         text=(12, "suffix"),
