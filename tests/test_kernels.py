@@ -122,6 +122,18 @@ def test_without_fa4_every_choice_is_triton_with_the_install_hint() -> None:
     assert not forced.possible and missing in forced.reason
 
 
+def test_a_cpu_call_is_told_the_device_not_the_install_hint(monkeypatch) -> None:
+    # FA4 could not run a CPU call even if installed: the install hint would send the user to
+    # install something that changes nothing.
+    monkeypatch.setattr(K, "flash_unavailable", lambda: "FA4 is not installed: pip install x")
+    for config in (VMoBAConfig(), VMoBAConfig(kernel="flash")):
+        got = choose(config, device="cpu", capability=None)
+        assert got.kernel is Kernel.TRITON, got
+        assert "runs on CUDA GPUs; this call is on cpu" in got.reason, got
+        assert "not installed" not in got.reason, got
+    assert "not installed" in choose().reason  # on CUDA the missing install is the obstacle
+
+
 def test_import_does_not_import_flash_attn_or_the_cute_dsl() -> None:
     code = (
         "import sys, vmoba_compile as vc; vc.kernels.flash_unavailable(); "
@@ -166,7 +178,8 @@ def test_report_names_each_calls_kernel_and_why() -> None:
         opt(torch.randn(1, LAYOUT.seq_len, 8))
     (call,) = opt.report.calls
     assert call.rewritten and call.kernel == "triton", call
-    assert "runs on CUDA GPUs; this call is on cpu" in call.reason or "not installed" in call.reason
+    assert "runs on CUDA GPUs; this call is on cpu" in call.reason, call.reason
+    assert "not installed" not in call.reason, call.reason
     assert " triton " in str(opt.report)
     keep = optimize(OneAttention(), VMoBAConfig(threshold=1.0, block_size=16), layout=LAYOUT,
                     lowering="aot_eager", regional=False)  # fmt: skip

@@ -118,12 +118,14 @@ def _flash_obstacle(
     capability: tuple[int, int] | None,
     backward: bool = False,
 ) -> str | None:
-    """What keeps FA4 from running this call at all (None: it can run)."""
+    """What keeps FA4 from running this call at all (None: it can run). The device comes
+    first: a call off CUDA could not run FA4 even with it installed, so the install hint would
+    mislead."""
+    if device_type != "cuda":
+        return f"FlashAttention-4 runs on CUDA GPUs; this call is on {device_type}"
     missing = flash_unavailable()
     if missing is not None:
         return missing
-    if device_type != "cuda":
-        return f"FlashAttention-4 runs on CUDA GPUs; this call is on {device_type}"
     major = capability[0] if capability is not None else 0
     if major not in (9, 10, 11):
         cc = "?" if capability is None else f"{capability[0]}.{capability[1]}"
