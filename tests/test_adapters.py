@@ -116,6 +116,20 @@ def test_grid_is_the_true_token_grid(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
+def test_a_declared_extra_token_count_is_what_every_self_attention_holds(family: str) -> None:
+    # An adapter that claims the count of non-video tokens must be right on every call it
+    # lists: the pass trusts it to refuse calls whose extra tokens it cannot place.
+    model, args, kwargs = built(family)
+    adapter = find_adapter(model)
+    grid = adapter.grid(model, args, kwargs)
+    if grid.extra_tokens is None:
+        pytest.skip(f"{family}: the adapter reads the count off each call")
+    listed = set(adapter.self_attention_modules(model))
+    held = {c.query_len - grid.video_tokens for c in recorded(family, 0) if c.module in listed}
+    assert held == {grid.extra_tokens}, (family, grid, held)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
 def test_self_attention_modules_are_exactly_the_video_self_attentions(family: str) -> None:
     model, args, kwargs = built(family)
     adapter = find_adapter(model)

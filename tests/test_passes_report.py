@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -186,3 +188,30 @@ def test_calls_under_a_cp_refusal_carry_its_rule() -> None:
     # in one process the same call is rewritten
     got = ParallelPlan(degree=1)._decide(values, values, "blocks.0", ctx, lambda: 0, False)
     assert not isinstance(got, Skip), got
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    extra=st.integers(0, 70),
+    declared=st.one_of(st.none(), st.integers(0, 70)),
+    position=st.sampled_from(["prefix", "suffix"]),
+)
+def test_extra_tokens_the_adapter_does_not_account_for_stay_dense(extra, declared, position):
+    # A Wan subclass that prepends reference tokens: the adapter knows its self-attention holds
+    # video only, so 64 more tokens are unplaced and the call must not guess "suffix".
+    from vmoba_compile.adapters.base import VideoGrid
+    from vmoba_compile.passes import CallContext, decide
+
+    grid = VideoGrid(2, 4, 4, text_position=position, extra_tokens=declared)
+    s = grid.video_tokens + extra
+    q = torch.zeros(1, 2, s, 8)
+    ctx = CallContext(config=VMoBAConfig(), family="wan", layer_of={"attn": 0}, grid=grid)
+    args = dict(query=q, key=q, value=q, attn_mask=None, dropout_p=0.0, is_causal=False,
+                scale=None, enable_gqa=False)  # fmt: skip
+    choice = decide(args, "attn", ctx, lambda: 0)
+    if declared is not None and extra != declared:
+        assert choice.reason is SkipReason.EXTRA_TOKENS_UNPROVEN, choice
+        assert f"plus {extra} tokens" in choice.message and f"expects {declared}" in choice.message
+    else:
+        assert not hasattr(choice, "reason"), choice
+        assert choice.layout.text_tokens == extra and choice.layout.text_position.value == position

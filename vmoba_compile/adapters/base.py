@@ -62,6 +62,11 @@ class VideoGrid:
             (``[B, 1, 1, S]``, True = attend) whose video part is always True and whose False
             entries are only padded text keys (HunyuanVideo). The pass then honours it as a text
             key mask.
+        extra_tokens: the number of non-video tokens every video self-attention call of this
+            forward holds, when the adapter knows it (0: the family's self-attention sees video
+            tokens only). A call holding another number stays dense: where such tokens sit
+            (before or after the video) is not proven, and a wrong guess would attend the wrong
+            chunks. None: any number, at ``text_position``.
     """
 
     frames: int
@@ -69,6 +74,7 @@ class VideoGrid:
     width: int
     text_position: TextPosition = TextPosition.SUFFIX
     text_key_padding: bool = False
+    extra_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _grid_int("frames", self.frames)
@@ -87,6 +93,10 @@ class VideoGrid:
             raise ValueError(
                 f"VideoGrid.text_key_padding must be a bool; got {self.text_key_padding!r}."
             )
+        extra = self.extra_tokens
+        bad = not isinstance(extra, int) or isinstance(extra, bool) or extra < 0
+        if extra is not None and bad:
+            raise ValueError(f"VideoGrid.extra_tokens must be None or an int >= 0; got {extra!r}.")
 
     @property
     def video_tokens(self) -> int:
@@ -116,6 +126,8 @@ class VideoGrid:
 
     def __str__(self) -> str:
         extra = ", text_key_padding=True" if self.text_key_padding else ""
+        if self.extra_tokens is not None:
+            extra += f", extra_tokens={self.extra_tokens}"
         return (
             f"VideoGrid(frames={self.frames}, height={self.height}, width={self.width}, "
             f"text_position='{self.text_position.value}'{extra})"

@@ -151,7 +151,7 @@ class WanAdapter(ModelAdapter):
         frames, height, width = _latent_grid(model, x, patch, _PATCH3, exact=False)
         if hasattr(model, "vace_blocks"):
             self._check_control(model, inputs, x)
-        return VideoGrid(frames, height, width)
+        return VideoGrid(frames, height, width, extra_tokens=0)
 
     @staticmethod
     def _check_control(model: torch.nn.Module, inputs: dict, x: torch.Tensor) -> None:
@@ -193,7 +193,7 @@ class CogVideoXAdapter(ModelAdapter):
         x = require_tensor(
             model, inputs, "hidden_states", 5, "[B, F, C, H, W] (frames before channels)"
         )
-        require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
+        text = require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
         p = int(config_value(model, "patch_size"))
         p_t = config_value(model, "patch_size_t")
         if p_t is None:
@@ -203,7 +203,7 @@ class CogVideoXAdapter(ModelAdapter):
             patch, exact = (int(p_t), p, p), True
             sources = ("config.patch_size_t", "config.patch_size", "config.patch_size")
         grid = _latent_grid(model, x, patch, sources, exact=exact, frames_axis=1)
-        return VideoGrid(*grid, text_position=TextPosition.PREFIX)
+        return VideoGrid(*grid, text_position=TextPosition.PREFIX, extra_tokens=text.shape[1])
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
         return _transformer_blocks_attn1(model)
@@ -275,7 +275,7 @@ class LTXVideoAdapter(ModelAdapter):
                     f"width=latent_width."
                 )
         checked = cast("dict[str, int]", dims)  # each an int >= 1 (above)
-        grid = VideoGrid(checked["num_frames"], checked["height"], checked["width"])
+        grid = VideoGrid(checked["num_frames"], checked["height"], checked["width"], extra_tokens=0)
         seq = int(x.shape[1])
         if grid.video_tokens != seq:
             raise ValueError(
@@ -325,7 +325,8 @@ class AllegroAdapter(ModelAdapter):
     model_classes = ("AllegroTransformer3DModel",)
 
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        return VideoGrid(*_framewise_grid(model, bind_inputs(model, args, kwargs)))
+        grid = _framewise_grid(model, bind_inputs(model, args, kwargs))
+        return VideoGrid(*grid, extra_tokens=0)
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
         return _transformer_blocks_attn1(model)
@@ -346,7 +347,7 @@ class CosmosAdapter(ModelAdapter):
         inputs = bind_inputs(model, args, kwargs)
         x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
         patch = as_tuple3(model, "patch_size")
-        return VideoGrid(*_latent_grid(model, x, patch, _PATCH3, exact=True))
+        return VideoGrid(*_latent_grid(model, x, patch, _PATCH3, exact=True), extra_tokens=0)
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
         return _transformer_blocks_attn1(model)

@@ -30,6 +30,12 @@ class SkipReason(enum.Enum):
     LAYOUT_MISMATCH = "{tokens} tokens do not match the layout's {expected} ({layout})"
     GRID_UNKNOWN = "video grid unknown for this call: {detail}"
     TOO_SHORT_FOR_GRID = "{tokens} tokens cannot hold the {video_tokens}-token video grid"
+    EXTRA_TOKENS_UNPROVEN = (
+        "{tokens} tokens are the {video_tokens}-token video grid plus {extra} tokens the adapter "
+        "does not account for (it expects {expected}), so where they sit is not proven. Pass "
+        "optimize(model, layout=VideoLayout(..., text_tokens={extra}, text_position=...)) if "
+        "you know it"
+    )
     LENGTH_AT_RUN_TIME = "sequence length {length} is decided at run time"
     RUN_TIME_TEXT_NOT_SUFFIX = "run-time text length is supported for suffix text only"
     LENGTH_UNBOUNDED = (

@@ -384,9 +384,17 @@ def _static_layout(sq: int, ctx: CallContext) -> VideoLayout | Skip:
         return ctx.layout
     if ctx.grid is None:
         return SkipReason.GRID_UNKNOWN.skip(detail=ctx.grid_error)
-    layout = ctx.grid.layout_for(sq)
+    grid = ctx.grid
+    layout = grid.layout_for(sq)
     if layout is None:
-        return SkipReason.TOO_SHORT_FOR_GRID.skip(tokens=sq, video_tokens=ctx.grid.video_tokens)
+        return SkipReason.TOO_SHORT_FOR_GRID.skip(tokens=sq, video_tokens=grid.video_tokens)
+    if grid.extra_tokens is not None and layout.text_tokens != grid.extra_tokens:
+        return SkipReason.EXTRA_TOKENS_UNPROVEN.skip(
+            tokens=sq,
+            video_tokens=grid.video_tokens,
+            extra=layout.text_tokens,
+            expected=grid.extra_tokens,
+        )
     return layout
 
 
