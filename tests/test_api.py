@@ -10,6 +10,7 @@ inductor, and CPU inductor compiles take ~50 s each on two cores. One test runs 
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -455,9 +456,14 @@ def test_dynamo_running_eagerly_is_reported_not_silent() -> None:
     x, ctx = toy_inputs()
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
         opt(x, ctx)  # the one compile this code object may have
-        with pytest.warns(RuntimeWarning, match="eagerly, without any VMoBA graph"):
+        assert opt.report.vmoba_runs == 1 and opt.report.dense_runs == 0
+        with pytest.warns(RuntimeWarning, match="ran dense: Dynamo's recompile limit"):
             opt(*toy_inputs(s=TOY_LAYOUT.seq_len + 4))  # a new shape: over the limit
-        with pytest.raises(RuntimeError, match="strict=True: Dynamo ran"):
+        counts = opt.report.executions["blocks.0"]
+        assert (counts.vmoba_forward, counts.dense_forward) == (1, 1)
+        assert "recompile limit" in next(iter(counts.dense_causes))
+        assert "dense fwd" in str(opt.report)
+        with pytest.raises(RuntimeError, match="strict=True: .* ran dense: Dynamo's recompile"):
             strict(x, ctx)
 
 
@@ -486,6 +492,13 @@ def test_rewrites_inside_activation_checkpointing() -> None:
     got = grads(lambda: opt(*args, **kwargs))
     want = grads(lambda: model(*args, **kwargs))
     assert [c.module for c in opt.report.rewritten] == ["blocks.0.attn1", "blocks.1.attn1"]
+    # One forward and one backward each; the recomputation in the backward is not a forward.
+    ran = opt.report.executions
+    attn1 = ["blocks.0.attn1", "blocks.1.attn1"]
+    assert [(ran[m].vmoba_forward, ran[m].vmoba_backward, ran[m].dense_forward) for m in attn1] == [
+        (1, 1, 0),
+        (1, 1, 0),
+    ]
     assert got.keys() == want.keys() and got
     assert max(max_err(got[n], want[n]) for n in got) < 1e-5
 
@@ -501,3 +514,21 @@ def test_explain_on_an_optimized_model_uses_its_config_and_matches_its_report() 
     ] == [(c.module, c.rewritten, c.layer_index, c.partition, c.reason) for c in opt.report.calls]
     # explain did not add to the optimized model's report: one graph per compiled block variant
     assert len(opt.report.graphs) == len(opt.regional_blocks.variants) == 2
+
+
+def test_outer_compile_and_deepcopy_run_vmoba_by_the_account() -> None:
+    """torch.compile(optimized) must not trace the wrapper (its own graphs would run dense),
+    and a deep copy must run its own VMoBA graphs, not the original's hooks or none."""
+    model = ToyVideo(["self"])
+    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager", regional=False)
+    x, c = toy_inputs()
+    with torch.no_grad():
+        want = opt(x, c)
+        got = torch.compile(opt, backend="aot_eager")(x, c)
+        twin = copy.deepcopy(opt)
+        copied = twin(x, c)
+    assert torch.equal(got, want) and torch.allclose(copied, want)
+    assert opt.report.executions["blocks.0"].vmoba_forward == 2
+    assert twin._orig_mod is not model and twin.report is not opt.report
+    assert twin.report.executions["blocks.0"].vmoba_forward == 1
+    assert [c.module for c in twin.report.rewritten] == ["blocks.0"]

@@ -78,6 +78,17 @@ def test_one_compiled_block_per_partition_matches_reference() -> None:
     assert sorted(k[0] for k in variants) == [("1d",), ("2d",), ("3d",)]  # 4 layers, 3 graphs
     assert len(opt.report.graphs) == 3
     check_report("wan", model, args, kwargs, opt.report, CONFIG)  # every layer, its partition
+    # The account: two forward calls ran every layer's VMoBA call twice and each
+    # cross-attention call dense twice, as its graph decided.
+    layers = find_adapter(model).self_attention_modules(model)
+    ran = opt.report.executions
+    cross = sorted(set(ran) - set(layers))
+    assert cross == [f"blocks.{i}.attn2" for i in range(4)]
+    assert [(ran[m].vmoba_forward, ran[m].dense_forward, ran[m].no_graph) for m in layers] == [
+        (2, 0, 0)
+    ] * 4
+    assert all(ran[m].vmoba_forward == 0 and ran[m].dense_forward == 2 for m in cross)
+    assert all("cross-attention" in c for m in cross for c in ran[m].dense_causes)
 
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "cogvideox"])
@@ -130,6 +141,16 @@ def test_second_grid_and_dense_controls() -> None:
     assert max_err(after, want) < ATOL_F32
     grids = {k[1] for k in opt.regional_blocks.variants if k != ("dense",)}
     assert len(grids) == 2 and ("dense",) in opt.regional_blocks.variants
+    # The account of the five forward calls: layer 1 dense by dense_layers once, every layer
+    # dense in the warm-up step once, VMoBA otherwise.
+    layers = find_adapter(model).self_attention_modules(model)
+    ran = opt.report.executions
+    assert [(ran[m].vmoba_forward, ran[m].dense_forward) for m in layers] == [
+        (4, 1),
+        (3, 2),
+        (4, 1),
+    ]
+    assert all("runtime controls" in c for m in layers for c in ran[m].dense_causes)
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])

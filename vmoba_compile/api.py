@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 import torch
 
 from . import kernels
+from .accounting import CONTROLS, Account, forward_codes
 from .adapters.base import ModelAdapter
 from .adapters.base import describe as describe_value
 from .adapters.registry import find_adapter, layout_source
@@ -273,7 +274,6 @@ class VMoBAModule(torch.nn.Module):
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         self._vmoba_param_names = {id(t): n for n, t in named}
         self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
-        self._vmoba_warned = False
         self._vmoba_restored = False
         self.vmoba = VMoBAControls()
         self.report = RewriteReport(
@@ -285,9 +285,15 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_backends: list[VMoBABackend] = []
         self._vmoba_parallel = parallel  # None: one process (vmoba_compile.parallel)
         self.report.parallel = parallel.describe() if parallel is not None else None
+        self._vmoba_account = Account(self.report, type(model).__name__, strict)
         if blocks:  # optimize's choice (_regional_blocks); None: the whole model
             self._vmoba_regional = RegionalBlocks(
-                model, blocks, self._compile_block_variant, self.report.add
+                model,
+                blocks,
+                self._compile_block_variant,
+                self.report.add,
+                self._vmoba_account,
+                self._vmoba_layer_of,
             )
             self.report.compiled = f"{len(blocks)} repeated blocks (regional)"
             self.report.outside = _attention_modules(model, exclude=tuple(blocks))
@@ -362,9 +368,9 @@ class VMoBAModule(torch.nn.Module):
             return torch.compile(fn, options=opts["patches"] or None, **kw)
         return torch.compile(fn, backend=backend or "aot_eager", **kw)
 
-    def _backend(self, on_graph: Any) -> VMoBABackend:
+    def _backend(self, on_graph: Any, on_run: Any = None) -> VMoBABackend:
         opts = self._vmoba_compile
-        return VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"])
+        return VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"], on_run=on_run)
 
     def _variant(self, key: Any) -> tuple[Any, VMoBABackend | None]:
         """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
@@ -375,20 +381,57 @@ class VMoBAModule(torch.nn.Module):
                 type(self._orig_mod).__name__,
                 "dense warm-up" if key == "dense" else f"dense layers {sorted(key) or 'none'}",
             )
-            backend = None if key == "dense" else self._backend(self.report.add)
+            backend = (
+                None
+                if key == "dense"
+                else self._backend(self.report.add, self._vmoba_account.graph_ran)
+            )
             self._vmoba_compiled[key] = self._compile(self._orig_mod, backend), backend
         return self._vmoba_compiled[key]
 
-    def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any) -> Any:
+    def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any, on_run: Any) -> Any:
         """One compiled block variant of regional compilation (see :mod:`.regional`)."""
         if self._vmoba_parallel is not None:
-            return self._vmoba_parallel.compile_variant(self, key, fn, on_graph)
+            return self._vmoba_parallel.compile_variant(self, key, fn, on_graph, on_run)
         if key == ("dense",):
             return self._compile(fn, None)
-        backend = self._backend(on_graph)
+        backend = self._backend(on_graph, on_run)
         self._vmoba_backends.append(backend)
         return self._compile(fn, backend)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> VMoBAModule:
+        """A copy of the model, optimized as this one (same config, layout, options and runtime
+        controls); it compiles its own graphs and keeps its own report. The blocks' hooks are
+        not copied with the model (:meth:`BlockCall.__deepcopy__`): the copy installs its own."""
+        if self._vmoba_parallel is not None:
+            raise TypeError(
+                "copy.deepcopy of a model optimized under context parallelism or FSDP2 is not "
+                "supported (process groups and sharded parameters do not copy); optimize the "
+                "copied model instead."
+            )
+        if self._vmoba_restored:
+            raise RuntimeError("this optimized model was restored; deepcopy the model instead.")
+        model = copy.deepcopy(self._orig_mod, memo)
+        regional = self._vmoba_regional
+        blocks = dict(zip(regional.paths, regional.layers, strict=True)) if regional else None
+        twin = VMoBAModule(
+            model,
+            self._vmoba_config,
+            self._vmoba_layout,
+            self._vmoba_adapter,
+            self._vmoba_strict,
+            self._vmoba_compile,
+            dict(self._vmoba_layer_of),
+            blocks,
+        )
+        twin.vmoba = copy.copy(self.vmoba)
+        memo[id(self)] = twin
+        return twin
+
+    # An outer torch.compile(optimized) must not trace into the wrapper: it would inline the
+    # inner compiled functions and run the model's attention through its own backend, dense.
+    # Disabled here, the wrapper runs its own compiled graphs inside the outer graph's break.
+    @torch._dynamo.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._vmoba_restored:
             raise RuntimeError(
@@ -405,6 +448,7 @@ class VMoBAModule(torch.nn.Module):
         if controls.dense_now:
             out = self._variant("dense")[0](*args, **kwargs)
             controls._called()
+            self._vmoba_account.ran_dense(self._vmoba_layer_of, CONTROLS, planned=False)
             return out
         ctx = _context(self, args, kwargs, controls.dense_layers)
         fn, backend = self._variant(controls.dense_layers)
@@ -413,8 +457,7 @@ class VMoBAModule(torch.nn.Module):
         with _call_scope(ctx):
             out = fn(*args, **kwargs)
         controls._called()
-        if backend.graph_runs == runs:
-            self._ran_without_graphs()
+        self._settle(ctx, backend.graph_runs > runs)
         self._check_strict(ctx)
         return out
 
@@ -426,15 +469,34 @@ class VMoBAModule(torch.nn.Module):
         ctx = _context(self, args, kwargs, dense)
         ctx.regional = regional
         ctx.parallel = self._vmoba_parallel
-        expect = not layers <= dense  # some block runs a VMoBA variant
-        runs = sum(b.graph_runs for b in self._vmoba_backends)
-        with _call_scope(ctx):
+        with _call_scope(ctx):  # each block call settles its own account (RegionalBlocks)
             out = self._orig_mod(*args, **kwargs)
         controls._called()
-        if expect and sum(b.graph_runs for b in self._vmoba_backends) == runs:
-            self._ran_without_graphs()
         self._check_strict(ctx)
         return out
+
+    def _settle(self, ctx: CallContext, graphs_ran: bool) -> None:
+        """After a whole-model forward: the calls planned as VMoBA for this grid and these
+        dense layers that no compiled graph ran are counted (:mod:`.accounting`). Where no
+        graph ran at all (none compiled), every video self-attention module not kept dense
+        counts as planned."""
+        where = ctx.describe()
+        planned = {
+            c.module
+            for w, calls in self.report.graphs
+            if w == where
+            for c in calls
+            if c.rewritten and c.layer_index not in ctx.dense_layers
+        }
+        if not graphs_ran and not planned:
+            planned = {m for m, i in self._vmoba_layer_of.items() if i not in ctx.dense_layers}
+        missing = sorted(planned - ctx.ran)
+        if not missing:
+            return
+        modules = dict(self._orig_mod.named_modules())
+        found = [(m, modules[m]) for m in missing if m in modules]
+        codes = [type(self._orig_mod).forward.__code__, *forward_codes(m for _, m in found)]
+        self._vmoba_account.no_graph(missing, codes, [("", self._orig_mod), *found])
 
     def _check_strict(self, ctx: CallContext) -> None:
         if self._vmoba_strict and ctx.calls and not any(c.rewritten for c in ctx.calls):
@@ -442,20 +504,6 @@ class VMoBAModule(torch.nn.Module):
                 f"strict=True and no attention call was rewritten:\n{self.report}\n"
                 f"Pass layout= if the adapter's grid is wrong, or strict=False to run dense."
             )
-
-    def _ran_without_graphs(self) -> None:
-        msg = (
-            f"Dynamo ran {type(self._orig_mod).__name__} eagerly, without any VMoBA graph: most "
-            f"likely its recompile limit (torch._dynamo.config.recompile_limit) was reached by "
-            f"earlier compiles of the same code (other resolutions, dense_layers sets, other "
-            f"optimized instances). Attention ran dense. Raise the limit or call "
-            f"torch._dynamo.reset() before optimizing again."
-        )
-        if self._vmoba_strict:
-            raise RuntimeError("strict=True: " + msg)
-        if not self._vmoba_warned:
-            self._vmoba_warned = True
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _regional_blocks(

@@ -256,7 +256,7 @@ class ParallelPlan:
                 ctx.param_names = saved_names
 
     def compile_variant(
-        self, owner: Any, key: tuple, fn: Callable[..., Any], on_graph: Any
+        self, owner: Any, key: tuple, fn: Callable[..., Any], on_graph: Any, on_run: Any = None
     ) -> Callable[..., Any]:
         """One compiled block variant of an optimized model (``owner``, a ``VMoBAModule``)
         under this setup. Under the Ulysses exchange the dense variant goes through the VMoBA
@@ -265,7 +265,7 @@ class ParallelPlan:
         paths = {id(m): p for p, m in zip(regional.paths, regional.modules, strict=True)}
         backend = None
         if key != ("dense",):
-            backend = owner._backend(on_graph)
+            backend = owner._backend(on_graph, on_run)
             owner._vmoba_backends.append(backend)
         elif self.exchanged and self.refusal is None:
             backend = owner._backend(lambda where, calls: None)

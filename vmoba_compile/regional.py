@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .accounting import CONTROLS, Account, forward_codes
 from .passes import CURRENT_CONTEXT, AttentionCall, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
@@ -97,6 +98,11 @@ class BlockCall:
         self.block = block
         self.owners: weakref.WeakSet[RegionalBlocks] = weakref.WeakSet()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        # A copied block does not belong to the optimized models of the original: the copy
+        # runs as written (``_compiled_call_impl`` None) until optimize installs its own hook.
+        return None
+
     @classmethod
     def install(cls, block: torch.nn.Module, owner: RegionalBlocks) -> None:
         impl = getattr(block, "_compiled_call_impl", None)
@@ -127,9 +133,7 @@ class BlockCall:
                 owner, key, saved = taken
                 token = CURRENT_CONTEXT.set(saved)
                 try:
-                    return owner.variant(key, owner.index_of(self.block))(
-                        self.block, *args, **kwargs
-                    )
+                    return owner.run(key, owner.index_of(self.block), args, kwargs)
                 finally:
                     CURRENT_CONTEXT.reset(token)
         # The user's model called directly (not through the optimized model): run it as written.
@@ -178,6 +182,8 @@ class RegionalBlocks:
             **kwargs)`` for one variant; ``key`` is :meth:`key`'s; ``on_graph`` is the VMoBA
             backend's report callback.
         report_add: the optimized model's ``report.add``.
+        account: the optimized model's :class:`~vmoba_compile.accounting.Account`.
+        layer_of: module path -> layer index of the video self-attention modules.
     """
 
     def __init__(
@@ -186,6 +192,8 @@ class RegionalBlocks:
         blocks: dict[str, tuple[int, ...]],
         compile_variant: Callable[..., Callable[..., Any]],
         report_add: Callable[[str, list[AttentionCall]], None],
+        account: Account,
+        layer_of: dict[str, int],
     ) -> None:
         self.paths = list(blocks)
         self.layers = [blocks[p] for p in self.paths]
@@ -193,6 +201,15 @@ class RegionalBlocks:
         self._index = {id(m): i for i, m in enumerate(self.modules)}
         self._compile_variant = compile_variant
         self._report_add = report_add
+        self._account = account
+        path_of = {layer: path for path, layer in layer_of.items()}
+        # Per block: (path, layer index, module) of each of its video self-attention modules.
+        self._attention = [
+            [(path_of[layer], layer, model.get_submodule(path_of[layer])) for layer in layers]
+            for layers in self.layers
+        ]
+        self._running: list[int] = []  # the blocks whose call is running, innermost last
+        self._codes: dict[tuple, Any] = {}  # variant key -> the code object Dynamo compiles
         self.variants: dict[tuple, Callable[..., Any]] = {}
         # (block index, id of its first tensor input) -> (weakref to it, variant key, context):
         # what a checkpointed block's recomputation in the backward must run.
@@ -253,13 +270,25 @@ class RegionalBlocks:
                     self._expand(index, shared or [index], calls, ctx),
                 )
 
+            src = self.paths[index] + "."
+
+            def on_run(calls: list[AttentionCall], out: Any) -> None:
+                # The graph's calls carry the compiling block's paths; count them for the
+                # block running it.
+                dst = self.paths[self._running[-1]] + "." if self._running else src
+                self._account.graph_ran(
+                    calls, out, lambda m: dst + m[len(src) :] if m.startswith(src) else m
+                )
+
             logger.info(
                 "compiling block variant %d, %s, on block %s (blocks of the same variant reuse it)",
                 len(self.variants) + 1,
                 "dense" if key == ("dense",) else f"partitions {'+'.join(key[0])}, {key[1]}",
                 self.paths[index],
             )
-            fn = self._compile_variant(key, _fresh_function(name), on_graph)
+            fresh = _fresh_function(name)
+            self._codes[key] = fresh.__code__
+            fn = self._compile_variant(key, fresh, on_graph, on_run)
             self.variants[key] = fn
         return fn
 
@@ -287,7 +316,40 @@ class RegionalBlocks:
         key = self.key(index, ctx)
         # Also without gradients: reentrant checkpointing runs the forward under no_grad.
         self._remember(index, args, kwargs, key, ctx)
-        return self.variant(key, index)(self.modules[index], *args, **kwargs)
+        ran, ctx.ran = ctx.ran, set()
+        try:
+            out = self.run(key, index, args, kwargs)
+            self._settle(index, key, ctx)
+        finally:
+            ran |= ctx.ran
+            ctx.ran = ran
+        return out
+
+    def run(self, key: tuple, index: int, args: tuple, kwargs: dict) -> Any:
+        """Block ``index`` runs variant ``key`` (in the forward, or recomputed in the
+        backward)."""
+        fn = self.variant(key, index)
+        self._running.append(index)
+        try:
+            return fn(self.modules[index], *args, **kwargs)
+        finally:
+            self._running.pop()
+
+    def _settle(self, index: int, key: tuple, ctx: CallContext) -> None:
+        """After a call of block ``index``: its video self-attention modules that no compiled
+        graph ran (``ctx.ran``) ran dense, or not at all; count them, with the cause."""
+        attention = self._attention[index]
+        if key == ("dense",):
+            self._account.ran_dense([p for p, _, _ in attention], CONTROLS, planned=False)
+            return
+        dense = ctx.dense_layers
+        missing = [(p, m) for p, layer, m in attention if layer not in dense and p not in ctx.ran]
+        if not missing:
+            return
+        block = self.modules[index]
+        codes = [self._codes[key], *forward_codes([block, *(m for _, m in missing)])]
+        where = [(self.paths[index], block), *missing]
+        self._account.no_graph([p for p, _ in missing], codes, where)
 
     @staticmethod
     def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

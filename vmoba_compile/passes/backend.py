@@ -29,6 +29,8 @@ class VMoBABackend:
             rewritten graph, forward and backward, and runs it op by op: for debugging, and for
             fast CPU tests of the rewrite).
         apply: False decides only and runs the graph unchanged (``explain``).
+        on_run: called with ``(calls, output)`` after each run of a compiled graph holding
+            attention calls (the account of what ran, :mod:`vmoba_compile.accounting`).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class VMoBABackend:
         *,
         lowering: str = "inductor",
         apply: bool = True,
+        on_run: Callable[[list[AttentionCall], Any], None] | None = None,
     ) -> None:
         if lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
@@ -45,6 +48,7 @@ class VMoBABackend:
         self.config_patches = dict(config_patches or {})
         self.lowering = lowering
         self.apply = apply
+        self.on_run = on_run
         self.graph_runs = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -88,10 +92,16 @@ class VMoBABackend:
         if self.apply:
             logger.info("lowered in %.1f s (%s)", time.perf_counter() - t0, self.lowering)
 
+        on_run = self.on_run if calls else None
+
         def run(*args: Any) -> Any:
             # Counts graph runs, so the wrapper can tell when Dynamo ran the model without any
-            # of our graphs (its recompile limit reached, or the frame skipped).
+            # of our graphs (its recompile limit reached, or the frame skipped), and each
+            # attention call's execution.
             self.graph_runs += 1
-            return compiled(*args)
+            out = compiled(*args)
+            if on_run is not None:
+                on_run(calls, out)
+            return out
 
         return run

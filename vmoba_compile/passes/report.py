@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Any
 
-__all__ = ["AttentionCall", "RewriteReport", "Skip", "SkipReason"]
+__all__ = ["AttentionCall", "Executions", "RewriteReport", "Skip", "SkipReason"]
 
 
 class SkipReason(enum.Enum):
@@ -174,6 +174,35 @@ class AttentionCall:
 
 
 @dataclasses.dataclass
+class Executions:
+    """What one module's attention calls ran, counted as they ran (not as planned).
+
+    Attributes:
+        vmoba_forward: forward runs of a VMoBA graph call (a rewritten call).
+        vmoba_backward: backward runs of the compiled graph holding a rewritten call.
+        dense_forward: forward runs of the call as dense attention, for any cause.
+        dense_causes: cause -> count, summing to ``dense_forward``: the decision of the graph
+            that ran it (its :class:`SkipReason` message), the runtime controls, or why no
+            VMoBA graph ran it (Dynamo's recompile limit, a ``torch.compiler.disable``d hook, a
+            graph break).
+        no_graph: calls of the module's block (or model) in which it was planned to run VMoBA
+            but no compiled graph ran it, for no cause that proves it ran dense: the model
+            skipped it (a cache hook reusing an earlier output) or Dynamo ran it eagerly for a
+            cause not detected (the warning says which was looked for).
+    """
+
+    vmoba_forward: int = 0
+    vmoba_backward: int = 0
+    dense_forward: int = 0
+    dense_causes: dict[str, int] = dataclasses.field(default_factory=dict)
+    no_graph: int = 0
+
+    def add_dense(self, cause: str) -> None:
+        self.dense_forward += 1
+        self.dense_causes[cause] = self.dense_causes.get(cause, 0) + 1
+
+
+@dataclasses.dataclass
 class RewriteReport:
     """Every attention call the pass saw, one list per compiled graph.
 
@@ -192,6 +221,8 @@ class RewriteReport:
     found_by: str = ""
     # Under diffusers' context parallelism and/or FSDP2: the setup (see vmoba_compile.parallel).
     parallel: str | None = None
+    # module path -> what its attention calls ran (the account; the graphs are the plan).
+    executions: dict[str, Executions] = dataclasses.field(default_factory=dict)
 
     @property
     def calls(self) -> list[AttentionCall]:
@@ -208,6 +239,45 @@ class RewriteReport:
 
     def add(self, where: str, calls: list[AttentionCall]) -> None:
         self.graphs.append((where, list(calls)))
+
+    def ran(self, module: str) -> Executions:
+        """The execution counts of ``module`` (created at zero)."""
+        found = self.executions.get(module)
+        if found is None:
+            found = self.executions[module] = Executions()
+        return found
+
+    @property
+    def vmoba_runs(self) -> int:
+        """Forward runs of VMoBA attention calls, all modules."""
+        return sum(e.vmoba_forward for e in self.executions.values())
+
+    @property
+    def dense_runs(self) -> int:
+        """Forward runs of dense attention calls, all modules (any cause)."""
+        return sum(e.dense_forward for e in self.executions.values())
+
+    def _execution_lines(self) -> list[str]:
+        if not self.executions:
+            return ["executions: none yet (the counts grow as the model runs)"]
+        lines = [
+            f"executions (what ran): {self.vmoba_runs} VMoBA forward, "
+            f"{sum(e.vmoba_backward for e in self.executions.values())} VMoBA backward, "
+            f"{self.dense_runs} dense forward"
+        ]
+        width = max(len(m) for m in self.executions)
+        lines.append(
+            f"  {'module':{width}}  {'vmoba fwd':>9}  {'vmoba bwd':>9}  {'dense fwd':>9}  "
+            f"{'no graph':>8}"
+        )
+        for module, e in self.executions.items():
+            lines.append(
+                f"  {module:{width}}  {e.vmoba_forward:>9}  {e.vmoba_backward:>9}  "
+                f"{e.dense_forward:>9}  {e.no_graph:>8}"
+            )
+            for cause, n in e.dense_causes.items():
+                lines.append(f"  {'':{width}}    dense x{n}: {cause}")
+        return lines
 
     def __str__(self) -> str:
         family = self.found_by or (f"adapter '{self.family}'" if self.family else "explicit layout")
@@ -243,4 +313,5 @@ class RewriteReport:
                 lines.append(
                     f"  {layer:>5}  {part:4}  {kernel:6}  {c.module:{width}}  {c.shape:24}  {what}"
                 )
+        lines += self._execution_lines()
         return "\n".join(lines)

@@ -81,6 +81,8 @@ class CallContext:
         calls: decisions of the graphs compiled during this forward call.
         parallel: the :class:`~vmoba_compile.parallel.ParallelPlan` under context parallelism
             or FSDP2 (None in one process): it places and decides the calls.
+        ran: module paths whose calls a compiled VMoBA graph ran in this forward call (the
+            account, :mod:`vmoba_compile.accounting`).
     """
 
     config: VMoBAConfig
@@ -95,6 +97,7 @@ class CallContext:
     regional: Any = None
     calls: list[AttentionCall] = dataclasses.field(default_factory=list)
     parallel: Any = None
+    ran: set[str] = dataclasses.field(default_factory=set)
 
     def describe(self) -> str:
         if self.layout is not None:
