@@ -19,13 +19,14 @@ import torch
 
 from .passes import CURRENT_CONTEXT, AttentionCall, RewriteReport
 
-__all__ = ["CONTROLS", "Account", "forward_codes", "why_no_graph"]
+__all__ = ["CONTROLS", "Account", "forward_codes", "in_backward", "why_no_graph"]
 
 CONTROLS = "kept dense by the runtime controls (a dense warm-up step or dense_layers)"
 
 
-def _in_backward() -> bool:
-    """A block recomputed in the backward (activation checkpointing): its forward was counted."""
+def in_backward() -> bool:
+    """True inside an autograd backward: a block run now is a recomputation (activation
+    checkpointing), whose forward was already counted."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -134,10 +135,10 @@ class Account:
     ) -> None:
         """One run of a compiled graph whose decisions are ``calls`` (``translate``: the
         compiling block's module paths to the running block's)."""
+        if in_backward():  # a checkpointed block recomputed: counted by its forward
+            return
         ctx = CURRENT_CONTEXT.get()
         modules = [translate(c.module) if translate else c.module for c in calls]
-        if _in_backward():  # a checkpointed block recomputed: counted by its forward
-            return
         if ctx is not None:
             ctx.ran.update(modules)
         rewritten = []

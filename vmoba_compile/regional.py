@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .accounting import CONTROLS, Account, forward_codes
+from .accounting import CONTROLS, Account, forward_codes, in_backward
 from .passes import CURRENT_CONTEXT, AttentionCall, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
@@ -127,7 +127,7 @@ class BlockCall:
         owner = ctx.regional if ctx is not None else None
         if owner is not None and owner in self.owners:
             return owner.call(owner.index_of(self.block), args, kwargs)
-        if torch._C._current_graph_task_id() != -1:
+        if in_backward():
             taken = self._recalled(args, kwargs)
             if taken is not None:
                 owner, key, saved = taken
@@ -270,15 +270,11 @@ class RegionalBlocks:
                     self._expand(index, shared or [index], calls, ctx),
                 )
 
-            src = self.paths[index] + "."
-
             def on_run(calls: list[AttentionCall], out: Any) -> None:
                 # The graph's calls carry the compiling block's paths; count them for the
                 # block running it.
-                dst = self.paths[self._running[-1]] + "." if self._running else src
-                self._account.graph_ran(
-                    calls, out, lambda m: dst + m[len(src) :] if m.startswith(src) else m
-                )
+                running = self._running[-1] if self._running else index
+                self._account.graph_ran(calls, out, lambda m: self._moved(m, index, running))
 
             logger.info(
                 "compiling block variant %d, %s, on block %s (blocks of the same variant reuse it)",
@@ -297,16 +293,22 @@ class RegionalBlocks:
     ) -> list[AttentionCall]:
         """The decisions of block ``index``'s graph, repeated for every block that runs it
         (module path and layer index of each)."""
-        src = self.paths[index] + "."
         layer_of = ctx.layer_of if ctx is not None else {}
         out = []
         for i in shared:
-            dst = self.paths[i] + "."
             for c in calls:
-                module = dst + c.module[len(src) :] if c.module.startswith(src) else c.module
+                module = self._moved(c.module, index, i)
                 layer = layer_of.get(module, c.layer_index) if c.rewritten else None
                 out.append(dataclasses.replace(c, module=module, layer_index=layer))
         return out
+
+    def _moved(self, module: str, src: int, dst: int) -> str:
+        """``module``'s path inside block ``src`` as the same module's path inside block
+        ``dst`` (a path outside block ``src`` unchanged)."""
+        prefix = self.paths[src] + "."
+        if not module.startswith(prefix):
+            return module
+        return self.paths[dst] + "." + module[len(prefix) :]
 
     def call(self, index: int, args: tuple, kwargs: dict) -> Any:
         """Block ``index`` called inside this model's forward: its variant, remembered for a
