@@ -1,4 +1,5 @@
-"""Run a model eagerly with every SDPA call recorded (and optionally replaced), for tests.
+"""Run a model eagerly with every SDPA call recorded (and optionally replaced), for tests; and
+:class:`KernelSpy`, which records the pass's kernel decisions.
 
 Each call is attributed to the innermost module running it (forward pre/post hooks). The patch
 of ``torch.nn.functional.scaled_dot_product_attention`` is test-only and scoped to one run.
@@ -105,3 +106,39 @@ def record_sdpa(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Call]
     """Run ``model(*args, **kwargs)`` without grad and record every SDPA call."""
     with torch.no_grad():
         return run_with_sdpa(model, args, kwargs)[1]
+
+
+class KernelSpy:
+    """Records the sequence length of each kernel decision the pass makes (``decided``) and
+    counts the decisions the op makes itself (``op_decisions``: 0 when the pass's decision is
+    carried to the op)."""
+
+    def __init__(self) -> None:
+        from vmoba_compile import attention
+        from vmoba_compile.passes import rewrite
+
+        self.decided: list[int | None] = []
+        self.op_decisions = 0
+        decide_original, op_original = rewrite.kernel_for, attention.kernel_for
+
+        def decide(*args: Any, **kwargs: Any) -> Any:
+            self.decided.append(kwargs.get("seq_len"))
+            return decide_original(*args, **kwargs)
+
+        def op(*args: Any, **kwargs: Any) -> Any:
+            self.op_decisions += 1
+            return op_original(*args, **kwargs)
+
+        self._patches = [
+            mock.patch.object(rewrite, "kernel_for", decide),
+            mock.patch.object(attention, "kernel_for", op),
+        ]
+
+    def __enter__(self) -> KernelSpy:
+        for p in self._patches:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self._patches:
+            p.__exit__(*exc)

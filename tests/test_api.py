@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_models as tm  # noqa: E402
-from sdpa_spy import record_sdpa, run_with_sdpa  # noqa: E402
+from sdpa_spy import KernelSpy, record_sdpa, run_with_sdpa  # noqa: E402
 
 from vmoba_compile import (  # noqa: E402
     SkipReason,
@@ -126,9 +126,14 @@ def test_family_sparse_equals_reference(family: str) -> None:
     model, args, kwargs = built(family)
     config = sparse_config(family)
     opt = optimize(model, config, lowering="aot_eager", fullgraph=True)
-    with torch.no_grad():
+    with torch.no_grad(), KernelSpy() as kernels:
         out = first(opt(*args, **kwargs))
+    with torch.no_grad():
         ref = reference_forward(model, args, kwargs, config)
+    # the kernel is decided once, by the pass (once per call of each compiled graph, which
+    # several blocks may run), and the op runs that decision
+    sparse = [c for c in opt.report.rewritten if c.kernel != "sdpa"]
+    assert kernels.op_decisions == 0 and 0 < len(kernels.decided) <= len(sparse)
     # The default compiles every family block by block: one graph per variant (partitions of
     # a block's layers), at most one per partition of the schedule for one block class.
     variants = opt.regional_blocks.variants

@@ -23,6 +23,7 @@ from unittest import mock
 
 import pytest
 import torch
+from sdpa_spy import KernelSpy
 
 pytest.importorskip("diffusers")
 if not torch.distributed.is_available():  # pragma: no cover - every CI torch has it
@@ -159,8 +160,9 @@ def _inference_worker() -> dict[str, Any]:
         cp_model, _, _ = _build(family, num_layers=2)
         enable_cp(cp_model, ulysses_degree=WORLD)
         opt = optimize(cp_model, config, lowering="aot_eager")
-        with torch.no_grad():
+        with torch.no_grad(), KernelSpy() as kernels:
             got = _first(opt(*args, **kwargs))
+        with torch.no_grad():
             graphs = _unique_graphs()
             with FlexSpy() as spy:
                 again = _first(opt(*args, **kwargs))
@@ -174,6 +176,9 @@ def _inference_worker() -> dict[str, Any]:
             flex_expected=flex_per_call * len(opt.report.rewritten),
             flex_cp=spy.count,
             report=str(opt.report),
+            kernel_seq_lens=kernels.decided,
+            op_kernel_decisions=kernels.op_decisions,
+            video_tokens=opt.report.rewritten[0].shape,
             one_process_path=one.parallel_plan is None and one.report.parallel is None,
         )
         if not controls:
@@ -375,6 +380,19 @@ def test_guard_rewritten_calls_really_run_vmoba(inference: dict, family: str) ->
     r = inference[family]
     assert r["flex_cp"] > 0
     assert r["flex_cp"] == r["flex_expected"], r["report"]
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx_video"])
+def test_ulysses_kernel_decided_once_on_the_full_sequence(inference: dict, family: str) -> None:
+    """The kernel is decided where the call is rewritten, on the sequence the attention sees
+    after the exchange (S, not the rank's S / P), and the op runs that decision (it decides
+    nothing itself), so the report names the kernel that ran."""
+    r = inference[family]
+    # the report's shape: "[B, H/P, S, D] kv S (rank in: [B, H, S/P, D] kv S/P)"
+    full = int(r["video_tokens"].split("]")[0].split(",")[2])
+    assert len(r["kernel_seq_lens"]) == len(r["rewritten"]), r["report"]
+    assert set(r["kernel_seq_lens"]) == {full}, (r["kernel_seq_lens"], r["report"])
+    assert r["op_kernel_decisions"] == 0
 
 
 @pytest.mark.parametrize("order", ["fsdp_then_cp", "cp_then_fsdp"])

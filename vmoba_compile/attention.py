@@ -316,8 +316,17 @@ def kernel_for(
     config: VMoBAConfig,
     layer_index: int,
     backward: bool,
+    seq_len: int | None = None,
 ) -> KernelChoice:
-    """The kernel that :func:`vmoba_attention` runs for these inputs (the report uses it too)."""
+    """The kernel of a VMoBA call on these inputs: the pass decides it once where it rewrites
+    the call and hands it to :func:`vmoba_attention` (``kernel=``); a direct call of the op
+    decides it here.
+
+    ``seq_len``: the tokens the attention will see, where they differ from ``q``'s (under
+    Ulysses context parallelism the rank holds ``S / P`` of them and attends over ``S``).
+    """
+    if seq_len is None and isinstance(q.shape[2], int):
+        seq_len = q.shape[2]
     return choose_kernel(
         config,
         config.partition_for(layer_index),
@@ -326,7 +335,7 @@ def kernel_for(
         head_dim=q.shape[-1],
         head_dim_v=v.shape[-1],
         backward=backward,
-        seq_len=q.shape[2] if isinstance(q.shape[2], int) else None,
+        seq_len=seq_len,
     )
 
 
@@ -340,6 +349,7 @@ def vmoba_attention(
     layer_index: int,
     scale: float | None = None,
     text_key_mask: torch.Tensor | None = None,
+    kernel: KernelChoice | None = None,
 ) -> torch.Tensor:
     """VMoBA self-attention over a video (plus text) sequence.
 
@@ -354,6 +364,8 @@ def vmoba_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         text_key_mask: optional ``[B, L]`` bool, False for text keys that no query may attend
             (text padding, HunyuanVideo style).
+        kernel: the kernel decided for this call (:func:`kernel_for`); the pass passes the one
+            its report names. None: decided here.
 
     Returns:
         ``[B, H, S, Dv]`` in the input dtype.
@@ -366,7 +378,7 @@ def vmoba_attention(
 
     # The same test as FlexAttention's own for whether a backward will run.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    choice = kernel_for(q, v, config, layer_index, backward)
+    choice = kernel if kernel is not None else kernel_for(q, v, config, layer_index, backward)
     if not choice.possible:
         raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
     idx = _compat.plan_index(plan, q.device)

@@ -52,6 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .kernels import KernelChoice
 from .passes.report import Skip, SkipReason
 from .passes.rewrite import (
     _PATH_ITEM,
@@ -59,11 +60,12 @@ from .passes.rewrite import (
     AttentionCall,
     BoundVMoBA,
     CallContext,
-    _kernel,
     _Rewrite,
     _rewrite_reason,
     _shape_text,
     decide,
+    decide_kernel,
+    kernel_text,
 )
 
 __all__ = ["ParallelPlan", "UlyssesAttention", "detect_parallel", "ulysses_exchange"]
@@ -357,14 +359,15 @@ class ParallelPlan:
         if isinstance(decided, Skip):
             call = AttentionCall.dense(module, shape, decided)
         else:
-            choice, (name, why) = decided
+            choice, kernel = decided
+            name, why = kernel_text(kernel)
             partition = ctx.config.partition_for(choice.layer_index).value
             reason = _rewrite_reason(choice, ctx.config)
             if exchange:
                 reason += f", on H/{self.degree} heads per rank after the Ulysses all-to-all"
             reason += f"; kernel {name}: {why}"
             call = AttentionCall(module, shape, True, reason, choice.layer_index, partition, name)
-            inner = BoundVMoBA(choice, ctx.config, bound["scale"])
+            inner = BoundVMoBA(choice, ctx.config, bound["scale"], kernel)
         if apply and (exchange or inner is not None):
             self._replace(sub, node, bound, inner, exchange, module)
         return call
@@ -377,11 +380,11 @@ class ParallelPlan:
         ctx: CallContext,
         next_layer: Callable[[], int],
         exchange: bool,
-    ) -> tuple[_Rewrite, tuple[str, str]] | Skip:
+    ) -> tuple[_Rewrite, KernelChoice | None] | Skip:
         """:func:`~vmoba_compile.passes.rewrite.decide` on the call as attention sees it
         (``values``), then this setup's own refusals, then the kernel (on the tensors as they
-        run: ``rank_values``): the rewrite and its ``(kernel, why)``, or why the call stays
-        dense."""
+        run: ``rank_values``, over the sequence the attention sees): the rewrite and its kernel,
+        or why the call stays dense."""
         choice = decide(values, module, ctx, next_layer)
         if isinstance(choice, Skip):
             return choice
@@ -391,7 +394,8 @@ class ParallelPlan:
             return SkipReason.CP_NOT_EXCHANGED.skip(module=module)
         if exchange and ctx.grid is not None and ctx.grid.video_tokens % self.degree:
             return SkipReason.CP_VIDEO_TOKENS.skip(tokens=ctx.grid.video_tokens, degree=self.degree)
-        kernel = _kernel(rank_values, choice, ctx.config)
+        seq_len = values["query"].shape[2]  # S after the exchange, S / P on the rank before it
+        kernel = decide_kernel(rank_values, choice, ctx.config, seq_len=seq_len)
         return kernel if isinstance(kernel, Skip) else (choice, kernel)  # Skip: flash cannot run
 
     def _exchanged_values(self, values: dict[str, Any], module: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from ..config import VMoBAConfig
+from ..kernels import KernelChoice
 from ..layout import TextPosition, VideoLayout
 from .report import AttentionCall, Skip, SkipReason
 
@@ -128,6 +129,7 @@ def vmoba_sdpa(
     scale: float | None,
     key_padding: bool,
     dynamic_text: bool = False,
+    kernel: KernelChoice | None = None,
 ) -> torch.Tensor:
     """What a rewritten SDPA call runs: ``vmoba_attention`` with the call's fixed layout.
 
@@ -135,9 +137,12 @@ def vmoba_sdpa(
     part is all True (HunyuanVideo); its text part becomes ``text_key_mask``.
     ``dynamic_text``: the call holds ``S - N <= layout.text_tokens`` suffix text tokens, a number
     known only at run time (Mochi); ``layout`` has the upper bound.
+    ``kernel``: the kernel the rewrite decided (and its report names).
     """
     if dynamic_text:
-        return _vmoba_sdpa_dynamic_text(query, key, value, layout, config, layer_index, scale)
+        return _vmoba_sdpa_dynamic_text(
+            query, key, value, layout, config, layer_index, scale, kernel
+        )
     text_key_mask = None
     if key_padding and attn_mask is not None:
         text_key_mask = text_key_mask_from_padding(attn_mask, layout, query.shape[0])
@@ -150,10 +155,11 @@ def vmoba_sdpa(
         layer_index=layer_index,
         scale=scale,
         text_key_mask=text_key_mask,
+        kernel=kernel,
     )
 
 
-def _vmoba_sdpa_dynamic_text(q, k, v, layout, config, layer_index, scale):
+def _vmoba_sdpa_dynamic_text(q, k, v, layout, config, layer_index, scale, kernel):
     """Pad the suffix text to its upper bound, mask the padded keys, drop the padded rows."""
     s, n, most = q.shape[2], layout.video_tokens, layout.text_tokens
     pad = layout.seq_len - s
@@ -169,6 +175,7 @@ def _vmoba_sdpa_dynamic_text(q, k, v, layout, config, layer_index, scale):
         layer_index=layer_index,
         scale=scale,
         text_key_mask=text_key_mask,
+        kernel=kernel,
     )
     return out[:, :, :s]
 
@@ -480,17 +487,17 @@ def rewrite_graph(
                 calls.append(AttentionCall.dense(module, shape, choice))
                 continue
             partition = ctx.config.partition_for(choice.layer_index).value
-            kernel = _kernel(values, choice, ctx.config)
+            kernel = decide_kernel(values, choice, ctx.config)
             if isinstance(kernel, Skip):  # kernel='flash' and FA4 cannot run this call
                 calls.append(AttentionCall.dense(module, shape, kernel))
                 continue
-            name, why = kernel
+            name, why = kernel_text(kernel)
             reason = f"{_rewrite_reason(choice, ctx.config)}; kernel {name}: {why}"
             calls.append(
                 AttentionCall(module, shape, True, reason, choice.layer_index, partition, name)
             )
             if apply:
-                _replace(sub, node, bound, choice, ctx.config)
+                _replace(sub, node, bound, BoundVMoBA(choice, ctx.config, bound["scale"], kernel))
                 changed = True
         if changed:
             sub.graph.lint()
@@ -498,21 +505,32 @@ def rewrite_graph(
     return calls
 
 
-def _kernel(
-    values: dict[str, Any], choice: _Rewrite, config: VMoBAConfig
-) -> tuple[str, str] | Skip:
-    """The kernel the rewritten call will run and why (:func:`~vmoba_compile.attention.
-    kernel_for`, the op's own choice), or the :class:`Skip` when ``kernel='flash'`` cannot run
-    (the call then stays dense)."""
+def decide_kernel(
+    values: dict[str, Any], choice: _Rewrite, config: VMoBAConfig, seq_len: int | None = None
+) -> KernelChoice | None | Skip:
+    """The kernel of a rewritten call, decided once here: the report names it and the op runs
+    it (:class:`BoundVMoBA` carries it). None when every chunk is kept (the op runs dense
+    SDPA); the :class:`Skip` when ``kernel='flash'`` cannot run (the call then stays dense).
+
+    ``values``: the call's tensors on the device and in the dtype they run; ``seq_len``: the
+    tokens the attention sees when they differ from ``values``' (after Ulysses' exchange).
+    """
     plan = plan_for(choice.layout, config, choice.layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
-        return "sdpa", "every chunk kept"
+        return None
     q, k, v = values["query"], values["key"], values["value"]
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    kc = kernel_for(q, v, config, choice.layer_index, backward)
+    kc = kernel_for(q, v, config, choice.layer_index, backward, seq_len=seq_len)
     if not kc.possible:
         return SkipReason.FLASH_CANNOT_RUN.skip(why=kc.reason)
-    return kc.kernel.value, kc.reason
+    return kc
+
+
+def kernel_text(kernel: KernelChoice | None) -> tuple[str, str]:
+    """The report's kernel name and reason of :func:`decide_kernel`'s decision."""
+    if kernel is None:
+        return "sdpa", "every chunk kept"
+    return kernel.kernel.value, kernel.reason
 
 
 def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
@@ -535,8 +553,14 @@ class BoundVMoBA:
     nested graph, e.g. under activation checkpointing, is run from that source).
     """
 
-    def __init__(self, choice: _Rewrite, config: VMoBAConfig, scale: float | None) -> None:
-        self.choice, self.config, self.scale = choice, config, scale
+    def __init__(
+        self,
+        choice: _Rewrite,
+        config: VMoBAConfig,
+        scale: float | None,
+        kernel: KernelChoice | None = None,
+    ) -> None:
+        self.choice, self.config, self.scale, self.kernel = choice, config, scale, kernel
         self.__name__ = self.__qualname__ = f"vmoba_sdpa_layer{choice.layer_index}"
         self.__module__ = __name__
 
@@ -553,16 +577,17 @@ class BoundVMoBA:
             scale=self.scale,
             key_padding=c.key_padding,
             dynamic_text=c.dynamic_text,
+            kernel=self.kernel,
         )
 
     def __repr__(self) -> str:
         return f"<{self.__name__}>"
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, choice: _Rewrite, config) -> None:
+def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, target: BoundVMoBA) -> None:
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
-            BoundVMoBA(choice, config, bound["scale"]),
+            target,
             args=(bound["query"], bound["key"], bound["value"], bound["attn_mask"]),
         )
     new.meta.update(node.meta)
