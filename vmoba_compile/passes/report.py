@@ -26,6 +26,13 @@ class SkipReason(enum.Enum):
     HEADS_MISMATCH = "{query_heads} query heads vs {key_heads} key heads without enable_gqa"
     SCALE_AT_RUN_TIME = "scale decided at run time"
     NOT_SELF_ATTENTION = "not a video self-attention module of {family}"
+    MODULE_UNPROVEN = (
+        "its module could not be identified: the graph holding it has none of the module's "
+        "parameters under the name Dynamo reached it by (hooks that wrap forwards or sit on "
+        "every leaf module: diffusers' leaf-level group offloading or first-block cache, "
+        "accelerate's cpu_offload). Use block-level hooks "
+        "(enable_group_offload(offload_type='block_level')) or none"
+    )
     # the layout of the call's length
     LAYOUT_MISMATCH = "{tokens} tokens do not match the layout's {expected} ({layout})"
     GRID_UNKNOWN = "video grid unknown for this call: {detail}"

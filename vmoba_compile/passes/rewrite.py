@@ -251,7 +251,8 @@ def frame_prefix(
 
 def owner_path(node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
     """The module path of the innermost module around ``node`` that is in ``known`` (else the
-    innermost module's path, else ``"?"``). ``prefix``: see :func:`frame_prefix`."""
+    innermost module's path, else ``"?"``), read from Dynamo's source names. ``prefix``: see
+    :func:`frame_prefix`. :class:`Placement` places by identity first; this is its fallback."""
     stack = node.meta.get("nn_module_stack") or {}
     paths = [normalize_module_path(v[0]) for v in stack.values() if isinstance(v, tuple)]
     paths = [(prefix + p).rstrip(".") for p in ([""] if prefix else []) + paths]
@@ -260,6 +261,106 @@ def owner_path(node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
         if p in known:
             return p
     return paths[-1] if paths else "?"
+
+
+_SOURCE_BASE = re.compile(r"^(?:[LG]\[['\"]([^'\"\]]+)['\"]\]|([A-Za-z_]\w*))")
+_SOURCE_ITEM = re.compile(r"\.([A-Za-z_]\w*|\d+)|\[['\"]([^'\"\]]+)['\"]\]|\[(\d+)\]")
+_CONTAINERS = frozenset({"__dict__", "_modules", "_parameters", "_buffers"})
+
+
+def source_chain(source: str) -> tuple[str, ...] | None:
+    """Dynamo's source name as a chain of names: ``L['self'].fn_ref.__self__._modules['attn1']``
+    -> ``("self", "fn_ref", "__self__", "attn1")`` (module containers dropped), or None when
+    it is not a plain chain of attribute and item accesses."""
+    m = _SOURCE_BASE.match(source)
+    if m is None:
+        return None
+    chain = [m.group(1) or m.group(2)]
+    rest = source[m.end() :]
+    pos = 0
+    for item in _SOURCE_ITEM.finditer(rest):
+        if item.start() != pos:
+            return None
+        pos = item.end()
+        name = next(g for g in item.groups() if g is not None)
+        if name not in _CONTAINERS:
+            chain.append(name)
+    return tuple(chain) if pos == len(rest) else None
+
+
+def _source_name(node: fx.Node) -> str | None:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return name if isinstance(name, str) else None
+
+
+class Placement:
+    """Which module of the model an attention call belongs to, by identity.
+
+    Dynamo names a module by how the traced frame reached it (``L['self'].blocks[0].attn1``, or
+    through a hook's wrapper ``L['self'].fn_ref.original_forward.__self__.attn1``, or a local of
+    an attention processor ``L['attn']``): names, not modules. The graph's parameter inputs tie
+    those names to objects: a parameter reached as ``<chain>.to_q.weight`` that is the model's
+    ``blocks.0.attn1.to_q.weight`` (the same tensor, by ``id``) proves that ``<chain>`` is the
+    module ``blocks.0.attn1``. A call is placed in the innermost module of its
+    ``nn_module_stack`` so proven; with no stack (the frame is an attention processor's or a
+    hook's function), in the one video self-attention module among the frame's own locals (or its
+    one module). A call whose module the graph's parameters do not prove is placed by its name
+    (:func:`owner_path`) only where that name is a known module or the graph proves no name at
+    all (it holds no parameters); else it is ``"?"`` and stays dense (``MODULE_UNPROVEN``).
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], param_names: dict[int, str]
+    ) -> None:
+        self.paths: dict[tuple[str, ...], str | None] = {}  # chain -> path (None: ambiguous)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, example in zip(placeholders, example_inputs, strict=False):
+            full = param_names.get(id(example))
+            name = _source_name(node)
+            chain = source_chain(name) if full is not None and name is not None else None
+            if chain is None or full is None:
+                continue
+            parts = full.split(".")
+            common = 0
+            while (
+                common < min(len(chain) - 1, len(parts))
+                and chain[-1 - common] == parts[-1 - common]
+            ):
+                common += 1
+            for j in range(1, common + 1):  # every module on the shared tail, and its head
+                self._prove(chain[:-j], ".".join(parts[:-j]))
+
+    def _prove(self, chain: tuple[str, ...], path: str) -> None:
+        if self.paths.get(chain, path) != path:
+            self.paths[chain] = None  # two objects under one name: prove nothing
+        else:
+            self.paths[chain] = path
+
+    def module_of(self, source: str) -> str | None:
+        chain = source_chain(source)
+        return self.paths.get(chain) if chain is not None else None
+
+    def place(self, node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
+        """The module path of ``node``'s call (see the class)."""
+        known = set(known)
+        stack = node.meta.get("nn_module_stack") or {}
+        proven = [self.module_of(v[0]) for v in stack.values() if isinstance(v, tuple)]
+        proven = [p for p in proven if p is not None]
+        for p in reversed(proven):
+            if p in known:
+                return p
+        if not stack:
+            heads = {p for c, p in self.paths.items() if len(c) == 1 and p is not None}
+            mine = heads & known
+            if len(mine) == 1 or len(heads) == 1:
+                return (mine or heads).pop()
+        if proven:
+            return proven[-1]
+        named = owner_path(node, known, prefix)
+        # The graph ties names to modules, but not this call's: its name is not evidence.
+        return named if named in known or not self.paths else "?"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +448,10 @@ def _check_semantics(args: dict[str, Any]) -> Skip | None:
 
 
 def _check_module(module: str, ctx: CallContext) -> Skip | None:
-    """With an adapter, only its video self-attention modules are rewritten."""
+    """With an adapter, only its video self-attention modules are rewritten; a call whose
+    module is not identified (``"?"``) is not rewritten, with or without one."""
+    if module == "?":
+        return SkipReason.MODULE_UNPROVEN.skip()
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
     return None
@@ -457,6 +561,7 @@ def rewrite_graph(
     calls: list[AttentionCall] = []
     counter = iter(range(1 << 30))
     prefix = frame_prefix(gm, example_inputs, ctx.param_names)
+    placement = Placement(gm, example_inputs, ctx.param_names)
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
             continue
@@ -478,7 +583,7 @@ def rewrite_graph(
                 calls.append(call)
                 changed = changed or apply
                 continue
-            module = owner_path(node, ctx.layer_of, prefix)
+            module = placement.place(node, ctx.layer_of, prefix)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
             if prefix and ctx.regional is None and not isinstance(choice, Skip):

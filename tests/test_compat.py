@@ -1,0 +1,151 @@
+"""Composability: the tools users stack on a diffusers model, applied before ``optimize``.
+
+Criterion per tool (by the execution account, ``report.executions``, which counts what ran):
+an output-neutral tool gives the output of ``optimize`` on the model without it and runs VMoBA
+in every video self-attention layer; a tool that changes the numbers runs VMoBA; a tool that
+makes VMoBA unprovable runs dense with the reason that says so (never "rewritten" while dense,
+never a silent dense run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import tiny_models as tm
+import torch
+from conftest import ATOL_F32, max_err
+from test_api import _CHUNKS, first
+
+from vmoba_compile import SkipReason, VMoBAConfig, optimize
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the account's no-graph warnings
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+CONFIG = VMoBAConfig(**_CHUNKS)
+SELF_ATTENTION = ("blocks.0.attn1", "blocks.1.attn1")
+UNPROVEN = SkipReason.MODULE_UNPROVEN.value
+
+
+def _layerwise_casting(model: torch.nn.Module) -> None:
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+
+
+def _group_offload(kind: str) -> Callable[[torch.nn.Module], None]:
+    def apply(model: torch.nn.Module) -> None:
+        extra = {"num_blocks_per_group": 1} if kind == "block_level" else {}
+        model.enable_group_offload(torch.device("cpu"), offload_type=kind, **extra)
+
+    return apply
+
+
+def _pyramid_broadcast(model: torch.nn.Module) -> None:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    config = PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500
+    )
+    apply_pyramid_attention_broadcast(model, config)
+
+
+def _first_block_cache(model: torch.nn.Module) -> None:
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.0))
+
+
+def _accelerate_offload(model: torch.nn.Module) -> None:
+    from accelerate import cpu_offload
+
+    cpu_offload(model, execution_device=torch.device("cpu"))
+
+
+def _run_twice(opt: Any, model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    scope = getattr(model, "cache_context", None)
+    with torch.no_grad(), scope("compat") if scope else contextlib.nullcontext():
+        out = first(opt(*args, **kwargs))
+        first(opt(*args, **kwargs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain() -> dict[str, Any]:
+    """The model without a tool: its optimized output (the criterion) and its dense output."""
+    model, args, kwargs = tm.build("wan")
+    model.eval()
+    weights = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        dense = first(model(*args, **kwargs))
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    return dict(out=_run_twice(opt, model, args, kwargs), dense=dense, weights=weights)
+
+
+def _with_tool(plain: dict, tool: Callable[[torch.nn.Module], None]) -> tuple[Any, torch.Tensor]:
+    torch._dynamo.reset()
+    model, args, kwargs = tm.build("wan")
+    model.load_state_dict(plain["weights"])
+    model.eval()
+    tool(model)
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    return opt, _run_twice(opt, model, args, kwargs)
+
+
+@pytest.mark.parametrize(
+    "tool", [_group_offload("block_level"), _layerwise_casting], ids=["group_block", "cast"]
+)
+def test_hooks_on_blocks_run_vmoba(plain: dict, tool: Callable) -> None:
+    """Hooks that wrap each block's or leaf's forward (the module is reached through the hook's
+    ``fn_ref.original_forward.__self__``, or from an attention processor's frame): placed by
+    identity, every video self-attention layer runs VMoBA at every call."""
+    opt, out = _with_tool(plain, tool)
+    runs = opt.report.executions
+    for module in SELF_ATTENTION:
+        assert runs[module].vmoba_forward == 2 and runs[module].dense_forward == 0, opt.report
+    assert "?" not in runs, opt.report
+    assert max_err(plain["out"], plain["dense"]) > 1e-4, "the test cannot tell VMoBA from dense"
+    tol = ATOL_F32 * 10 if tool is not _layerwise_casting else 2e-2  # bf16 weights
+    assert max_err(out, plain["out"]) < tol
+
+
+def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
+    """PAB reuses the attention output on some steps: VMoBA where it computes, and the reused
+    calls counted as planned calls no graph ran (not as VMoBA runs)."""
+    opt, _ = _with_tool(plain, _pyramid_broadcast)
+    runs = opt.report.executions
+    for module in SELF_ATTENTION:
+        assert runs[module].vmoba_forward >= 1 and runs[module].dense_forward == 0, opt.report
+        assert runs[module].vmoba_forward + runs[module].no_graph == 2, opt.report
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [_group_offload("leaf_level"), _accelerate_offload],
+    ids=["group_leaf", "accelerate_cpu_offload"],
+)
+def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Callable) -> None:
+    """Hooks on every leaf module break the graph so that the attention's frame holds none of
+    its module's parameters: its module is unproven, so the call is dense and the account says
+    why (not "not a video self-attention module")."""
+    opt, out = _with_tool(plain, tool)
+    runs = opt.report.executions
+    assert runs.get("?") is not None and runs["?"].dense_causes, opt.report
+    causes = " ".join(runs["?"].dense_causes)
+    assert UNPROVEN.split(":")[0] in causes and "not a video self-attention" not in causes
+    assert sum(e.vmoba_forward for e in runs.values()) == 0
+    assert max_err(out, plain["dense"]) < ATOL_F32 * 10
+
+
+def test_first_block_cache_runs_vmoba_in_the_first_block(plain: dict) -> None:
+    """First-block cache: the first block (hooked as a block) runs VMoBA; the blocks its hook
+    runs through a closure are reached by a name the graph does not prove, so they are dense
+    with that reason, or counted as not run."""
+    opt, _ = _with_tool(plain, _first_block_cache)
+    runs = opt.report.executions
+    assert runs["blocks.0.attn1"].vmoba_forward == 2, opt.report
+    for e in runs.values():
+        assert all("not a video self-attention" not in c for c in e.dense_causes), opt.report
