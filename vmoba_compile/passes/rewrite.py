@@ -346,13 +346,14 @@ class Placement:
         """The module path of ``node``'s call (see the class)."""
         known = set(known)
         stack = node.meta.get("nn_module_stack") or {}
-        proven = [self.module_of(v[0]) for v in stack.values() if isinstance(v, tuple)]
-        proven = [p for p in proven if p is not None]
+        found = [self.module_of(v[0]) for v in stack.values() if isinstance(v, tuple)]
+        proven = [p for p in found if p is not None]
         for p in reversed(proven):
             if p in known:
                 return p
         if not stack:
             heads = {p for c, p in self.paths.items() if len(c) == 1 and p is not None}
+            heads.discard("")  # the model itself is no attention module
             mine = heads & known
             if len(mine) == 1 or len(heads) == 1:
                 return (mine or heads).pop()
