@@ -408,6 +408,7 @@ def test_regional_compilation_is_refused() -> None:
         ({"backend": "eager"}, TypeError, "unknown compile options"),
         ({"lowering": "tvm"}, ValueError, "lowering must be one of"),
         ({"options": 3}, TypeError, "options must be a dict"),
+        ({"recompile_limit": 0}, ValueError, "recompile_limit must be a positive int"),
     ],
 )
 def test_bad_compile_options(kwargs, exc, pattern) -> None:
@@ -456,10 +457,11 @@ def test_dynamo_running_eagerly_is_reported_not_silent() -> None:
     """When Dynamo stops compiling (recompile limit), attention would silently run dense: the
     optimized model must warn (and raise under strict=True)."""
     model = ToyVideo(["self"])
-    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager", regional=False)
-    strict = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager", strict=True, regional=False)
+    one = dict(layout=TOY_LAYOUT, lowering="aot_eager", regional=False, recompile_limit=1)
+    opt = optimize(model, **one)
+    strict = optimize(model, strict=True, **one)
     x, ctx = toy_inputs()
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+    with torch.no_grad():
         opt(x, ctx)  # the one compile this code object may have
         assert opt.report.vmoba_runs == 1 and opt.report.dense_runs == 0
         with pytest.warns(RuntimeWarning, match="ran dense: Dynamo's recompile limit"):

@@ -149,3 +149,39 @@ def test_first_block_cache_runs_vmoba_in_the_first_block(plain: dict) -> None:
     assert runs["blocks.0.attn1"].vmoba_forward == 2, opt.report
     for e in runs.values():
         assert all("not a video self-attention" not in c for c in e.dense_causes), opt.report
+
+
+def _lora_model() -> tuple[torch.nn.Module, tuple, dict]:
+    from peft import LoraConfig
+
+    torch._dynamo.reset()
+    model, args, kwargs = tm.build("wan", num_layers=1)
+    model.eval()
+    lora = LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    model.add_adapter(lora)
+    return model, args, kwargs
+
+
+def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
+    """Each LoRA strength (``attention_kwargs={"scale": s}``) is a constant the graph reads, so
+    it compiles a version: past Dynamo's default limit (8) every strength still runs VMoBA, by
+    the account; and below optimize's own ``recompile_limit`` the dense runs are counted with
+    that cause, not reported as VMoBA."""
+    model, args, kwargs = _lora_model()
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    outs = []
+    with torch.no_grad():
+        for i in range(10):
+            outs.append(first(opt(*args, attention_kwargs={"scale": 0.1 * (i + 1)}, **kwargs)))
+    runs = opt.report.executions["blocks.0.attn1"]
+    assert (runs.vmoba_forward, runs.dense_forward, runs.no_graph) == (10, 0, 0), opt.report
+    assert max_err(outs[0], outs[-1]) > 1e-4, "the strength changed nothing"
+
+    model, args, kwargs = _lora_model()
+    opt = optimize(model, CONFIG, lowering="aot_eager", recompile_limit=2)
+    with torch.no_grad():
+        for i in range(3):
+            opt(*args, attention_kwargs={"scale": 0.1 * (i + 1)}, **kwargs)
+    runs = opt.report.executions["blocks.0.attn1"]
+    assert (runs.vmoba_forward, runs.dense_forward) == (2, 1), opt.report
+    assert any("recompile limit 2" in c for c in runs.dense_causes), runs.dense_causes

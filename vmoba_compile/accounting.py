@@ -70,7 +70,9 @@ def forward_codes(modules: Iterable[torch.nn.Module]) -> list[Any]:
 
 
 def why_no_graph(
-    codes: Iterable[Any], modules: Iterable[tuple[str, torch.nn.Module]]
+    codes: Iterable[Any],
+    modules: Iterable[tuple[str, torch.nn.Module]],
+    limit: int | None = None,
 ) -> tuple[str, bool]:
     """Why an attention call that should have run in a VMoBA graph ran in none, and whether
     that cause makes it run dense (proven) or may also mean it did not run at all.
@@ -80,6 +82,7 @@ def why_no_graph(
             block's and the model's ``forward``).
         modules: ``(path, module)`` around the call, outermost first (the block, its attention
             module).
+        limit: the recompile limit the graphs were compiled with (None: Dynamo's).
 
     Returns:
         ``(cause, proven)``: with ``proven`` the call ran eagerly, so dense (Dynamo's recompile
@@ -87,15 +90,17 @@ def why_no_graph(
         without, no cause was found: the model may have skipped the call (a cache hook that
         reuses an earlier step's output) or Dynamo ran it eagerly for a reason not detected.
     """
-    limit = torch._dynamo.config.recompile_limit
+    if limit is None:
+        limit = torch._dynamo.config.recompile_limit
     for code in codes:
         n = _cache_entries(code)
         if n >= limit:
             return (
                 f"Dynamo's recompile limit was reached: {n} compiled versions of "
-                f"{code.co_name} (torch._dynamo.config.recompile_limit={limit}), so Dynamo ran it "
-                f"eagerly. Each resolution, dense_layers set and changed Python constant the "
-                f"graph reads compiles anew; raise the limit or call torch._dynamo.reset()"
+                f"{code.co_name} (recompile limit {limit}), so Dynamo ran it eagerly. Each "
+                f"resolution, dense_layers set and changed Python constant the graph reads (a "
+                f"LoRA scale) compiles anew; raise optimize(..., recompile_limit=) or call "
+                f"torch._dynamo.reset()"
             ), True
     for path, module in modules:
         hooks = _disabled_hooks(module)
@@ -119,12 +124,16 @@ class Account:
         report: the optimized model's report (its ``executions`` grow).
         model_name: for messages.
         strict: raise the first time a planned VMoBA call runs dense.
+        limit: the recompile limit the model's graphs are compiled with (None: Dynamo's).
     """
 
-    def __init__(self, report: RewriteReport, model_name: str, strict: bool) -> None:
+    def __init__(
+        self, report: RewriteReport, model_name: str, strict: bool, limit: int | None = None
+    ) -> None:
         self.report = report
         self.model_name = model_name
         self.strict = strict
+        self.limit = limit
         self._warned: set[str] = set()
 
     def graph_ran(
@@ -179,7 +188,7 @@ class Account:
         """``modules`` were planned to run VMoBA in this call but no compiled graph ran them:
         counted dense where the cause proves it (:func:`why_no_graph`), else counted as not run
         in a graph; warned once per cause either way."""
-        cause, proven = why_no_graph(codes, where)
+        cause, proven = why_no_graph(codes, where, self.limit)
         if proven:
             self.ran_dense(modules, cause, planned=True)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,7 +44,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional")
+_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional", "recompile_limit")
+
+#: Compiled versions each of the model's compiled regions may hold (``torch.compile``'s own
+#: ``recompile_limit``, scoped to them): a version per resolution, dense-layer set and value of
+#: a Python constant the graph reads; a LoRA strength sweep (``attention_kwargs={"scale": s}``)
+#: compiles one per strength, and Dynamo's default of 8 would run the rest eagerly, dense.
+RECOMPILE_LIMIT = 64
+_COMPILE_HAS_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 class VMoBAControls:
@@ -232,7 +240,16 @@ def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
     regional = options.get("regional")
     if regional is not None and not isinstance(regional, bool):
         raise TypeError(f"regional must be None (automatic), True or False; got {regional!r}.")
-    return {"fullgraph": fullgraph, "patches": patches, "lowering": lowering, "regional": regional}
+    limit = options.get("recompile_limit", RECOMPILE_LIMIT)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"recompile_limit must be a positive int; got {limit!r}.")
+    return {
+        "fullgraph": fullgraph,
+        "patches": patches,
+        "lowering": lowering,
+        "regional": regional,
+        "recompile_limit": limit if _COMPILE_HAS_LIMIT else None,
+    }
 
 
 class VMoBAModule(torch.nn.Module):
@@ -285,7 +302,9 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_backends: list[VMoBABackend] = []
         self._vmoba_parallel = parallel  # None: one process (vmoba_compile.parallel)
         self.report.parallel = parallel.describe() if parallel is not None else None
-        self._vmoba_account = Account(self.report, type(model).__name__, strict)
+        self._vmoba_account = Account(
+            self.report, type(model).__name__, strict, self._vmoba_compile["recompile_limit"]
+        )
         if blocks:  # optimize's choice (_regional_blocks); None: the whole model
             self._vmoba_regional = RegionalBlocks(
                 model,
@@ -363,7 +382,9 @@ class VMoBAModule(torch.nn.Module):
         """``fn`` compiled with this model's options: through ``backend``, or without one dense
         (inductor with the compile's options, or ``aot_eager`` under that lowering)."""
         opts = self._vmoba_compile
-        kw = dict(dynamic=False, fullgraph=opts["fullgraph"])
+        kw: dict[str, Any] = dict(dynamic=False, fullgraph=opts["fullgraph"])
+        if opts["recompile_limit"] is not None:  # torch >= 2.12 takes it per compile
+            kw["recompile_limit"] = opts["recompile_limit"]
         if backend is None and opts["lowering"] == "inductor":
             return torch.compile(fn, options=opts["patches"] or None, **kw)
         return torch.compile(fn, backend=backend or "aot_eager", **kw)
@@ -628,6 +649,7 @@ def optimize(
     options: dict[str, Any] | None = None,
     lowering: Literal["inductor", "aot_eager"] = "inductor",
     regional: bool | None = None,
+    recompile_limit: int = RECOMPILE_LIMIT,
     **unsupported: Never,
 ) -> VMoBAModule:
     """Compile ``model`` with its video self-attention rewritten to VMoBA.
@@ -661,6 +683,12 @@ def optimize(
             as ``module.compile()`` does (called directly, the model runs as written), until
             :meth:`VMoBAModule.restore` removes it. ``True`` requires the blocks; ``False``
             compiles the whole model (every attention call in the report, slower cold compile).
+        recompile_limit: compiled versions each compiled region (a block variant, or the
+            model) may hold, as ``torch.compile``'s own (scoped to this model; default
+            :data:`RECOMPILE_LIMIT`, 64): one per resolution, dense-layer set and value of a
+            Python constant the graph reads, such as each strength of a LoRA sweep. Past it
+            Dynamo runs the region eagerly: dense, as ``report.executions`` counts and warns.
+            Ignored (Dynamo's ``recompile_limit`` holds) on torch without the argument.
         **unsupported: none: any other keyword (``dynamic=``, ``backend=``) raises, saying
             what is accepted.
 
@@ -685,6 +713,7 @@ def optimize(
             "options": options,
             "lowering": lowering,
             "regional": regional,
+            "recompile_limit": recompile_limit,
             **unsupported,
         }
     )
