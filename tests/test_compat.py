@@ -60,7 +60,7 @@ def _first_block_cache(model: torch.nn.Module) -> None:
 
 
 def _accelerate_offload(model: torch.nn.Module) -> None:
-    from accelerate import cpu_offload
+    cpu_offload = pytest.importorskip("accelerate").cpu_offload
 
     cpu_offload(model, execution_device=torch.device("cpu"))
 
@@ -152,7 +152,7 @@ def test_first_block_cache_runs_vmoba_in_the_first_block(plain: dict) -> None:
 
 
 def _lora_model() -> tuple[torch.nn.Module, tuple, dict]:
-    from peft import LoraConfig
+    LoraConfig = pytest.importorskip("peft").LoraConfig  # noqa: N806 (a class)
 
     torch._dynamo.reset()
     model, args, kwargs = tm.build("wan", num_layers=1)
