@@ -15,8 +15,10 @@ __all__ = [
     "autograd_inside_op",
     "compiled_flex_attention",
     "flex_attention_in_trace",
+    "flex_attention_targets",
     "hash_for_files",
     "is_compiling",
+    "mha_targets",
     "plan_index",
 ]
 
@@ -119,6 +121,37 @@ def flex_attention_in_trace(
     parts = (*block_mask.as_tuple()[:-1], mask_mod)
     out = flex_attention_hop(q, k, v, _identity, parts, scale, options, (), tuple(buffers))
     return out[0]
+
+
+@functools.cache
+def flex_attention_targets() -> frozenset[Any]:
+    """What a FlexAttention call is in the graph Dynamo hands a backend: the flex higher-order
+    op (``torch.ops.higher_order.flex_attention``, as torch 2.13 records a model's
+    ``flex_attention(q, k, v, ...)``), or the Python function where Dynamo kept it as called."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    found: set[Any] = {flex_attention}
+    hop = getattr(torch.ops.higher_order, "flex_attention", None)
+    if hop is not None:
+        found.add(hop)
+    return frozenset(found)
+
+
+@functools.cache
+def mha_targets() -> frozenset[Any]:
+    """What an ``nn.MultiheadAttention`` call is in Dynamo's graph: one
+    ``F.multi_head_attention_forward`` node (torch 2.13, training or not), or the fused native
+    op of its inference fast path (``torch._native_multi_head_attention`` / its aten op)."""
+    import torch.nn.functional as F
+
+    found: set[Any] = {F.multi_head_attention_forward}
+    native = getattr(torch, "_native_multi_head_attention", None)
+    if native is not None:
+        found.add(native)
+    packet = getattr(torch.ops.aten, "_native_multi_head_attention", None)
+    if packet is not None:
+        found.update({packet, packet.default})
+    return frozenset(found)
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,7 +6,9 @@ VMoBA graph counts its calls (:meth:`Account.graph_ran`), every backward of that
 rewritten calls' backward; after each block call (regional compilation) or forward call (whole
 model) the video self-attention modules that should have run in a VMoBA graph but ran in none
 are counted dense, with the cause found (:func:`why_no_graph`), warned once per cause, and
-raised at once under ``strict=True``. Nothing here changes what runs.
+raised at once under ``strict=True``; so are video self-attention calls a graph ran dense
+because the pass cannot rewrite their op (``AttentionCall.planned``: FlexAttention,
+``nn.MultiheadAttention``). Nothing here changes what runs.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ class Account:
         modules = [translate(c.module) if translate else c.module for c in calls]
         if ctx is not None:
             ctx.ran.update(modules)
-        rewritten = []
+        rewritten: list[str] = []
+        planned: dict[str, list[str]] = {}  # cause -> modules
         for c, module in zip(calls, modules, strict=True):
             counts = self.report.ran(module)
             if c.rewritten:
@@ -158,8 +161,12 @@ class Account:
                 rewritten.append(module)
             else:
                 counts.add_dense(f"decided in the graph: {c.reason}")
+                if c.planned:  # video self-attention through an op the pass cannot rewrite
+                    planned.setdefault(c.reason, []).append(module)
         if rewritten:
             self._on_backward(out, rewritten)
+        for cause, dense in planned.items():
+            self._planned_dense(dense, cause)
 
     def _on_backward(self, out: Any, modules: list[str]) -> None:
         """Count a backward of the graph whose output is ``out`` for its rewritten calls: a
@@ -218,8 +225,12 @@ class Account:
             return
         for module in modules:
             self.report.ran(module).add_dense(cause)
-        if not planned:
-            return
+        if planned:
+            self._planned_dense(modules, cause)
+
+    def _planned_dense(self, modules: list[str], cause: str) -> None:
+        """``modules`` were meant to run VMoBA and ran dense (already counted): raise under
+        ``strict=True``, else warn once per cause."""
         msg = (
             f"{self.model_name}: VMoBA was planned for {self._listed(modules)} but they ran "
             f"dense: {cause}. model.report counts every execution."

@@ -67,6 +67,20 @@ class SkipReason(enum.Enum):
         "graph break (fullgraph=True shows it)"
     )
     FLASH_CANNOT_RUN = "{why}; use VMoBAConfig(kernel='auto') to run Triton there"
+    # attention ops other than SDPA: listed (and counted dense) so that no call goes unseen
+    FLEX_ATTENTION = (
+        "attention through FlexAttention (flex_attention, as diffusers' 'flex' attention "
+        "backend calls it): the pass rewrites scaled_dot_product_attention only, and a "
+        "FlexAttention call's score_mod and block_mask are not proven to be plain attention. "
+        "Fix: use the default attention backend (model.set_attention_backend('native'), or "
+        "leave the attention_backend('flex') context){also}"
+    )
+    MULTIHEAD_ATTENTION = (
+        "nn.MultiheadAttention runs one fused op ({op}) with its projections inside, which the "
+        "pass does not rewrite. Fix: write the attention as its in-projection, "
+        "F.scaled_dot_product_attention on [B, H, S, D] and its out-projection (in a module "
+        "whose class name contains 'Attention'){also}"
+    )
     # context parallelism (vmoba_compile.parallel): a refused setup's calls carry its member,
     # their message prefixed with "context parallel: "
     CP_RING = (
@@ -155,6 +169,10 @@ class AttentionCall:
             (FlexAttention's Triton template) or ``"sdpa"`` (every chunk kept: dense SDPA);
             None when left dense. Why is in ``reason``.
         skip: the rule that left the call dense (None for a rewritten call).
+        planned: a video self-attention call (its module and length are the layout's, as for
+            a rewritten one) that runs dense because it is an attention op the pass does not
+            rewrite (FlexAttention, ``nn.MultiheadAttention``): each run counts as a planned
+            call that ran dense, so ``strict=True`` raises.
     """
 
     module: str
@@ -165,6 +183,7 @@ class AttentionCall:
     partition: str | None = None
     kernel: str | None = None
     skip: SkipReason | None = None
+    planned: bool = False
 
     def __post_init__(self) -> None:
         # Code reads `skip` to tell dense calls apart: a dense call without one is a pass bug.
@@ -173,11 +192,13 @@ class AttentionCall:
                 f"an AttentionCall has a skip reason exactly when it is dense; got "
                 f"rewritten={self.rewritten}, skip={self.skip}"
             )
+        if self.planned and self.rewritten:
+            raise ValueError("a rewritten AttentionCall is not a planned call run dense")
 
     @classmethod
-    def dense(cls, module: str, shape: str, skip: Skip) -> AttentionCall:
-        """A call left dense for ``skip``."""
-        return cls(module, shape, False, skip.message, skip=skip.reason)
+    def dense(cls, module: str, shape: str, skip: Skip, planned: bool = False) -> AttentionCall:
+        """A call left dense for ``skip`` (``planned``: see the class)."""
+        return cls(module, shape, False, skip.message, skip=skip.reason, planned=planned)
 
 
 @dataclasses.dataclass

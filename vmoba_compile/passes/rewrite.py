@@ -7,7 +7,8 @@ How one compile goes (the backend, :class:`VMoBABackend`):
    numbering of the model's self-attention modules, the layers kept dense).
 2. :func:`rewrite_graph` walks the graph and every nested graph and finds each
    ``scaled_dot_product_attention`` call (``torch._C._nn`` builtin or ``aten`` op), its arguments
-   bound by name.
+   bound by name. Attention ops it does not rewrite (FlexAttention, ``nn.MultiheadAttention``)
+   are listed dense with their reason (:func:`other_attention_call`), so the report misses none.
 3. Each call gets a decision (:func:`decide`): video self-attention whose length matches the
    layout is rewritten; anything else is left dense with its
    :class:`~vmoba_compile.passes.report.SkipReason` and message.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import _compat
 from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from ..config import VMoBAConfig
 from ..kernels import KernelChoice
@@ -39,6 +42,7 @@ __all__ = [
     "CallContext",
     "bind_sdpa",
     "decide",
+    "other_attention_call",
     "rewrite_graph",
     "vmoba_sdpa",
 ]
@@ -186,6 +190,105 @@ def _vmoba_sdpa_dynamic_text(q, k, v, layout, config, layer_index, scale, kernel
 
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def other_attention_call(node: fx.Node, ctx: CallContext, prefix: str = "") -> AttentionCall | None:
+    """The report line of an attention op the pass does not rewrite, or None for any other node.
+
+    A FlexAttention call (the flex higher-order op; diffusers' 'flex' backend makes one per
+    attention) and an ``nn.MultiheadAttention`` call (one ``F.multi_head_attention_forward``
+    node) stay dense with their :class:`SkipReason`. The call is ``planned`` when it would be a
+    rewritten SDPA call's module and length (video self-attention of the layout), so the
+    account counts it as planned VMoBA run dense and ``strict=True`` raises; otherwise the
+    message adds why it would stay dense as SDPA too. FlexAttention calls made by this
+    package's own op (a model calling :func:`~vmoba_compile.vmoba_attention`) are VMoBA
+    already and get no line.
+    """
+    if node.op != "call_function":
+        return None
+    details: dict[str, Any] = {}
+    if node.target in _compat.flex_attention_targets():
+        if _called_from_package(node):
+            return None
+        reason, dims = SkipReason.FLEX_ATTENTION, _flex_dims(node)
+    elif node.target in _compat.mha_targets():
+        reason, dims = SkipReason.MULTIHEAD_ATTENTION, _mha_dims(node)
+        details["op"] = getattr(node.target, "__name__", None) or str(node.target)
+    else:
+        return None
+    module = owner_path(node, ctx.layer_of, prefix)
+    why: Skip | None
+    if dims is None:
+        shape, why = "?", SkipReason.NO_SHAPES.skip()
+    else:
+        b, h, sq, d, sk = dims
+        shape, why = f"[{b}, {h}, {sq}, {d}] kv {sk}", _not_planned(sq, sk, module, ctx)
+    also = "" if why is None else f"; as scaled_dot_product_attention it would be dense too: {why}"
+    return AttentionCall.dense(module, shape, reason.skip(also=also, **details), why is None)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _called_from_package(node: fx.Node) -> bool:
+    """The innermost frame outside torch in the node's recorded stack (Dynamo's
+    ``stack_trace``: who called ``flex_attention``) is in this package (its own op)."""
+    trace = node.meta.get("stack_trace") or ""
+    files = [f for f in re.findall(r'File "([^"]+)"', trace) if not f.startswith(_TORCH_DIR)]
+    return bool(files) and files[-1].startswith(_PACKAGE_DIR)
+
+
+def _flex_dims(node: fx.Node) -> tuple[Any, Any, Any, Any, Any] | None:
+    """``(B, H, S_q, D, S_kv)`` of a FlexAttention call (``q [B, H, S_q, D]``, ``k [B, Hkv,
+    S_kv, D]``, the op's first arguments)."""
+    q, k = (_value(a) for a in (*node.args, None, None)[:2])
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+        return None
+    if q.dim() != 4 or k.dim() != 4:
+        return None
+    return q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[2]
+
+
+def _mha_dims(node: fx.Node) -> tuple[Any, Any, Any, Any, Any] | None:
+    """``(B, H, S_q, D, S_kv)`` of an ``nn.MultiheadAttention`` call: query and key ``[S, B, E]``
+    (or unbatched ``[S, E]``) in ``F.multi_head_attention_forward``, ``[B, S, E]`` in the native
+    fused op; the head count is the call's fifth argument (``num_heads``)."""
+    args = list(node.args)
+    if len(args) < 5:
+        return None
+    q, k, heads = _value(args[0]), _value(args[1]), _value(args[4])
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or not isinstance(
+        heads, int
+    ):
+        return None
+    if q.dim() != k.dim() or q.dim() not in (2, 3):
+        return None
+    if q.dim() == 2:  # unbatched
+        b, sq, sk = 1, q.shape[0], k.shape[0]
+    elif node.target is F.multi_head_attention_forward:  # sequence first
+        b, sq, sk = q.shape[1], q.shape[0], k.shape[0]
+    else:  # the native op: batch first
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    return b, heads, sq, q.shape[-1] // heads, sk
+
+
+def _not_planned(sq: Any, sk: Any, module: str, ctx: CallContext) -> Skip | None:
+    """None when a call of this module and these lengths is video self-attention the pass
+    would rewrite were it SDPA (the module and layout rules of :func:`decide`), else the rule
+    it breaks."""
+    if not _same(sq, sk):
+        return SkipReason.CROSS_ATTENTION.skip(queries=sq, keys=sk)
+    skip = _check_module(module, ctx)
+    if skip is not None:
+        return skip
+    layout = _static_layout(sq, ctx) if isinstance(sq, int) else _dynamic_layout(sq, ctx)
+    if isinstance(layout, Skip):
+        return layout
+    layer = ctx.layer_of.get(module)
+    if layer is not None and layer in ctx.dense_layers:
+        return SkipReason.DENSE_LAYER.skip(layer=layer)
+    return None
 
 
 def bind_sdpa(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -557,7 +660,8 @@ def rewrite_graph(
         apply: False only decides (``explain``).
 
     Returns:
-        One :class:`AttentionCall` per SDPA call, in graph order.
+        One :class:`AttentionCall` per attention call (SDPA, and the FlexAttention and
+        ``nn.MultiheadAttention`` calls listed dense), in graph order.
     """
     calls: list[AttentionCall] = []
     counter = iter(range(1 << 30))
@@ -569,6 +673,9 @@ def rewrite_graph(
         changed = False
         for node in list(sub.graph.nodes):
             if not is_sdpa(node):
+                other = other_attention_call(node, ctx, prefix)
+                if other is not None:
+                    calls.append(other)
                 continue
             try:
                 bound = _bind(node)
