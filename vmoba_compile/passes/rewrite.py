@@ -192,7 +192,9 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def other_attention_call(node: fx.Node, ctx: CallContext, prefix: str = "") -> AttentionCall | None:
+def other_attention_call(
+    node: fx.Node, ctx: CallContext, prefix: str = "", placement: Placement | None = None
+) -> AttentionCall | None:
     """The report line of an attention op the pass does not rewrite, or None for any other node.
 
     A FlexAttention call (the flex higher-order op; diffusers' 'flex' backend makes one per
@@ -216,7 +218,10 @@ def other_attention_call(node: fx.Node, ctx: CallContext, prefix: str = "") -> A
         details["op"] = getattr(node.target, "__name__", None) or str(node.target)
     else:
         return None
-    module = owner_path(node, ctx.layer_of, prefix)
+    if placement is not None:
+        module = placement.place(node, ctx.layer_of, prefix)
+    else:
+        module = owner_path(node, ctx.layer_of, prefix)
     why: Skip | None
     if dims is None:
         shape, why = "?", SkipReason.NO_SHAPES.skip()
@@ -673,7 +678,7 @@ def rewrite_graph(
         changed = False
         for node in list(sub.graph.nodes):
             if not is_sdpa(node):
-                other = other_attention_call(node, ctx, prefix)
+                other = other_attention_call(node, ctx, prefix, placement)
                 if other is not None:
                     calls.append(other)
                 continue
