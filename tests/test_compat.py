@@ -185,3 +185,20 @@ def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
     runs = opt.report.executions["blocks.0.attn1"]
     assert (runs.vmoba_forward, runs.dense_forward) == (2, 1), opt.report
     assert any("recompile limit 2" in c for c in runs.dense_causes), runs.dense_causes
+
+
+def test_mag_cache_disabled_hooks_run_dense_with_the_cause(plain: dict) -> None:
+    """MagCache's hooks are ``torch.compiler.disable``d: the blocks run eagerly, dense; the
+    account says so with that cause (never counted as VMoBA, never silent)."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    def mag(model: torch.nn.Module) -> None:
+        apply_mag_cache(model, MagCacheConfig(num_inference_steps=2, mag_ratios=[1.0] * 2))
+
+    opt, out = _with_tool(plain, mag)
+    runs = opt.report.executions
+    assert sum(e.vmoba_forward for e in runs.values()) == 0, opt.report
+    for module in SELF_ATTENTION:
+        causes = " ".join(runs[module].dense_causes)
+        assert runs[module].dense_forward >= 1 and "torch.compiler.disable" in causes, opt.report
+    assert max_err(out, plain["dense"]) < ATOL_F32 * 10

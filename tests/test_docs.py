@@ -30,3 +30,16 @@ def test_relative_links_resolve(path: Path) -> None:
         if not (path.parent / target.split("#")[0]).exists():
             broken.append(target)
     assert not broken, f"{path.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_compatibility_table_names_tests_that_exist() -> None:
+    """docs/compatibility.md states results by test: each test it names is in the suite."""
+    table = (ROOT / "docs" / "compatibility.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", table)
+    assert len(named) >= 10
+    missing = [
+        f"{path}::{test}"
+        for path, test in named
+        if not re.search(rf"^def {test}\(", (ROOT / path).read_text(), re.M)
+    ]
+    assert not missing, f"docs/compatibility.md names tests that do not exist: {missing}"
