@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..layout import TextPosition
-from .base import ModelAdapter, VideoGrid, bind_inputs, describe
+from .base import ModelAdapter, VideoGrid, bind_inputs, describe, forward_signature
 
 __all__ = ["STRUCTURAL", "LayoutUnknown", "Structure", "StructuralAdapter", "analyze"]
 
@@ -126,7 +126,7 @@ def analyze(model: torch.nn.Module) -> Structure:
         raise ValueError(f"{name} is not a torch.nn.Module.")
     params: Mapping[str, inspect.Parameter]
     try:
-        params = inspect.signature(model.forward).parameters
+        params = forward_signature(model).parameters
     except (TypeError, ValueError):
         params = {}
     if "hidden_states" not in params:
@@ -558,7 +558,7 @@ class StructuralAdapter(ModelAdapter):
 
 def inspect_parameters(model: torch.nn.Module) -> list[str]:
     """The forward's parameter names, in order."""
-    return list(inspect.signature(model.forward).parameters)
+    return list(forward_signature(model).parameters)
 
 
 STRUCTURAL = StructuralAdapter()
