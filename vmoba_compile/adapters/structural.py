@@ -167,6 +167,7 @@ class _Patchify:
     patch: tuple[int, int, int]
     exact: bool  # reshape (sizes must be multiples) vs strided convolution (floor)
     source: str
+    conv: str | None = None  # the convolution taking the input's channels, if any
 
 
 def _int3(value: Any) -> tuple[int, int, int] | None:
@@ -265,7 +266,10 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
         )
     if options:
         axis, patch, source = next(iter(options))
-        return _Patchify(axis, cast("tuple[int, int, int]", patch), exact=False, source=source)
+        conv_name = next(n for n, c, a in convs if a == axis and source.startswith(n + " "))
+        return _Patchify(
+            axis, cast("tuple[int, int, int]", patch), exact=False, source=source, conv=conv_name
+        )
     if cfg is not None and cfg[0]:
         c = getattr(getattr(model, "config", None), "in_channels", None)
         axes = [a for a, size in channel_sizes.items() if size == c]
@@ -293,6 +297,79 @@ def _tokens(size: int, patch: int, exact: bool, axis: str, source: str) -> int:
             + _LAYOUT_HINT
         )
     return size // patch
+
+
+def _stem(
+    model: torch.nn.Module,
+    structure: Structure,
+    args: tuple,
+    kwargs: dict,
+    patchify: _Patchify,
+) -> _Patchify:
+    """The whole patch-embedding stem: the convolution taking the input's channels and the
+    convolutions that run after it on its output, each on the one before's output (a
+    two-stage stem of stride-2 convolutions downsamples 4x, not 2x).
+
+    The model runs (without gradients, random state forked) up to the first SDPA call of a
+    candidate self-attention module, recording the shapes each convolution outside the blocks
+    takes and gives. Every stage must cut disjoint patches (kernel = stride, no padding, no
+    dilation): then the stem cuts patches of the product of the strides (floors compose:
+    ``(H // a) // b == H // (a * b)``). Otherwise the grid is unproven: LayoutUnknown.
+    """
+    if patchify.conv is None:
+        return patchify
+    inside = tuple(p + "." for p in structure.blocks)
+    ran: list[tuple[str, Any, tuple, tuple]] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and not (
+            name.startswith(inside)
+        ):
+            handles.append(
+                m.register_forward_hook(
+                    lambda mod, a, out, name=name: (
+                        ran.append((name, mod, tuple(a[0].shape), tuple(out.shape)))
+                        if a and isinstance(a[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                        else None
+                    )
+                )
+            )
+    try:
+        _first_call(model, structure.attention, args, kwargs, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    start = next((i for i, r in enumerate(ran) if r[0] == patchify.conv), None)
+    if start is None:
+        return patchify  # the convolution did not run before the first attention: the probe says
+    chain = [ran[start]]
+    for r in ran[start + 1 :]:
+        if r[2] == chain[-1][3]:
+            chain.append(r)
+    if len(chain) == 1:
+        return patchify
+    names = " -> ".join(
+        f"{n} (kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)})" for n, m, _, _ in chain
+    )
+    for n, m, _, _ in chain:
+        if (
+            tuple(m.kernel_size) != tuple(m.stride)
+            or any(int(p) for p in _padding(m))
+            or any(d != 1 for d in m.dilation)
+        ):
+            raise LayoutUnknown(
+                f"structural: the patch-embedding stem {names}: {n} (padding {m.padding}, "
+                f"dilation {tuple(m.dilation)}) does not cut disjoint patches, so the token grid "
+                f"of the whole stem is unproven. " + _LAYOUT_HINT
+            )
+    patch = [1, 1, 1]
+    for _, m, _, _ in chain:
+        stride = tuple(int(v) for v in m.stride)
+        for i, v in enumerate((1,) * (3 - len(stride)) + stride):
+            patch[i] *= v
+    return dataclasses.replace(
+        patchify, patch=(patch[0], patch[1], patch[2]), source=f"stem {names}"
+    )
 
 
 # ------------------------------------------------------------------------------- the probe
@@ -514,6 +591,8 @@ class StructuralAdapter(ModelAdapter):
                 f"5-D video tensor [B, C, T, H, W] or [B, T, C, H, W]. " + _LAYOUT_HINT
             )
         patchify = _patchify(model, structure, x)
+        if _is_real(x):
+            patchify = _stem(model, structure, args, kwargs, patchify)
         t_axis = 2 if patchify.channel_axis == 1 else 1
         src = patchify.source
         grid = (
