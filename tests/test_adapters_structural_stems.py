@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("diffusers")
 
-from test_adapters_structural import SPARSE, ToyVideoDiT, toy_reference  # noqa: E402
+from test_adapters_structural import SPARSE, ToySelfAttention, ToyVideoDiT, toy_reference  # noqa: E402
 
 from vmoba_compile import VideoLayout, optimize  # noqa: E402
 from vmoba_compile.adapters import find_adapter  # noqa: E402
@@ -131,3 +131,27 @@ def test_stem_with_an_overlapping_second_stage_is_dense_with_the_reason() -> Non
         "patch-embedding stem" in r and "does not cut disjoint patches" in r for r in reasons
     )
     assert max_err(out, dense) < 1e-6
+
+
+class MultiHeadSelfMix(ToySelfAttention):
+    """A self-attention module whose class name does not say "Attention"."""
+
+
+class CrossAttention(ToySelfAttention):
+    pass
+
+
+def test_self_attention_not_named_attention_gets_a_true_reason() -> None:
+    """Blocks whose only "Attention"-named modules are cross-attention: the fallback does not
+    claim the blocks hold only cross-attention (they hold a self-attention it cannot name)."""
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    for block in model.blocks:
+        block.attn = MultiHeadSelfMix(32)
+        block.cross = CrossAttention(32)
+    with pytest.raises(ValueError) as e:
+        optimize(model)
+    msg = str(e.value)
+    assert "hold only cross-attention" not in msg
+    assert "takes attention modules by class name" in msg
+    assert "blocks.0.cross (CrossAttention)" in msg and "Pass layout=VideoLayout(" in msg

@@ -149,8 +149,17 @@ def analyze(model: torch.nn.Module) -> Structure:
                     continue  # not the innermost: a nested attention module makes the call
                 attention.append(n)
     if not attention:
+        cross = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if n.startswith(tuple(p + "." for p, _ in lists)) and _is_attention(m)
+        ]
+        shown = ", ".join(cross[:3]) + (", ..." if len(cross) > 3 else "")
         raise ValueError(
-            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold only cross-attention modules"
+            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold no module it can take for "
+            f"the video self-attention: it takes attention modules by class name (containing "
+            f"'Attention'), and those in the blocks are marked as cross-attention ({shown}); a "
+            f"self-attention module of another class name is not seen"
         )
     return Structure(tuple(p for p, _ in lists), tuple(attention))
 
