@@ -381,6 +381,17 @@ def _stem(
     )
 
 
+def _grid(x: torch.Tensor, patchify: _Patchify) -> tuple[int, int, int]:
+    """Tokens per axis of the 5-D input ``x`` cut by ``patchify`` (or LayoutUnknown)."""
+    t_axis = 2 if patchify.channel_axis == 1 else 1
+    src, exact = patchify.source, patchify.exact
+    return (
+        _tokens(int(x.shape[t_axis]), patchify.patch[0], exact, "frames", src),
+        _tokens(int(x.shape[3]), patchify.patch[1], exact, "height", src),
+        _tokens(int(x.shape[4]), patchify.patch[2], exact, "width", src),
+    )
+
+
 # ------------------------------------------------------------------------------- the probe
 
 
@@ -600,29 +611,28 @@ class StructuralAdapter(ModelAdapter):
                 f"5-D video tensor [B, C, T, H, W] or [B, T, C, H, W]. " + _LAYOUT_HINT
             )
         patchify = _patchify(model, structure, x)
-        if _is_real(x):
-            patchify = _stem(model, structure, args, kwargs, patchify)
-        t_axis = 2 if patchify.channel_axis == 1 else 1
-        src = patchify.source
-        grid = (
-            _tokens(int(x.shape[t_axis]), patchify.patch[0], patchify.exact, "frames", src),
-            _tokens(int(x.shape[3]), patchify.patch[1], patchify.exact, "height", src),
-            _tokens(int(x.shape[4]), patchify.patch[2], patchify.exact, "width", src),
-        )
         if not _is_real(x):
+            t, y, w = _grid(x, patchify)
             raise LayoutUnknown(
-                f"structural: the {grid[0]}x{grid[1]}x{grid[2]} grid ({src}) is verified by "
+                f"structural: the {t}x{y}x{w} grid ({patchify.source}) is verified by "
                 f"running the model on the inputs, which are meta or fake tensors here. "
                 + _LAYOUT_HINT
             )
         key = _signature(inputs)
         cache = self._verified.setdefault(model, {})
-        if key not in cache:
+        if key not in cache:  # the stem and the probe run the model: once per input shapes
             names = list(inspect_parameters(model))
             pos = names.index("hidden_states") if "hidden_states" in names[: len(args)] else None
             try:
+                patchify = _stem(model, structure, args, kwargs, patchify)
                 cache[key] = _verify(
-                    model, structure, args, kwargs, ("hidden_states", pos), patchify, grid
+                    model,
+                    structure,
+                    args,
+                    kwargs,
+                    ("hidden_states", pos),
+                    patchify,
+                    _grid(x, patchify),
                 )
             except LayoutUnknown as e:
                 cache[key] = e
