@@ -460,6 +460,7 @@ class VMoBAModule(torch.nn.Module):
                 f"end of its with-block) and no longer runs VMoBA; call the model itself, or "
                 f"optimize(model) again."
             )
+        _refuse_wrapper_patches(self)
         impls = (getattr(m, "_compiled_call_impl", None) for m in self._vmoba_modules)
         if any(c is not None and not isinstance(c, BlockCall) for c in impls):
             _refuse_regional(self._orig_mod, regional=True)  # compile_repeated_blocks ran after
@@ -525,6 +526,26 @@ class VMoBAModule(torch.nn.Module):
                 f"strict=True and no attention call was rewritten:\n{self.report}\n"
                 f"Pass layout= if the adapter's grid is wrong, or strict=False to run dense."
             )
+
+
+def _refuse_wrapper_patches(owner: VMoBAModule) -> None:
+    """Raise when a tool patched the optimized wrapper instead of the model (cache-dit's
+    ``enable_cache`` through a ``BlockAdapter`` or a pipeline holding the optimized model): it
+    replaces the wrapper's ``forward`` and swaps its ``blocks`` for cached ones while the call
+    runs, but the wrapped model runs its own blocks, so the tool would silently do nothing."""
+    shadowed = sorted(set(owner._modules) - {"_orig_mod"})
+    if "forward" not in owner.__dict__ and not shadowed:
+        return
+    name = type(owner._orig_mod).__name__
+    what = [*(["forward"] if "forward" in owner.__dict__ else []), *shadowed]
+    raise RuntimeError(
+        f"the optimized {name} had {', '.join(what)} replaced on the optimized wrapper itself "
+        f"(cache-dit's enable_cache on the optimized model or a pipeline holding it does this); "
+        f"the wrapped {name} runs its own forward and blocks, so that patch would silently not "
+        f"apply. Patch the model, not the wrapper: cache_dit.enable_cache(model) (or the "
+        f"pipeline while pipe.transformer is still the model), before or after "
+        f"opt = optimize(model)."
+    )
 
 
 def _regional_blocks(

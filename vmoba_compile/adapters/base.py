@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "children",
     "config_value",
     "describe",
+    "forward_signature",
     "module_names",
     "require_tensor",
     "tokens_along",
@@ -204,13 +206,53 @@ class ModelAdapter(abc.ABC):
 # ---------------------------------------------------------------------------------- helpers
 
 
+def forward_signature(model: torch.nn.Module) -> inspect.Signature:
+    """The signature of what ``model(...)`` calls: ``model.forward`` as bound on the instance.
+
+    ``inspect.signature(model.forward)`` follows a partial's ``__wrapped__`` before it binds the
+    partial's arguments. That is right for a forward replaced by
+    ``update_wrapper(partial(hook, model), original_bound_forward)`` (diffusers and accelerate
+    hooks), wrong for ``update_wrapper(partial(wrapper, model), wrapper)`` (cache-dit):
+    ``__wrapped__`` is then the unbound ``wrapper(self, *args, **kwargs)``, whose ``self`` the
+    partial already binds, so the call's first input would bind to ``self``. Here such a partial
+    is read as the call it makes (its function's signature with the partial's arguments bound),
+    and ``__wrapped__`` is followed only from a partial that passes everything through to
+    another callable. A forward that still takes only ``(*args, **kwargs)`` is taken to hand its
+    inputs on unchanged to the class's ``forward`` (what cache-dit's wrapper calls), whose
+    signature, bound to ``model``, is returned.
+    """
+    sig = _call_signature(model.forward)
+    if sig is None or _passes_through(sig):
+        return inspect.signature(type(model).forward.__get__(model, type(model)))
+    return sig
+
+
+def _call_signature(fn: Any, depth: int = 0) -> inspect.Signature | None:
+    try:
+        if not isinstance(fn, functools.partial):
+            return inspect.signature(fn)  # a bound method: inspect drops the bound self
+        wrapped = getattr(fn, "__wrapped__", None)
+        own = inspect.signature(functools.partial(fn.func, *fn.args, **fn.keywords))
+    except (TypeError, ValueError):
+        return None
+    if wrapped is not None and wrapped is not fn.func and _passes_through(own) and depth < 8:
+        return _call_signature(wrapped, depth + 1)
+    return own
+
+
+def _passes_through(sig: inspect.Signature) -> bool:
+    kinds = {p.kind for p in sig.parameters.values()}
+    return kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+
+
 def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Bind ``args``/``kwargs`` to ``model.forward``'s signature, defaults applied.
+    """Bind ``args``/``kwargs`` to the signature of ``model``'s forward
+    (:func:`forward_signature`), defaults applied.
 
     Raises:
         ValueError: the call does not fit the signature.
     """
-    sig = inspect.signature(model.forward)
+    sig = forward_signature(model)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as e:

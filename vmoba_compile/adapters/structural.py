@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..layout import TextPosition
-from .base import ModelAdapter, VideoGrid, bind_inputs, describe
+from .base import ModelAdapter, VideoGrid, bind_inputs, describe, forward_signature
 
 __all__ = ["STRUCTURAL", "LayoutUnknown", "Structure", "StructuralAdapter", "analyze"]
 
@@ -126,7 +126,7 @@ def analyze(model: torch.nn.Module) -> Structure:
         raise ValueError(f"{name} is not a torch.nn.Module.")
     params: Mapping[str, inspect.Parameter]
     try:
-        params = inspect.signature(model.forward).parameters
+        params = forward_signature(model).parameters
     except (TypeError, ValueError):
         params = {}
     if "hidden_states" not in params:
@@ -149,8 +149,17 @@ def analyze(model: torch.nn.Module) -> Structure:
                     continue  # not the innermost: a nested attention module makes the call
                 attention.append(n)
     if not attention:
+        cross = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if n.startswith(tuple(p + "." for p, _ in lists)) and _is_attention(m)
+        ]
+        shown = ", ".join(cross[:3]) + (", ..." if len(cross) > 3 else "")
         raise ValueError(
-            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold only cross-attention modules"
+            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold no module it can take for "
+            f"the video self-attention: it takes attention modules by class name (containing "
+            f"'Attention'), and those in the blocks are marked as cross-attention ({shown}); a "
+            f"self-attention module of another class name is not seen"
         )
     return Structure(tuple(p for p, _ in lists), tuple(attention))
 
@@ -167,6 +176,7 @@ class _Patchify:
     patch: tuple[int, int, int]
     exact: bool  # reshape (sizes must be multiples) vs strided convolution (floor)
     source: str
+    conv: str | None = None  # the convolution taking the input's channels, if any
 
 
 def _int3(value: Any) -> tuple[int, int, int] | None:
@@ -265,7 +275,10 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
         )
     if options:
         axis, patch, source = next(iter(options))
-        return _Patchify(axis, cast("tuple[int, int, int]", patch), exact=False, source=source)
+        conv_name = next(n for n, c, a in convs if a == axis and source.startswith(n + " "))
+        return _Patchify(
+            axis, cast("tuple[int, int, int]", patch), exact=False, source=source, conv=conv_name
+        )
     if cfg is not None and cfg[0]:
         c = getattr(getattr(model, "config", None), "in_channels", None)
         axes = [a for a, size in channel_sizes.items() if size == c]
@@ -293,6 +306,90 @@ def _tokens(size: int, patch: int, exact: bool, axis: str, source: str) -> int:
             + _LAYOUT_HINT
         )
     return size // patch
+
+
+def _stem(
+    model: torch.nn.Module,
+    structure: Structure,
+    args: tuple,
+    kwargs: dict,
+    patchify: _Patchify,
+) -> _Patchify:
+    """The whole patch-embedding stem: the convolution taking the input's channels and the
+    convolutions that run after it on its output, each on the one before's output (a
+    two-stage stem of stride-2 convolutions downsamples 4x, not 2x).
+
+    The model runs (without gradients, random state forked) up to the first SDPA call of a
+    candidate self-attention module, recording the shapes each convolution outside the blocks
+    takes and gives. Every stage must cut disjoint patches (kernel = stride, no padding, no
+    dilation): then the stem cuts patches of the product of the strides (floors compose:
+    ``(H // a) // b == H // (a * b)``). Otherwise the grid is unproven: LayoutUnknown.
+    """
+    if patchify.conv is None:
+        return patchify
+    inside = tuple(p + "." for p in structure.blocks)
+    ran: list[tuple[str, Any, tuple, tuple]] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and not (
+            name.startswith(inside)
+        ):
+            handles.append(
+                m.register_forward_hook(
+                    lambda mod, a, out, name=name: (
+                        ran.append((name, mod, tuple(a[0].shape), tuple(out.shape)))
+                        if a and isinstance(a[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                        else None
+                    )
+                )
+            )
+    try:
+        _first_call(model, structure.attention, args, kwargs, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    start = next((i for i, r in enumerate(ran) if r[0] == patchify.conv), None)
+    if start is None:
+        return patchify  # the convolution did not run before the first attention: the probe says
+    chain = [ran[start]]
+    for r in ran[start + 1 :]:
+        if r[2] == chain[-1][3]:
+            chain.append(r)
+    if len(chain) == 1:
+        return patchify
+    names = " -> ".join(
+        f"{n} (kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)})" for n, m, _, _ in chain
+    )
+    for n, m, _, _ in chain:
+        if (
+            tuple(m.kernel_size) != tuple(m.stride)
+            or any(int(p) for p in _padding(m))
+            or any(d != 1 for d in m.dilation)
+        ):
+            raise LayoutUnknown(
+                f"structural: the patch-embedding stem {names}: {n} (padding {m.padding}, "
+                f"dilation {tuple(m.dilation)}) does not cut disjoint patches, so the token grid "
+                f"of the whole stem is unproven. " + _LAYOUT_HINT
+            )
+    patch = [1, 1, 1]
+    for _, m, _, _ in chain:
+        stride = tuple(int(v) for v in m.stride)
+        for i, v in enumerate((1,) * (3 - len(stride)) + stride):
+            patch[i] *= v
+    return dataclasses.replace(
+        patchify, patch=(patch[0], patch[1], patch[2]), source=f"stem {names}"
+    )
+
+
+def _grid(x: torch.Tensor, patchify: _Patchify) -> tuple[int, int, int]:
+    """Tokens per axis of the 5-D input ``x`` cut by ``patchify`` (or LayoutUnknown)."""
+    t_axis = 2 if patchify.channel_axis == 1 else 1
+    src, exact = patchify.source, patchify.exact
+    return (
+        _tokens(int(x.shape[t_axis]), patchify.patch[0], exact, "frames", src),
+        _tokens(int(x.shape[3]), patchify.patch[1], exact, "height", src),
+        _tokens(int(x.shape[4]), patchify.patch[2], exact, "width", src),
+    )
 
 
 # ------------------------------------------------------------------------------- the probe
@@ -514,27 +611,28 @@ class StructuralAdapter(ModelAdapter):
                 f"5-D video tensor [B, C, T, H, W] or [B, T, C, H, W]. " + _LAYOUT_HINT
             )
         patchify = _patchify(model, structure, x)
-        t_axis = 2 if patchify.channel_axis == 1 else 1
-        src = patchify.source
-        grid = (
-            _tokens(int(x.shape[t_axis]), patchify.patch[0], patchify.exact, "frames", src),
-            _tokens(int(x.shape[3]), patchify.patch[1], patchify.exact, "height", src),
-            _tokens(int(x.shape[4]), patchify.patch[2], patchify.exact, "width", src),
-        )
         if not _is_real(x):
+            t, y, w = _grid(x, patchify)
             raise LayoutUnknown(
-                f"structural: the {grid[0]}x{grid[1]}x{grid[2]} grid ({src}) is verified by "
+                f"structural: the {t}x{y}x{w} grid ({patchify.source}) is verified by "
                 f"running the model on the inputs, which are meta or fake tensors here. "
                 + _LAYOUT_HINT
             )
         key = _signature(inputs)
         cache = self._verified.setdefault(model, {})
-        if key not in cache:
+        if key not in cache:  # the stem and the probe run the model: once per input shapes
             names = list(inspect_parameters(model))
             pos = names.index("hidden_states") if "hidden_states" in names[: len(args)] else None
             try:
+                patchify = _stem(model, structure, args, kwargs, patchify)
                 cache[key] = _verify(
-                    model, structure, args, kwargs, ("hidden_states", pos), patchify, grid
+                    model,
+                    structure,
+                    args,
+                    kwargs,
+                    ("hidden_states", pos),
+                    patchify,
+                    _grid(x, patchify),
                 )
             except LayoutUnknown as e:
                 cache[key] = e
@@ -558,7 +656,7 @@ class StructuralAdapter(ModelAdapter):
 
 def inspect_parameters(model: torch.nn.Module) -> list[str]:
     """The forward's parameter names, in order."""
-    return list(inspect.signature(model.forward).parameters)
+    return list(forward_signature(model).parameters)
 
 
 STRUCTURAL = StructuralAdapter()
