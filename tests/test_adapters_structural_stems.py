@@ -155,3 +155,31 @@ def test_self_attention_not_named_attention_gets_a_true_reason() -> None:
     assert "hold only cross-attention" not in msg
     assert "takes attention modules by class name" in msg
     assert "blocks.0.cross (CrossAttention)" in msg and "Pass layout=VideoLayout(" in msg
+
+
+def test_layout_on_unnumbered_self_attention_is_never_numbered_per_block() -> None:
+    """With ``layout=`` the modules numbered at optimize are those named "...Attention" (here the
+    unused cross-attention ones). A self-attention call in another module has no layer: block by
+    block its graph order would give every block layer 0 (all 1D), so it stays dense with the
+    reason; compiled whole, it is numbered in graph order (layers 0, 1) and equals the reference."""
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    for block in model.blocks:
+        block.attn = MultiHeadSelfMix(32)
+        block.cross = CrossAttention(32)
+    kwargs = _inputs(2, 8, 8)
+    layout = VideoLayout(2, 4, 4, text_tokens=5, text_position="prefix")
+    with torch.no_grad():
+        dense = model(**kwargs)
+        regional = optimize(model, SPARSE, layout=layout, lowering="aot_eager")
+        out = regional(**kwargs)
+        assert not regional.report.rewritten and max_err(out, dense) < 1e-6
+        reasons = {c.module: c.reason for c in regional.report.calls}
+        assert set(reasons) == {"blocks.0.attn", "blocks.1.attn"}, regional.report
+        assert all("not among the attention modules numbered" in r for r in reasons.values())
+        regional.restore()
+        whole = optimize(model, SPARSE, layout=layout, lowering="aot_eager", regional=False)
+        got = whole(**kwargs)
+    assert [c.layer_index for c in whole.report.rewritten] == [0, 1], whole.report
+    assert max_err(got, toy_reference(model, kwargs, layout, SPARSE)) < ATOL_F32
+    assert max_err(got, dense) > 1e-4

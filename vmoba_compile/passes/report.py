@@ -60,6 +60,12 @@ class SkipReason(enum.Enum):
     MASK_WITHOUT_TEXT = "key-padding mask on a call without text tokens"
     # the layer, the graph, the kernel
     DENSE_LAYER = "layer {layer} kept dense by the runtime controls (dense_layers)"
+    LAYER_UNNUMBERED = (
+        "{module} is not among the attention modules numbered when the model was optimized "
+        "(class name containing 'Attention'), so under block-by-block compilation its layer, "
+        "and with it the partition, is unknown. Use optimize(..., regional=False), which "
+        "numbers such calls in graph order, or name the module's class ...Attention"
+    )
     UNRECOGNIZED_ARGUMENTS = "unrecognized arguments ({error})"
     SHARED_FRAME = (
         "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "

@@ -591,6 +591,8 @@ def _resolve_layer(module: str, ctx: CallContext, next_layer: Callable[[], int])
     """The call's VMoBA layer index, unless the runtime controls keep that layer dense."""
     layer = ctx.layer_of.get(module)
     if layer is None:
+        if ctx.regional is not None:  # a block's graph: its graph order is not the model's
+            return SkipReason.LAYER_UNNUMBERED.skip(module=module)
         layer = next_layer()
     if layer in ctx.dense_layers:
         return SkipReason.DENSE_LAYER.skip(layer=layer)
