@@ -383,7 +383,7 @@ class VMoBAModule(torch.nn.Module):
         (inductor with the compile's options, or ``aot_eager`` under that lowering)."""
         opts = self._vmoba_compile
         kw: dict[str, Any] = dict(dynamic=False, fullgraph=opts["fullgraph"])
-        if opts["recompile_limit"] is not None:  # torch >= 2.12 takes it per compile
+        if opts["recompile_limit"] is not None:  # where torch.compile takes it (torch 2.13 does)
             kw["recompile_limit"] = opts["recompile_limit"]
         if backend is None and opts["lowering"] == "inductor":
             return torch.compile(fn, options=opts["patches"] or None, **kw)
