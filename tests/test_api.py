@@ -539,3 +539,30 @@ def test_outer_compile_and_deepcopy_run_vmoba_by_the_account() -> None:
     assert twin._orig_mod is not model and twin.report is not opt.report
     assert twin.report.executions["blocks.0"].vmoba_forward == 1
     assert [c.module for c in twin.report.rewritten] == ["blocks.0"]
+
+
+def test_layer_numbering_counts_video_self_attention_only() -> None:
+    """Layer indices count video self-attention modules only: a module marked as
+    cross-attention takes none (the schedule runs 1D, 2D, 3D over the three self-attention
+    layers); an unmarked one that makes only cross-attention calls is warned about, naming it
+    and the fix."""
+    kinds = ["self", "cross", "self", "cross", "self"]
+    x, ctx = toy_inputs()
+    model = ToyVideo(kinds)
+    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager")
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="blocks.1 is numbered as video"):
+        opt(x, ctx)
+    assert sorted({c.layer_index for c in opt.report.rewritten}) == [0, 2, 4]
+    opt.restore()
+
+    for i in (1, 3):
+        model.blocks[i].is_cross_attention = True
+    opt = optimize(model, layout=TOY_LAYOUT, lowering="aot_eager")
+    with torch.no_grad():
+        opt(x, ctx)
+    rewritten = {(c.module, c.layer_index, c.partition) for c in opt.report.rewritten}
+    assert sorted(rewritten) == [
+        ("blocks.0", 0, "1d"),
+        ("blocks.2", 1, "2d"),
+        ("blocks.4", 2, "3d"),
+    ], opt.report

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,6 +21,7 @@ from .accounting import CONTROLS, Account, forward_codes
 from .adapters.base import ModelAdapter
 from .adapters.base import describe as describe_value
 from .adapters.registry import find_adapter, layout_source
+from .adapters.structural import is_marked_cross_attention
 from .config import Kernel, VMoBAConfig
 from .layout import VideoLayout
 from .parallel import ParallelPlan, detect_parallel
@@ -31,6 +33,7 @@ from .passes import (
     RewriteReport,
     VMoBABackend,
 )
+from .passes.report import SkipReason
 from .regional import BlockCall, RegionalBlocks, find_blocks
 
 __all__ = [
@@ -302,6 +305,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_backends: list[VMoBABackend] = []
         self._vmoba_parallel = parallel  # None: one process (vmoba_compile.parallel)
         self.report.parallel = parallel.describe() if parallel is not None else None
+        self._vmoba_numbering_warned: set[str] = set()
         self._vmoba_account = Account(
             self.report, type(model).__name__, strict, self._vmoba_compile["recompile_limit"]
         )
@@ -480,6 +484,7 @@ class VMoBAModule(torch.nn.Module):
             out = fn(*args, **kwargs)
         controls._called()
         self._settle(ctx, backend.graph_runs > runs)
+        self._check_numbering()
         self._check_strict(ctx)
         return out
 
@@ -494,6 +499,7 @@ class VMoBAModule(torch.nn.Module):
         with _call_scope(ctx):  # each block call settles its own account (RegionalBlocks)
             out = self._orig_mod(*args, **kwargs)
         controls._called()
+        self._check_numbering()
         self._check_strict(ctx)
         return out
 
@@ -519,6 +525,29 @@ class VMoBAModule(torch.nn.Module):
         found = [(m, modules[m]) for m in missing if m in modules]
         codes = [type(self._orig_mod).forward.__code__, *forward_codes(m for _, m in found)]
         self._vmoba_account.no_graph(missing, codes, [("", self._orig_mod), *found])
+
+    def _check_numbering(self) -> None:
+        """Warn (once per module) where the layer numbering counted a module whose every call
+        is a cross-attention: the layers after it take the partitions one step on."""
+        calls: dict[str, list[Any]] = {}
+        for _, graph_calls in self.report.graphs:
+            for c in graph_calls:
+                calls.setdefault(c.module, []).append(c)
+        for module, found in calls.items():
+            if module not in self._vmoba_layer_of or module in self._vmoba_numbering_warned:
+                continue
+            cross = SkipReason.CROSS_ATTENTION
+            if all(c.skip is cross for c in found):
+                self._vmoba_numbering_warned.add(module)
+                warnings.warn(
+                    f"{type(self._orig_mod).__name__}: {module} is numbered as video "
+                    f"self-attention layer {self._vmoba_layer_of[module]}, but its calls are "
+                    f"cross-attention, so the layers after it take the schedule's partitions "
+                    f"one step on. Mark it (is_cross_attention = True, or 'cross' in its class "
+                    f"or attribute name) and optimize again.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def _check_strict(self, ctx: CallContext) -> None:
         if self._vmoba_strict and ctx.calls and not any(c.rewritten for c in ctx.calls):
@@ -568,14 +597,21 @@ def _regional_blocks(
         return None
 
 
-def _attention_modules(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+def _attention_modules(
+    model: torch.nn.Module, exclude: tuple[str, ...] = (), self_only: bool = False
+) -> list[str]:
     """The outermost modules whose class name contains "Attention", in ``named_modules()``
-    order, leaving out those inside the modules ``exclude`` names."""
+    order, leaving out those inside the modules ``exclude`` names; with ``self_only`` also those
+    marked as cross-attention (:func:`~vmoba_compile.adapters.structural.
+    is_marked_cross_attention`) and what they hold."""
     names: list[str] = []
+    cross: list[str] = []
     for name, m in model.named_modules():
-        inside = any(name == p or name.startswith(p + ".") for p in (*exclude, *names))
-        if "attention" in type(m).__name__.lower() and not inside:
-            names.append(name)
+        inside = any(name == p or name.startswith(p + ".") for p in (*exclude, *names, *cross))
+        if "attention" not in type(m).__name__.lower() or inside:
+            continue
+        marked = self_only and is_marked_cross_attention(name, m)
+        (cross if marked else names).append(name)
     return names
 
 
@@ -583,13 +619,15 @@ def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> di
     """Module path -> layer index: the adapter's self-attention modules, in model order.
 
     Without an adapter (explicit layout), the outermost modules whose class name contains
-    "Attention" are numbered in ``named_modules()`` order; calls in other modules are numbered
-    in graph order.
+    "Attention", except those marked as cross-attention, are numbered in ``named_modules()``
+    order; calls in other modules are numbered in graph order (whole-model compile) or stay
+    dense (``LAYER_UNNUMBERED``, block by block). A numbered module whose calls all turn out to
+    be cross-attention is warned about at run time (:meth:`VMoBAModule._check_numbering`).
     """
     if adapter is not None:
         names = adapter.self_attention_modules(model)
     else:
-        names = _attention_modules(model)
+        names = _attention_modules(model, self_only=True)
     return {n: i for i, n in enumerate(names)}
 
 

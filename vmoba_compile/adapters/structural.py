@@ -84,7 +84,9 @@ def _is_attention(module: torch.nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
 
 
-def _is_cross(name: str, module: torch.nn.Module) -> bool:
+def is_marked_cross_attention(name: str, module: torch.nn.Module) -> bool:
+    """The module says it is a cross-attention: ``is_cross_attention=True``, or "cross" in its
+    class or attribute name (the one rule of the structural fallback and of ``layout=``)."""
     flag = getattr(module, "is_cross_attention", None)
     if flag is True:
         return True
@@ -143,7 +145,7 @@ def analyze(model: torch.nn.Module) -> Structure:
         for block in blocks:
             for m in block.modules():
                 n = names[id(m)]
-                if not _is_attention(m) or _is_cross(n, m):
+                if not _is_attention(m) or is_marked_cross_attention(n, m):
                     continue
                 if any(_is_attention(c) for c in list(m.modules())[1:]):
                     continue  # not the innermost: a nested attention module makes the call
