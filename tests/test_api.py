@@ -194,6 +194,34 @@ def test_inductor_hunyuan_text_and_key_padding_equals_reference() -> None:
     assert max_err(out, ref) < ATOL_F32 * 10
 
 
+@pytest.mark.compiled
+def test_inductor_fused_qkv_equals_unfused() -> None:
+    """diffusers' ``fuse_qkv_projections()``: Wan's processor splits one ``to_qkv`` output, so v
+    reaches the attention as a view at an offset into it (q and k are made anew by the QK norm).
+    Inductor's CPU flex template dropped that offset and read q's columns as values (7.5% of
+    the output) wherever the 1D partition is the identity; the grid and chunks here make it so
+    (frames of 16 tokens, 16-token blocks, chunks that need no padding in any partition)."""
+    from vmoba_compile.attention import plan_for
+
+    model, _, _ = built("wan")
+    fused = copy.deepcopy(model)
+    fused.fuse_qkv_projections()
+    args, kwargs = tm._wan_inputs(model, (4, 4, 4), torch.Generator().manual_seed(0))
+    config = VMoBAConfig(block_size=16, chunk_1d=(1,), chunk_2d=(2, 2), chunk_3d=(1, 4, 4))
+    assert plan_for(VideoLayout(4, 4, 4), config, 0).is_identity
+    unfused_opt, fused_opt = optimize(model, config), optimize(fused, config)
+    with torch.no_grad():
+        out = first(fused_opt(*args, **kwargs))
+        unfused = first(unfused_opt(*args, **kwargs))
+        ref = reference_forward(model, args, kwargs, config)
+    layers = find_adapter(fused).self_attention_modules(fused)
+    assert fused_opt.report.vmoba_runs == len(layers) == 2, fused_opt.report
+    assert all(fused_opt.report.executions[m].vmoba_forward == 1 for m in layers)
+    assert max_err(out, unfused) < ATOL_F32, max_err(out, unfused)
+    assert max_err(out, ref) < ATOL_F32 * 10, max_err(out, ref)
+    assert max_err(ref, first(model(*args, **kwargs))) > 1e-3, "the config must be sparse"
+
+
 # ----------------------------------------------------------------------- toys: skip reasons
 
 

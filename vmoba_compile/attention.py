@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
 from .config import Granularity, Kernel, Partition, VMoBAConfig
-from .kernels import KernelChoice, choose_kernel, flash_block_sparse
+from .kernels import KernelChoice, choose_kernel, flash_block_sparse, kernel_input
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask, mask_pieces
 from .selection import chunk_keys, gates, select
@@ -172,6 +172,9 @@ def _dense(q, k, v, layout, scale, text_key_mask):
 
 
 def _run_flex(q, k, v, block_mask, scale, kernel_options=None):
+    # The layout the flex kernel of this device reads correctly (a fused projection's views are
+    # not, on CPU); a no-op for the tensors the permutation wrote.
+    q, k, v = (kernel_input(x, Kernel.TRITON) for x in (q, k, v))
     kw = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if kernel_options is not None:
         kw["kernel_options"] = kernel_options

@@ -53,6 +53,7 @@ __all__ = [
     "choose_kernel",
     "flash_block_sparse",
     "flash_unavailable",
+    "kernel_input",
 ]
 
 # FA4's block-sparse kernels were validated here with 128 x 128 sparse blocks.
@@ -107,6 +108,51 @@ class KernelChoice:
     kernel: Kernel
     reason: str
     possible: bool = True
+
+
+def kernel_input(x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """``x`` (q, k or v, ``[B, H, S, D]``) in a memory format that ``kernel`` reads correctly
+    on ``x``'s device: ``x`` itself where it already is, else a contiguous copy.
+
+    What each kernel reads (measured on CPU torch 2.13; the GPU paths from torch 2.13's source):
+
+    - FlexAttention's CPU C++ template (inductor's lowering of a CPU flex call) names each input
+      by its storage buffer and drops a view's storage offset (``CppTemplateKernel.def_kernel``;
+      PyTorch copies only views whose storage q/k/v share, ``_realize_duplicate_buffer_inputs``).
+      So a view into a fused projection reads the wrong columns: ``v`` of
+      ``qkv.chunk(3, -1)``, with ``q`` and ``k`` made anew by a norm, read ``q``'s values
+      (error 1.8, and 7.5% of the output on a fused-QKV Wan). Views that are not contiguous in
+      ``[B, H, S, D]`` order are misread or fail to lower inside the graph too (a permuted
+      ``[B, S, D, H]`` buffer: error 2.0; a transposed view of a pointwise result:
+      ``LoweringException: not enough values to unpack``). It needs a contiguous tensor at
+      offset 0. Eager CPU flex (and ``aot_eager``) reads any layout, but a traced call cannot
+      know whether inductor will lower it, so the rule holds on CPU throughout. Dynamo cannot
+      read a storage offset (``torch.* op returned non-Tensor``), so a CPU call that Dynamo
+      traces copies every input; inductor fuses the copy into a pointwise producer such as the
+      permutation's gather (``optimize`` traces the op with AOTAutograd, which reads offsets).
+    - FlexAttention's Triton template adds each input's offset to its pointer and reads any
+      strides (``TritonTemplateKernel.def_kernel``; PyTorch's ``test_strided_inputs``), and
+      picks 64-bit indexing from the storage the views span (``can_use_32bit_indexing``); its
+      TMA loads need a unit stride in the head dim, which the lowering checks
+      (``can_use_tma``). A strided head dim is copied (inner-loop loads of every KV block cost
+      more than one copy); the usual ``[B, S, H, D]`` views transposed to ``[B, H, S, D]``
+      pass as they are.
+    - FlashAttention-4 (:func:`flash_block_sparse`, an opaque op: inductor hands it views with
+      their offsets): contiguous tensors, the layout its GPU tests ran with.
+
+    Cost: nothing where ``x`` is already right, which is every call whose partition permutes
+    the tokens (the gather writes a fresh contiguous tensor). Otherwise one read and one write of
+    ``x``: on the GPU about 0.07 ms for one ``[1, 12, 32760, 128]`` bf16 tensor at 3 TB/s,
+    against 2-8 ms of block-sparse flex attention at that length (H100, density 0.125-0.5).
+    """
+    if x.device.type == "cpu":
+        ok = x.is_contiguous() and not torch.compiler.is_dynamo_compiling()
+        ok = ok and x.storage_offset() == 0
+    elif kernel is Kernel.FLASH:
+        ok = x.is_contiguous()
+    else:
+        ok = x.stride(-1) == 1 or x.shape[-1] == 1
+    return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
 def _flash_obstacle(
@@ -578,7 +624,7 @@ def flash_block_sparse(
             "flash_block_sparse with gradients needs the query-side block tables: build the "
             "mask with q_tables=True."
         )
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (kernel_input(x, Kernel.FLASH) for x in (q, k, v))
     scale = None if scale is None else float(scale)
     if training and not pieces.token_level:
         if slot_real is None:
