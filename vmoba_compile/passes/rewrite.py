@@ -371,6 +371,9 @@ def owner_path(node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
     return paths[-1] if paths else "?"
 
 
+#: The module of a call that no parameter input of its graph proves (see :class:`Placement`).
+UNPROVEN_MODULE = "<unproven>"
+
 _SOURCE_BASE = re.compile(r"^(?:[LG]\[['\"]([^'\"\]]+)['\"]\]|([A-Za-z_]\w*))")
 _SOURCE_ITEM = re.compile(r"\.([A-Za-z_]\w*|\d+)|\[['\"]([^'\"\]]+)['\"]\]|\[(\d+)\]")
 _CONTAINERS = frozenset({"__dict__", "_modules", "_parameters", "_buffers"})
@@ -414,9 +417,11 @@ class Placement:
     module ``blocks.0.attn1``. A call is placed in the innermost module of its
     ``nn_module_stack`` so proven; with no stack (the frame is an attention processor's or a
     hook's function), in the one video self-attention module among the frame's own locals (or its
-    one module). A call whose module the graph's parameters do not prove is placed by its name
+    one module); a call in the model's own forward keeps the name ``"?"`` (no module), and a
+    frame that ties no local to a module, or several, proves nothing. A call whose module the graph's parameters do not prove is placed by its name
     (:func:`owner_path`) only where that name is a known module or the graph proves no name at
-    all (it holds no parameters); else it is ``"?"`` and stays dense (``MODULE_UNPROVEN``).
+    all (it holds no parameters); else it is :data:`UNPROVEN_MODULE` and stays dense
+    (``MODULE_UNPROVEN``).
     """
 
     def __init__(
@@ -461,15 +466,17 @@ class Placement:
                 return p
         if not stack:
             heads = {p for c, p in self.paths.items() if len(c) == 1 and p is not None}
-            heads.discard("")  # the model itself is no attention module
+            if heads == {""}:  # the model's own forward: no module around the call
+                return owner_path(node, known, prefix)
             mine = heads & known
             if len(mine) == 1 or len(heads) == 1:
                 return (mine or heads).pop()
+            return UNPROVEN_MODULE  # a frame of its own (hooks between leaves): whose, unknown
         if proven:
             return proven[-1]
         named = owner_path(node, known, prefix)
         # The graph ties names to modules, but not this call's: its name is not evidence.
-        return named if named in known or not self.paths else "?"
+        return named if named in known or not self.paths else UNPROVEN_MODULE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,8 +565,8 @@ def _check_semantics(args: dict[str, Any]) -> Skip | None:
 
 def _check_module(module: str, ctx: CallContext) -> Skip | None:
     """With an adapter, only its video self-attention modules are rewritten; a call whose
-    module is not identified (``"?"``) is not rewritten, with or without one."""
-    if module == "?":
+    module is not proven (:data:`UNPROVEN_MODULE`) is not rewritten, with or without one."""
+    if module == UNPROVEN_MODULE:
         return SkipReason.MODULE_UNPROVEN.skip()
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
