@@ -194,6 +194,7 @@ def test_inductor_hunyuan_text_and_key_padding_equals_reference() -> None:
     assert max_err(out, ref) < ATOL_F32 * 10
 
 
+@pytest.mark.slow  # ~45 s cold on two cores (two models, two block graphs each)
 @pytest.mark.compiled
 def test_inductor_fused_qkv_equals_unfused() -> None:
     """diffusers' ``fuse_qkv_projections()``: Wan's processor splits one ``to_qkv`` output, so v

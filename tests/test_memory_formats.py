@@ -89,6 +89,7 @@ def test_aot_eager_formats_built_in_the_graph_equal_reference(case, fmt, seed):
     assert max_err(out, ref) < ATOL_F32, (fmt, max_err(out, ref), layout, config)
 
 
+@pytest.mark.slow  # ~35 s cold on two cores
 @pytest.mark.compiled
 def test_inductor_formats_built_in_the_graph_equal_reference():
     """Inductor's CPU flex template on the formats it misreads, each built inside one compiled
