@@ -306,6 +306,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_parallel = parallel  # None: one process (vmoba_compile.parallel)
         self.report.parallel = parallel.describe() if parallel is not None else None
         self._vmoba_numbering_warned: set[str] = set()
+        self._vmoba_numbering_checked = 0  # graphs of the report the numbering check has seen
         self._vmoba_account = Account(
             self.report, type(model).__name__, strict, self._vmoba_compile["recompile_limit"]
         )
@@ -529,6 +530,9 @@ class VMoBAModule(torch.nn.Module):
     def _check_numbering(self) -> None:
         """Warn (once per module) where the layer numbering counted a module whose every call
         is a cross-attention: the layers after it take the partitions one step on."""
+        if len(self.report.graphs) == self._vmoba_numbering_checked:
+            return  # no graph compiled since the last check
+        self._vmoba_numbering_checked = len(self.report.graphs)
         calls: dict[str, list[Any]] = {}
         for _, graph_calls in self.report.graphs:
             for c in graph_calls:

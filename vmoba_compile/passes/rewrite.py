@@ -80,7 +80,7 @@ class CallContext:
         grid_error: why the grid is unknown for this call (every call then stays dense).
         dense_layers: layer indices kept dense by the runtime controls.
         data_dependent_text: the adapter's flag (text count known at run time only).
-        param_names: ``id(parameter or buffer) -> name`` in the model (see :func:`frame_prefix`).
+        param_names: ``id(parameter or buffer) -> name`` in the model (see :class:`Placement`).
         regional: the optimized model's :class:`~vmoba_compile.regional.RegionalBlocks` when
             its blocks are compiled one variant at a time (a block's frame is then expected).
         calls: decisions of the graphs compiled during this forward call.
@@ -193,7 +193,7 @@ def is_sdpa(node: fx.Node) -> bool:
 
 
 def other_attention_call(
-    node: fx.Node, ctx: CallContext, prefix: str = "", placement: Placement | None = None
+    node: fx.Node, ctx: CallContext, placement: Placement
 ) -> AttentionCall | None:
     """The report line of an attention op the pass does not rewrite, or None for any other node.
 
@@ -218,10 +218,7 @@ def other_attention_call(
         details["op"] = getattr(node.target, "__name__", None) or str(node.target)
     else:
         return None
-    if placement is not None:
-        module = placement.place(node, ctx.layer_of, prefix)
-    else:
-        module = owner_path(node, ctx.layer_of, prefix)
+    module = placement.place(node, ctx.layer_of)
     why: Skip | None
     if dims is None:
         shape, why = "?", SkipReason.NO_SHAPES.skip()
@@ -333,34 +330,11 @@ def normalize_module_path(source: str) -> str:
     return s.lstrip(".")
 
 
-def frame_prefix(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], param_names: dict[int, str]
-) -> str:
-    """Path (with a trailing dot) of the module whose ``forward`` Dynamo traced, relative to the
-    optimized model: ``""`` for the model itself, ``"blocks.3."`` when a graph break in the
-    parent made Dynamo compile a block's frame on its own. Found by matching the graph's
-    parameter inputs (``L['self']._modules['to_q']._parameters['weight']``) to the model's
-    parameters."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, example_inputs, strict=False):
-        full = param_names.get(id(example))
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        name = getattr(source, "name", None)
-        name = name() if callable(name) else name
-        if full is None or not isinstance(name, str) or not name.startswith("L['self']"):
-            continue
-        rel = normalize_module_path(name)
-        if full == rel:
-            return ""
-        if full.endswith("." + rel):
-            return full[: -len(rel)]
-    return ""
-
-
 def owner_path(node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
     """The module path of the innermost module around ``node`` that is in ``known`` (else the
     innermost module's path, else ``"?"``), read from Dynamo's source names. ``prefix``: see
-    :func:`frame_prefix`. :class:`Placement` places by identity first; this is its fallback."""
+    :attr:`Placement.frame_prefix`. :class:`Placement` places by identity first; this is its
+    fallback."""
     stack = node.meta.get("nn_module_stack") or {}
     paths = [normalize_module_path(v[0]) for v in stack.values() if isinstance(v, tuple)]
     paths = [(prefix + p).rstrip(".") for p in ([""] if prefix else []) + paths]
@@ -416,12 +390,12 @@ class Placement:
     ``blocks.0.attn1.to_q.weight`` (the same tensor, by ``id``) proves that ``<chain>`` is the
     module ``blocks.0.attn1``. A call is placed in the innermost module of its
     ``nn_module_stack`` so proven; with no stack (the frame is an attention processor's or a
-    hook's function), in the one video self-attention module among the frame's own locals (or its
-    one module); a call in the model's own forward keeps the name ``"?"`` (no module), and a
-    frame that ties no local to a module, or several, proves nothing. A call whose module the graph's parameters do not prove is placed by its name
-    (:func:`owner_path`) only where that name is a known module or the graph proves no name at
-    all (it holds no parameters); else it is :data:`UNPROVEN_MODULE` and stays dense
-    (``MODULE_UNPROVEN``).
+    hook's function), in the one video self-attention module among the frame's own locals (or
+    its one module); a call in the model's own forward keeps the name ``"?"`` (no module), and a
+    frame that ties no local to a module, or several, proves nothing. A call whose module the
+    graph's parameters do not prove is placed by its name (:func:`owner_path`) only where that
+    name is a known module or the graph proves no name at all (it holds no parameters); else it
+    is :data:`UNPROVEN_MODULE` and stays dense (``MODULE_UNPROVEN``).
     """
 
     def __init__(
@@ -445,6 +419,15 @@ class Placement:
             for j in range(1, common + 1):  # every module on the shared tail, and its head
                 self._prove(chain[:-j], ".".join(parts[:-j]))
 
+    @property
+    def frame_prefix(self) -> str:
+        """Path (with a trailing dot) of the module whose ``forward`` Dynamo traced, relative to
+        the optimized model: ``""`` for the model itself, ``"blocks.3."`` when a graph break in
+        the parent made Dynamo compile a block's frame on its own (``L['self']`` proven by the
+        parameters it holds)."""
+        path = self.paths.get(("self",))
+        return path + "." if path else ""
+
     def _prove(self, chain: tuple[str, ...], path: str) -> None:
         if self.paths.get(chain, path) != path:
             self.paths[chain] = None  # two objects under one name: prove nothing
@@ -455,9 +438,9 @@ class Placement:
         chain = source_chain(source)
         return self.paths.get(chain) if chain is not None else None
 
-    def place(self, node: fx.Node, known: Iterable[str], prefix: str = "") -> str:
+    def place(self, node: fx.Node, known: Iterable[str]) -> str:
         """The module path of ``node``'s call (see the class)."""
-        known = set(known)
+        known, prefix = set(known), self.frame_prefix
         stack = node.meta.get("nn_module_stack") or {}
         found = [self.module_of(v[0]) for v in stack.values() if isinstance(v, tuple)]
         proven = [p for p in found if p is not None]
@@ -679,15 +662,15 @@ def rewrite_graph(
     """
     calls: list[AttentionCall] = []
     counter = iter(range(1 << 30))
-    prefix = frame_prefix(gm, example_inputs, ctx.param_names)
     placement = Placement(gm, example_inputs, ctx.param_names)
+    prefix = placement.frame_prefix
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
             continue
         changed = False
         for node in list(sub.graph.nodes):
             if not is_sdpa(node):
-                other = other_attention_call(node, ctx, prefix, placement)
+                other = other_attention_call(node, ctx, placement)
                 if other is not None:
                     calls.append(other)
                 continue
@@ -705,7 +688,7 @@ def rewrite_graph(
                 calls.append(call)
                 changed = changed or apply
                 continue
-            module = placement.place(node, ctx.layer_of, prefix)
+            module = placement.place(node, ctx.layer_of)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
