@@ -659,7 +659,12 @@ def test_height_major_token_order_is_not_taken_for_frame_major() -> None:
     s = [c.query_len for c in record_sdpa(model, (), kwargs)]
     assert s == [3 * 4 * 6 + 5] * 2  # the count fits the inferred grid
     reason = _dense_reason(model, kwargs)
-    assert "(t, y, x)=(0, 0, 1)" in reason or "(t, y, x)=(0, 1, 0)" in reason, reason
+    # Row 5 + 6 holds token (1, 0, 0) in (y, t, x) order, where frame-major order has (0, 1, 0).
+    assert (
+        "row 11 of blocks.0.attn's call (self-attention call 0 of the forward, S=77) changes "
+        "as video token (t, y, x)=(1, 0, 0)" in reason
+    )
+    assert "frame-major order predicts (0, 1, 0) (60 of 72 rows differ" in reason
     assert "token order (or the grid) is not the one inferred" in reason
     with torch.no_grad():  # dense, so the model's output is unchanged
         assert max_err(optimize(model, lowering="aot_eager")(**kwargs), model(**kwargs)) < 1e-6
@@ -686,8 +691,12 @@ def test_tokens_mixed_before_attention_are_refused() -> None:
     torch.manual_seed(0)
     model = ToyVideoDiT(mix=True).eval()
     reason = _dense_reason(model, toy_inputs()[1])
-    assert "changing the input under video token (t, y, x)=(0, 0, 0)" in reason
-    assert "predicts one row for both" in reason
+    # Row 5 (token 0) also changes with token 1 (the mixer's neighbour): it answers as token 1.
+    assert (
+        "row 5 of blocks.0.attn's call (self-attention call 0 of the forward, S=77) changes "
+        "as video token (t, y, x)=(0, 0, 1)" in reason
+    )
+    assert "(or as several tokens mixed), where one token per patch in frame-major order" in reason
 
 
 def test_cross_attention_as_long_as_the_video_is_not_self_attention() -> None:

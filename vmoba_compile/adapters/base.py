@@ -69,6 +69,10 @@ class VideoGrid:
             tokens only). A call holding another number stays dense: where such tokens sit
             (before or after the video) is not proven, and a wrong guess would attend the wrong
             chunks. None: any number, at ``text_position``.
+        order_verified: the modules whose every self-attention call a probe traced in this
+            grid's token order (the structural fallback); a call of another module stays dense.
+            None: the adapter's family fixes the order for all of its modules.
+        order_refused: ``(module, why)`` for the modules the probe found in another order.
     """
 
     frames: int
@@ -77,6 +81,8 @@ class VideoGrid:
     text_position: TextPosition = TextPosition.SUFFIX
     text_key_padding: bool = False
     extra_tokens: int | None = None
+    order_verified: tuple[str, ...] | None = None
+    order_refused: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _grid_int("frames", self.frames)
@@ -99,6 +105,13 @@ class VideoGrid:
         bad = not isinstance(extra, int) or isinstance(extra, bool) or extra < 0
         if extra is not None and bad:
             raise ValueError(f"VideoGrid.extra_tokens must be None or an int >= 0; got {extra!r}.")
+
+    def order_unproven(self, module: str) -> str | None:
+        """None when the token order of ``module``'s calls is this grid's; else why not."""
+        if self.order_verified is None or module in self.order_verified:
+            return None
+        why = dict(self.order_refused).get(module)
+        return why or "no call of it held the video tokens when the probe ran the model"
 
     @property
     def video_tokens(self) -> int:

@@ -19,17 +19,18 @@ exposes:
   channel axis must fit, and several candidate convolutions must agree; otherwise the grid is
   ambiguous and every call stays dense.
 * **Verification** (a probe, once per model and input shapes): the model runs eagerly, without
-  gradients and with the random state forked, up to the first call of the first candidate
-  self-attention module whose query and key lengths are equal and hold the grid's ``N`` tokens,
-  and stops there. It runs again with the input under one token changed, for a few tokens
-  (``(0,0,0)``, a step along each axis, the last token). Each run must change exactly one query
-  row and the same key row of that call, at ``video_start + (t * H' + y) * W' + x``
-  (frame-major, one token per patch, keys from the same sequence as the queries). The row of
-  token ``(0,0,0)`` places the non-video tokens: ``0`` with ``S - N`` more tokens after the
-  video is a suffix, ``S - N`` a prefix; anything else, or any mismatch, leaves every call
-  dense with the reason. A bump can only be traced to one row before the first attention mixes
-  the tokens, so later calls are assumed to keep the order of the first (the repeated blocks run
-  in sequence); their lengths are still checked call by call (``S >= N``, ``S_q == S_kv``).
+  gradients and with the random state forked, with every SDPA call whose query and key lengths
+  are equal returning its values (:class:`_TokenTrace`): only the model's token-wise ops then
+  move a token. It runs clean, with the input under every video token changed, and once per
+  bit ``b`` of the token index with the tokens whose index has bit ``b`` changed. At every call
+  of a candidate module with ``S_q == S_kv >= N``, the rows each run changed spell the index of
+  the token each row holds: row ``video_start + i`` of q, k and v must hold token ``i``
+  (frame-major, one token per patch, ``i = (t * H' + y) * W' + x``), for every token. The first
+  passing call places the non-video tokens (``video_start`` 0: a suffix, ``S - N``: a prefix);
+  a module with a call in another order (or place) is refused (:meth:`VideoGrid.order_unproven`)
+  and its calls stay dense, the other modules' calls run VMoBA. If no call passes, every call
+  stays dense with the reason. The proof assumes the token order does not depend on the
+  attention's values.
 
 Unlike the family adapters, this one runs part of the model (the probe) the first time it sees
 a set of input shapes; :meth:`StructuralAdapter.grid` on meta or fake tensors cannot verify and
@@ -455,10 +456,71 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
-def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> list[int]:
-    diff = (a.double() - b.double()).abs().amax(dim=(0, 1, 3))  # [S]
-    tol = 1e-6 * max(1.0, float(a.double().abs().max()))
-    return torch.nonzero(diff > tol).flatten().tolist()
+class _TokenTrace(TorchFunctionMode):
+    """The probe's mode: every SDPA call whose query and key lengths are equal returns its values
+    (repeated to the query heads) instead of attending, so only the model's token-wise ops move
+    a video token; each such call of a candidate module with at least ``n`` tokens is recorded as
+    ``(module, row fingerprints of q, k, v)`` (:func:`_fingerprint`)."""
+
+    def __init__(self, stack: list[str], n: int) -> None:
+        super().__init__()
+        self.stack, self.n = stack, n
+        self.calls: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        if q.dim() < 3 or q.shape[-2] != k.shape[-2]:
+            return func(*args, **kwargs)
+        if self.stack and q.dim() == 4 and q.shape[-2] >= self.n:
+            self.calls.append((self.stack[-1], torch.stack([_fingerprint(t) for t in (q, k, v)])))
+        heads, kv_heads = q.shape[-3], v.shape[-3]
+        return v.repeat_interleave(heads // kv_heads, dim=-3) if heads != kv_heads else v.clone()
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S]``: each row of ``x [B, H, S, D]`` projected on fixed random weights (a changed
+    row changes its fingerprint, almost surely)."""
+    g = torch.Generator(device=x.device).manual_seed(0)
+    w = torch.rand(x.shape[1], x.shape[3], generator=g, device=x.device, dtype=torch.float64)
+    return torch.einsum("bhsd,hd->bs", x.double(), w + 0.5)
+
+
+def _trace(
+    model: torch.nn.Module, modules: tuple[str, ...], args: tuple, kwargs: dict, n: int
+) -> list[tuple[str, torch.Tensor]]:
+    """Run the model under :class:`_TokenTrace`: its recorded calls, in order."""
+    stack: list[str] = []
+    handles = []
+    wanted = set(modules)
+    for name, m in model.named_modules():
+        if name in wanted:
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
+            handles.append(m.register_forward_hook(_leave(stack), always_call=True))
+    mode = _TokenTrace(stack, n)
+    devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
+            torch.manual_seed(0)  # the same dropout in every run
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return mode.calls
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[3, S]`` bool: the rows of q, k, v whose fingerprints (``[3, B, S]``) differ."""
+    diff = (a - b).abs().amax(dim=1)
+    return diff > 1e-7 * max(1.0, float(a.abs().max()))
+
+
+def _rows(changed: torch.Tensor) -> str:
+    rows = torch.nonzero(changed).flatten().tolist()
+    return f"{rows[:8]}{'...' if len(rows) > 8 else ''}"
 
 
 def _verify(
@@ -473,58 +535,111 @@ def _verify(
     """Run the probe (module docstring) and return the verified grid, or LayoutUnknown."""
     t_, y_, x_ = grid
     n = t_ * y_ * x_
-    base = _first_call(model, structure.attention, args, kwargs, n)
-    if base is None:
+    clean = _trace(model, structure.attention, args, kwargs, n)
+    if not clean:
         raise LayoutUnknown(
             f"structural: no call of the candidate self-attention modules "
             f"({structure.attention[0]}, ...) has equal query and key lengths of at least "
             f"{t_}x{y_}x{x_} = {n} tokens (the grid from the patch embedding): the attention "
             f"does not see these video tokens as one sequence. " + _LAYOUT_HINT
         )
-    module, q0, k0 = base
-    s = q0.shape[2]
-    probes = [(0, 0, 0)]
-    probes += [(0, 0, 1)] if x_ > 1 else []
-    probes += [(0, 1, 0)] if y_ > 1 else []
-    probes += [(1, 0, 0)] if t_ > 1 else []
-    probes += [(t_ - 1, y_ - 1, x_ - 1), (t_ // 2, y_ // 2, x_ // 2)]
-    start = None
-    for t, y, x in dict.fromkeys(probes):
-        bumped_args, bumped_kwargs = _bump(args, kwargs, video_arg, patchify, (t, y, x))
-        got = _first_call(model, structure.attention, bumped_args, bumped_kwargs, n)
-        if got is None or got[0] != module or got[1].shape != q0.shape:
-            raise LayoutUnknown(
-                f"structural: with the input under token {(t, y, x)} changed, the first "
-                f"self-attention call is no longer {module} of {s} tokens: the call sequence "
-                f"depends on the values. " + _LAYOUT_HINT
-            )
-        rows, krows = _changed_rows(q0, got[1]), _changed_rows(k0, got[2])
-        flat = (t * y_ + y) * x_ + x
-        if start is None and len(rows) == 1:
-            start = rows[0] - flat
-        expected = [start + flat] if start is not None else None
-        if rows != expected or krows != rows:
-            what = f"query rows {rows[:8]}{'...' if len(rows) > 8 else ''}"
-            raise LayoutUnknown(
-                f"structural: changing the input under video token (t, y, x)={(t, y, x)} of the "
-                f"{t_}x{y_}x{x_} grid ({patchify.source}) changed {what} and key rows "
-                f"{krows[:8]}{'...' if len(krows) > 8 else ''} of {module}'s call (S={s}); one "
-                f"token per patch in frame-major order predicts "
-                f"{'one row' if expected is None else f'row {expected[0]}'} for both. The token "
-                f"order (or the grid) is not the one inferred. " + _LAYOUT_HINT
-            )
-    extra = s - n
-    if start == 0:
-        position = TextPosition.SUFFIX
-    elif start == extra:
-        position = TextPosition.PREFIX
-    else:
-        raise LayoutUnknown(
-            f"structural: {module}'s call of {s} tokens holds the {n} video tokens at rows "
-            f"{start}..{(start or 0) + n - 1}, between non-video tokens (neither a prefix nor a "
-            f"suffix). " + _LAYOUT_HINT
+    index = torch.arange(n).reshape(t_, y_, x_)
+    bits = max(1, (n - 1).bit_length())
+    runs = [torch.ones_like(index, dtype=torch.bool)]  # every token, then one run per bit
+    runs += [(index >> b) & 1 == 1 for b in range(bits)]
+    changed = []
+    for selected in runs:
+        got = _trace(
+            model, structure.attention, *_bump(args, kwargs, video_arg, patchify, selected), n
         )
-    return VideoGrid(t_, y_, x_, text_position=position)
+        if [(m, f.shape) for m, f in got] != [(m, f.shape) for m, f in clean]:
+            raise LayoutUnknown(
+                "structural: with the input under the video tokens changed, the model's "
+                "self-attention calls are not the same calls of the same lengths: the call "
+                "sequence depends on the values. " + _LAYOUT_HINT
+            )
+        changed.append([_changed(f0, f1) for (_, f0), (_, f1) in zip(clean, got, strict=True)])
+    verdicts = [
+        _call_verdict(module, j, changed[0][j], [c[j] for c in changed[1:]], grid, patchify)
+        for j, (module, _) in enumerate(clean)
+    ]
+    return _grid_of(verdicts, grid)
+
+
+def _call_verdict(
+    module: str,
+    j: int,
+    every: torch.Tensor,
+    per_bit: list[torch.Tensor],
+    grid: tuple[int, int, int],
+    patchify: _Patchify,
+) -> tuple[str, int | str]:
+    """``(module, video_start)`` when call ``j`` holds token ``i`` of the grid at row
+    ``video_start + i`` in q, k and v; else ``(module, why not)``."""
+    t_, y_, x_ = grid
+    n = t_ * y_ * x_
+    s = every.shape[1]
+    where = f"{module}'s call (self-attention call {j} of the forward, S={s})"
+    if not (every[0] == every[1]).all() or not (every[0] == every[2]).all():
+        return module, (
+            f"changing every video token of the {t_}x{y_}x{x_} grid ({patchify.source}) changed "
+            f"query rows {_rows(every[0])}, key rows {_rows(every[1])} and value rows "
+            f"{_rows(every[2])} of {where}: the keys and values are not the queries' tokens"
+        )
+    rows = torch.nonzero(every[0]).flatten()
+    start = int(rows[0]) if len(rows) else -1
+    if len(rows) != n or int(rows[-1]) - start != n - 1 or start not in (0, s - n):
+        return module, (
+            f"changing every video token of the {t_}x{y_}x{x_} grid ({patchify.source}) changed "
+            f"rows {_rows(every[0])} of {where}, not {n} consecutive rows before or after the "
+            f"other tokens"
+        )
+    bits = torch.stack([c[:, start : start + n] for c in per_bit]).long()  # [bits, 3, N]
+    weights = (1 << torch.arange(len(per_bit), device=bits.device))[:, None, None]
+    code = (bits * weights).sum(dim=0)  # [3, N]: the token index each row answers as
+    outside = any(bool(c[:, :start].any()) or bool(c[:, start + n :].any()) for c in per_bit)
+    expected = torch.arange(n, device=code.device)
+    wrong = torch.nonzero((code != expected).any(dim=0)).flatten()
+    if outside or len(wrong):
+        i = int(wrong[0]) if len(wrong) else 0
+        held = int(code[0, i])
+        token = (held // (y_ * x_), held // x_ % y_, held % x_) if held < n else "none"
+        return module, (
+            f"row {start + i} of {where} changes as video token (t, y, x)={token} would (or "
+            f"as several tokens mixed), where one token per patch in frame-major order predicts "
+            f"{(i // (y_ * x_), i // x_ % y_, i % x_)} ({len(wrong)} of {n} rows differ; the "
+            f"token order (or the grid) is not the one inferred)"
+        )
+    return module, start
+
+
+def _grid_of(verdicts: list[tuple[str, int | str]], grid: tuple[int, int, int]) -> VideoGrid:
+    """The verified grid: the modules whose every call passed at one place of the video tokens
+    (that of the first passing call), the others refused with their first reason."""
+    starts = {v: m for m, v in verdicts if isinstance(v, int)}
+    refused: dict[str, str] = {}
+    for m, v in verdicts:
+        if isinstance(v, str):
+            refused.setdefault(m, v)
+    if not starts:
+        module, why = verdicts[0]
+        raise LayoutUnknown(f"structural: {why}. " + _LAYOUT_HINT)
+    first = next(v for _, v in verdicts if isinstance(v, int))
+    position = TextPosition.SUFFIX if first == 0 else TextPosition.PREFIX
+    for m, v in verdicts:
+        if isinstance(v, int) and v != first:
+            refused.setdefault(
+                m, f"its calls hold the video tokens from row {v}, the first call's from {first}"
+            )
+    verified = tuple(
+        dict.fromkeys(m for m, v in verdicts if isinstance(v, int) and m not in refused)
+    )
+    return VideoGrid(
+        *grid,
+        text_position=position,
+        order_verified=verified,
+        order_refused=tuple(refused.items()),
+    )
 
 
 def _bump(
@@ -532,18 +647,20 @@ def _bump(
     kwargs: dict,
     video_arg: tuple[str, int | None],
     patchify: _Patchify,
-    token: tuple[int, int, int],
+    selected: torch.Tensor,
 ) -> tuple[tuple, dict]:
+    """The inputs with ``+1`` at the first pixel of every selected token's patch
+    (``selected``: ``[T', H', W']`` bool)."""
     key, pos = video_arg
     x = args[pos] if pos is not None else kwargs[key]
-    t, y, w = token
+    t_, y_, x_ = selected.shape
     pt, ph, pw = patchify.patch
-    if patchify.channel_axis == 1:
-        index: tuple = (slice(None), slice(None), t * pt, y * ph, w * pw)
-    else:
-        index = (slice(None), t * pt, slice(None), y * ph, w * pw)
     x = x.clone()
-    x[index] += 1.0
+    bump = selected.to(device=x.device, dtype=x.dtype)
+    if patchify.channel_axis == 1:
+        x[:, :, ::pt, ::ph, ::pw][:, :, :t_, :y_, :x_] += bump
+    else:
+        x[:, ::pt, :, ::ph, ::pw][:, :t_, :, :y_, :x_] += bump[:, None]
     if pos is not None:
         return (*args[:pos], x, *args[pos + 1 :]), dict(kwargs)
     return tuple(args), {**kwargs, key: x}

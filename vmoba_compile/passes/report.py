@@ -36,6 +36,10 @@ class SkipReason(enum.Enum):
     # the layout of the call's length
     LAYOUT_MISMATCH = "{tokens} tokens do not match the layout's {expected} ({layout})"
     GRID_UNKNOWN = "video grid unknown for this call: {detail}"
+    TOKEN_ORDER_UNPROVEN = (
+        "the token order of {module}'s calls is not the grid's frame-major order: {detail}. Pass "
+        "optimize(model, layout=...) only if every self-attention call sees one order"
+    )
     TOO_SHORT_FOR_GRID = "{tokens} tokens cannot hold the {video_tokens}-token video grid"
     EXTRA_TOKENS_UNPROVEN = (
         "{tokens} tokens are the {video_tokens}-token video grid plus {extra} tokens the adapter "

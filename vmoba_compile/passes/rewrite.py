@@ -553,6 +553,9 @@ def _check_module(module: str, ctx: CallContext) -> Skip | None:
         return SkipReason.MODULE_UNPROVEN.skip()
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
+    why = ctx.grid.order_unproven(module) if ctx.layout is None and ctx.grid is not None else None
+    if why is not None:
+        return SkipReason.TOKEN_ORDER_UNPROVEN.skip(module=module, detail=why)
     return None
 
 
