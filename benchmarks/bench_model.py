@@ -450,6 +450,32 @@ def run_variant(
     return row
 
 
+def probe_cost(model: torch.nn.Module, inputs: dict, device: str) -> dict:
+    """Seconds of the structural fallback's probe (``StructuralAdapter.grid`` on a fresh
+    adapter: the stem run plus ``2 + ceil(log2 N)`` eager runs with attention as identity)
+    and of one eager dense forward, on the same model and inputs."""
+    from vmoba_compile.adapters.structural import StructuralAdapter
+
+    with torch.no_grad():
+        model(**inputs)  # warm-up (cuDNN / cuBLAS handles)
+        forward_ms = median_ms(lambda: model(**inputs), device, 3)
+    sync(device)
+    t0 = time.perf_counter()
+    grid = StructuralAdapter().grid(model, (), inputs)
+    sync(device)
+    probe_s = time.perf_counter() - t0
+    verified = len(grid.order_verified or ())
+    return {
+        "variant": "structural probe",
+        "probe_s": probe_s,
+        "dense_eager_forward_s": forward_ms / 1e3,
+        "probe_over_forward": probe_s / (forward_ms / 1e3),
+        "grid": str(grid),
+        "modules_verified": verified,
+        "modules_refused": len(grid.order_refused),
+    }
+
+
 def _run_name(args: dict, variant: str) -> str:
     """How a saved run compiled: dense or ``optimize``, whole model or blocks, and with which
     attention kernel where it is not the default."""
@@ -576,6 +602,11 @@ def main() -> None:
         help="the dense variant's attention: SDPA's own choice (cuDNN or FlashAttention-2), or "
         "fa4: FlashAttention-4's own forward and backward for every unmasked SDPA call",
     )  # fmt: skip
+    p.add_argument(
+        "--probe", action="store_true",
+        help="time the structural fallback's token-order probe on this model (what a model no "
+        "adapter names pays once per input shape) against one eager dense forward, and exit",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -628,6 +659,16 @@ def main() -> None:
         regional = True if args.regional else (False if args.whole_model else None)
         return m, vc.optimize(m, config, lowering=lowering, regional=regional, **inductor)
 
+    if args.probe:
+        row = probe_cost(build(), inputs, device)
+        print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(
+                    {"header": header(device), "args": vars(args), "rows": [row]}, f, indent=1
+                )
+        return
     how = (
         "regional (blocks compiled)"
         if args.regional

@@ -19,6 +19,7 @@ from conftest import ATOL_F32, max_err
 pytest.importorskip("diffusers")
 
 import tiny_models as tm  # noqa: E402
+from sdpa_spy import run_with_sdpa  # noqa: E402
 from test_api import (  # noqa: E402
     _CHUNKS,
     TOY_LAYOUT,
@@ -30,7 +31,7 @@ from test_api import (  # noqa: E402
     toy_reference,
 )
 
-from vmoba_compile import VMoBAConfig, explain, optimize  # noqa: E402
+from vmoba_compile import SkipReason, VMoBAConfig, explain, optimize, vmoba_reference  # noqa: E402
 from vmoba_compile.adapters import find_adapter  # noqa: E402
 from vmoba_compile.regional import find_blocks  # noqa: E402
 
@@ -269,6 +270,55 @@ def test_blocks_with_two_layers_get_the_partition_of_each() -> None:
     keys = sorted(k[0] for k in opt.regional_blocks.variants)
     assert keys == [("1d", "2d"), ("2d", "3d"), ("3d", "1d")]
     assert [c.partition for c in opt.report.rewritten] == ["1d", "2d", "3d", "1d", "2d", "3d"]
+
+
+class Mixer(ToyAttention):
+    """A self-attention whose class name lacks "Attention": not numbered at optimize."""
+
+
+class NumberedAndUnnumbered(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.mixer = ToyAttention("self"), Mixer("self")
+
+    def forward(self, x, ctx):
+        return self.mixer(self.attn(x, ctx), ctx)
+
+
+def test_a_call_of_an_unnumbered_module_stays_dense_block_by_block() -> None:
+    """With ``layout=``, block by block: the numbered modules take layers 0, 1, 2 (1D, 2D, 3D)
+    and run VMoBA; a call in a module not numbered at optimize has no layer the block graph can
+    know (its graph order is the block's, not the model's), so it is dense with
+    ``LAYER_UNNUMBERED``. The output is the reference with exactly that split."""
+    torch.manual_seed(0)
+    model = TwoPerBlockVideo(3)
+    for block in model.blocks:
+        block.b = Mixer("self")
+    x, ctx = toy_inputs()
+    opt = optimize(model, CONFIG, layout=TOY_LAYOUT, lowering="aot_eager", regional=True)
+    with torch.no_grad():
+        got = opt(x, ctx)
+    report = opt.report
+    assert [c.module for c in report.rewritten] == ["blocks.0.a", "blocks.1.a", "blocks.2.a"]
+    assert [c.partition for c in report.rewritten] == ["1d", "2d", "3d"]
+    unnumbered = [c for c in report.calls if c.module.endswith(".b")]
+    assert len(unnumbered) == 3 and all(
+        c.skip is SkipReason.LAYER_UNNUMBERED and c.module in c.reason for c in unnumbered
+    ), report
+
+    def replace(module, a):
+        if not module.endswith(".a"):
+            return None
+        layer = int(module.split(".")[1])
+        q, k, v = a["query"], a["key"], a["value"]
+        return vmoba_reference(q, k, v, layout=TOY_LAYOUT, config=CONFIG, layer_index=layer)
+
+    with torch.no_grad():
+        want = run_with_sdpa(model, (x, ctx), {}, replace)[0]
+        dense = model(x, ctx)
+    assert max_err(got, want) < ATOL_F32
+    assert max_err(got, dense) > 1e-4, "the config must be sparse"
+    assert all(report.executions[f"blocks.{i}.b"].dense_forward == 1 for i in range(3))
 
 
 class NoList(torch.nn.Module):
