@@ -5,7 +5,9 @@
 #   PARTS=model MODEL_RUNS="dense:--variant dense;vmoba:--variant vmoba" bash scripts/gpu_check.sh
 #   PARTS: op (tests/test_attention_gpu.py), pass (tests/test_api_gpu.py), warm (compile the
 #   attention benchmark's functions alongside the tests, for a later bench part on the same
-#   machine), bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA).
+#   machine), bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA),
+#   stacks (fused QKV, group offloading with streams, first-block cache, input memory formats on
+#   Triton and FA4), probe (bench_model.py --probe).
 # The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
@@ -45,6 +47,10 @@ if [[ " $PARTS " == *" pass "* ]]; then  # PASS_SHARDS likewise (default: one pr
   IFS=';' read -ra shards <<< "${PASS_SHARDS:-}"
   for k in "${shards[@]:-}"; do shard "pass_${k// /_}" tests/test_api_gpu.py "$k" & pids+=($!); done
 fi
+if [[ " $PARTS " == *" stacks "* ]]; then  # the CPU compat suite's CUDA shard, and input memory formats
+  shard stacks tests/test_api_gpu.py "user_stacks" & pids+=($!)
+  shard memory_formats tests/test_attention_gpu.py "memory_formats" & pids+=($!)
+fi
 for p in "${pids[@]}"; do wait "$p"; done
 if [ ${#pids[@]} -gt 0 ]; then
   cat "$LOGS"/gpu_tests_*.log | grep -E "^(FAILED|ERROR)" | head -20
@@ -63,6 +69,10 @@ if [[ " $PARTS " == *" model "* ]]; then  # MODEL_RUNS: NAME:ARGS, ';'-separated
     timeout ${MODEL_TIMEOUT:-280} python3 benchmarks/bench_model.py --grid "${MODEL_GRID:-24x36x64}" \
       ${r#*:} --out "$OUT/model_$name.json" 2>&1 | tee "$LOGS/model_$name.log" | grep -v '^{' | tail -14
   done
+fi
+if [[ " $PARTS " == *" probe "* ]]; then  # the structural fallback's token-order probe vs a dense forward
+  timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/bench_model.py --probe --grid "${MODEL_GRID:-24x36x64}" \
+    --out "$OUT/probe.json" 2>&1 | tee "$LOGS/probe.log" | tail -3
 fi
 if [[ " $PARTS " == *" demo "* ]]; then  # the demo's whole output: its report, no warnings
   timeout ${DEMO_TIMEOUT:-240} python3 -m vmoba_compile demo --device cuda >"$LOGS/demo.log" 2>&1
