@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 import tiny_models as tm  # noqa: E402
 from sdpa_spy import Call, record_sdpa  # noqa: E402
 
+from vmoba_compile import explain  # noqa: E402
 from vmoba_compile.adapters import ADAPTERS, ModelAdapter, VideoGrid, find_adapter  # noqa: E402
 from vmoba_compile.layout import TextPosition, VideoLayout  # noqa: E402
 
@@ -450,3 +451,21 @@ def test_video_grid_layout_for() -> None:
 def test_video_grid_validates(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         VideoGrid(**kwargs)
+
+
+def test_hunyuan_image_on_an_image_stays_dense_with_the_reason() -> None:
+    """HunyuanImage's own 4-D image input is not a video: every call dense, the report says so
+    (its 5-D video input is a family above, with the key padding it pads True over the video)."""
+    model = tm.build("hunyuan_image", patch_size=(2, 2), rope_axes_dim=(8, 8))[0]
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 12)
+    kwargs = dict(
+        hidden_states=torch.randn(1, 4, 8, 12, generator=g),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
+        encoder_attention_mask=mask,
+    )
+    report = explain(model, (), kwargs)
+    assert report.calls and not report.rewritten, report
+    video = [c for c in report.calls if "refiner" not in c.module]
+    assert video and all("an image (4-D), not a video" in c.reason for c in video), report

@@ -156,6 +156,17 @@ def _hunyuan_inputs(model: torch.nn.Module, grid: Grid, g: torch.Generator) -> I
     )
 
 
+def _hunyuan_image_inputs(model: torch.nn.Module, grid: Grid, g: torch.Generator) -> Inputs:
+    mask = torch.ones(2, 12)
+    mask[1, 8:] = 0  # sample 1: 8 valid text tokens, 4 padded
+    return (), dict(
+        hidden_states=_latent(g, 2, 4, grid, (1, 2, 2)),
+        timestep=torch.tensor([500.0, 500.0]),
+        encoder_hidden_states=_randn(g, 2, 12, 16),
+        encoder_attention_mask=mask,
+    )
+
+
 def _ltx_inputs(model: torch.nn.Module, grid: Grid, g: torch.Generator) -> Inputs:
     t, y, x = grid
     mask = torch.ones(2, 16, dtype=torch.bool)
@@ -288,6 +299,19 @@ _HUNYUAN = dict(
     text_embed_dim=16,
     pooled_projection_dim=8,
     rope_axes_dim=(2, 4, 4),
+)
+
+_HUNYUAN_IMAGE = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    patch_size=(1, 2, 2),
+    text_embed_dim=16,
+    rope_axes_dim=(4, 6, 6),
 )
 
 _EASYANIMATE = dict(
@@ -453,6 +477,18 @@ _SPECS: tuple[TinyFamily, ...] = (
         patch=(1, 2, 2),
         layout="BCFHW",
         make_inputs=_hunyuan_inputs,
+        text_position="suffix",
+        text_tokens=(12,),
+    ),
+    TinyFamily(
+        name="hunyuan_image",
+        adapter_family="hunyuan_image",
+        make=_diffusers("HunyuanImageTransformer2DModel"),
+        config=_HUNYUAN_IMAGE,
+        grids=(_G0, _G1),
+        patch=(1, 2, 2),
+        layout="BCFHW",
+        make_inputs=_hunyuan_image_inputs,
         text_position="suffix",
         text_tokens=(12,),
     ),

@@ -24,6 +24,12 @@ when that happens and what an adapter cannot describe):
   self-attention (``context_embedder.token_refiner``) is text only and not listed. The I2V
   variants (``image_condition_type="token_replace"`` / ``"latent_concat"``) keep the same layout.
   HunyuanVideo 1.5 and FramePack are other classes (extra context tokens) and are not handled.
+* **hunyuan_image** (``HunyuanImageTransformer2DModel`` on 5-D input, a 3-entry
+  ``patch_size``): joint ``[video, text]`` in ``transformer_blocks.*.attn`` and
+  ``single_transformer_blocks.*.attn`` with the boolean key-padding mask the model pads True
+  over the video keys (``text_key_padding=True``); the second text encoder's tokens join the
+  text. 4-D (image) input is not a video: every call stays dense with that reason. The token
+  refiner's self-attention is text only and not listed.
 * **ltx_video**: the model takes packed tokens; the grid is the ``num_frames``, ``height``,
   ``width`` arguments (the RoPE grid), which must multiply to ``S``. The conditioning path
   (``video_coords``, used by ``LTXConditionPipeline`` and the long multi-prompt pipeline) prepends
@@ -75,6 +81,7 @@ __all__ = [
     "CogVideoXAdapter",
     "CosmosAdapter",
     "EasyAnimateAdapter",
+    "HunyuanImageAdapter",
     "HunyuanVideoAdapter",
     "LTXVideoAdapter",
     "MochiAdapter",
@@ -243,6 +250,59 @@ class HunyuanVideoAdapter(ModelAdapter):
         return module_names(model, modules)
 
 
+class HunyuanImageAdapter(ModelAdapter):
+    """HunyuanImage-2.1 on video latents (``HunyuanImageTransformer2DModel``, 5-D input):
+    joint ``[video, text]`` with key padding.
+
+    Grid: Conv3d with kernel = stride = ``config.patch_size`` (three entries). The model pads
+    ``encoder_attention_mask`` (and the second encoder's, after reordering valid text first)
+    with True over the video keys into a boolean ``[B, 1, 1, N + L]`` mask:
+    ``text_key_padding=True``, exactly ``L`` text tokens after the video.
+    """
+
+    family = "hunyuan_image"
+    library = "diffusers"
+    model_classes = ("HunyuanImageTransformer2DModel",)
+
+    def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
+        inputs = bind_inputs(model, args, kwargs)
+        x = inputs.get("hidden_states")
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            raise NotImplementedError(
+                f"{type(model).__name__} got hidden_states {describe(x)}: an image (4-D), not a "
+                f"video; VMoBA partitions frames, so image calls stay dense. Pass 5-D video "
+                f"latents {_BCFHW} with a 3-entry config.patch_size."
+            )
+        x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
+        text = require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
+        mask = require_tensor(model, inputs, "encoder_attention_mask", 2, "[B, L] (1 = valid)")
+        if tuple(mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(
+                f"{type(model).__name__} expects encoder_attention_mask of shape [B, L] = "
+                f"{tuple(text.shape[:2])} to match encoder_hidden_states; got "
+                f"{describe(mask)}. Pass the prompt attention mask the encoder returned."
+            )
+        patch = config_value(model, "patch_size")
+        if not (isinstance(patch, (tuple, list)) and len(patch) == 3):
+            raise NotImplementedError(
+                f"{type(model).__name__}: config.patch_size={patch!r} has no temporal entry, "
+                f"so 5-D input is not patched as a video; VMoBA needs a 3-entry patch_size."
+            )
+        grid = _latent_grid(model, x, as_tuple3(model, "patch_size"), _PATCH3, exact=False)
+        extra = int(text.shape[1])
+        text_2 = inputs.get("encoder_hidden_states_2")
+        if isinstance(text_2, torch.Tensor) and getattr(model, "context_embedder_2", None):
+            extra += int(text_2.shape[1])
+        return VideoGrid(
+            *grid, text_position=TextPosition.SUFFIX, text_key_padding=True, extra_tokens=extra
+        )
+
+    def self_attention_modules(self, model: torch.nn.Module) -> list[str]:
+        modules = children(model, "transformer_blocks", "attn")
+        modules += children(model, "single_transformer_blocks", "attn")
+        return module_names(model, modules)
+
+
 class LTXVideoAdapter(ModelAdapter):
     """LTX-Video (``LTXVideoTransformer3DModel``): packed tokens, grid from the call.
 
@@ -379,6 +439,7 @@ DIFFUSERS_ADAPTERS: tuple[ModelAdapter, ...] = (
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    HunyuanImageAdapter(),
     LTXVideoAdapter(),
     MochiAdapter(),
     AllegroAdapter(),
