@@ -473,6 +473,7 @@ def probe_cost(model: torch.nn.Module, inputs: dict, device: str) -> dict:
         "grid": str(grid),
         "modules_verified": verified,
         "modules_refused": len(grid.order_refused),
+        "first_refused": grid.order_refused[0] if grid.order_refused else None,
     }
 
 
