@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The quality experiments in one GPU call (repo root): train dense and VMoBA with the same steps,
-# data and seed; evaluate the dense model training-free over the sweep and ablations; write the
-# CPU quality guard's fixture. Results land in $OUT; plots are drawn from them by plots.py.
+# The quality experiments in one command on a GPU (repo root): train dense and VMoBA with the
+# same steps, data and seed; evaluate the dense model training-free over the sweep and ablations;
+# write the real q/k the CPU quality guard checks (VMOBA_QUALITY_FIXTURE). Results land in $OUT;
+# plots are drawn from them by plots.py.
 #   STEPS=800 PARTS="dense vmoba eval" bash benchmarks/quality/run_gpu.sh
 # TRAIN_TIMEOUT / EVAL_TIMEOUT (seconds) bound each stage: checkpoints and the exported weights
 # are written every 200 steps and eval.json after every config, so a stage cut short still reports.
