@@ -338,8 +338,8 @@ def table(rows: list[dict]) -> str:
 
 
 def warm_up(grids, batches, configs, layers, jobs: int) -> None:
-    """Compile every unit of the run in parallel processes (compilation is CPU-bound and the
-    GPU machine has many cores); the timed run then loads the compiled code from the caches.
+    """Compile every unit of the run in parallel processes (compilation is CPU-bound, so they
+    use the host's cores); the timed run then loads the compiled code from the caches.
 
     Two waves: first one unit per kernel family (grid, batch, granularity, kernel options) and
     the dense baselines, then the rest. Every layer of a family hands FlexAttention inputs of the

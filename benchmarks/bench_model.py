@@ -2,8 +2,8 @@
 
 Run (GPU): ``python benchmarks/bench_model.py [--grid 24x36x64] [--layers 30] [--steps 20]
 [--train-steps 5] [--variant dense|vmoba|both] [--regional | --whole-model] [--profile]``
-(one variant per process keeps a run inside a time limit; training uses activation
-checkpointing, as 55K-token training does in practice).
+(one variant per process, so each compiles cold and measures its own peak memory; training uses
+activation checkpointing, as 55K-token training does in practice).
 Smoke (CPU, tiny): ``python benchmarks/bench_model.py --tiny``
 Table of saved runs (``--out`` files): ``python benchmarks/bench_model.py --md a.json b.json``
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CPU suite under torch 2.11, the GPU machine's version, before a GPU run: Dynamo
-# differs between 2.11 and 2.13 (CI's), and GPU runs have failed on such differences that CI
-# could not see. PyPI's torch 2.11.0 is the CUDA build; it runs on CPU.
+# The CPU suite under torch 2.11, the oldest supported version and the GPU measurements' one:
+# Dynamo differs between 2.11 and 2.13 (CI's), and GPU runs have failed on such differences that
+# CI could not see. PyPI's torch 2.11.0 is the CUDA build; it runs on CPU.
 # Usage (repo root): bash scripts/cpu_suite_torch211.sh [pytest arguments, default: the suite]
 # Builds .venv-torch211 once (about 4 GB of wheels), then runs pytest in it.
 set -euo pipefail

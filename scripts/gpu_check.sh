@@ -8,7 +8,7 @@
 #   machine), bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA),
 #   stacks (fused QKV, group offloading with streams, first-block cache, input memory formats on
 #   Triton and FA4), probe (bench_model.py --probe).
-# The tests run as parallel pytest processes (compiling is CPU-bound; the machine has 16 cores),
+# The tests run as parallel pytest processes (compiling is CPU-bound),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
@@ -16,7 +16,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 LOGS=${LOGS:-/tmp/vmoba_logs}; mkdir -p "$LOGS"  # tarred into $OUT at the end
 trap 'tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"' EXIT
 PARTS=${PARTS:-op pass}
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # not on the GPU image
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers missing: the wheels in .whl/, offline
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi

@@ -4,15 +4,14 @@
 # Usage (GPU machine, repo root), one quoted command per lane:
 #   bash scripts/gpu_lanes.sh 'PARTS="op pass" bash scripts/gpu_check.sh' \
 #     'STEPS=5000 PARTS=dense bash benchmarks/quality/run_gpu.sh'
-# Each lane is cut at LANE_TIMEOUT seconds (default 540), so that a run under a 600 s limit
-# still collects every lane's files. Lane i runs with CUDA_VISIBLE_DEVICES=i mod (GPU count),
-# OUT=/tmp/lanes/lane<i> and its own inductor cache; its output goes to lane<i>/lane.log. At the end every lane's files are tarred into
-# $OUT/lanes.tgz, except *.pt files (checkpoints), copied to $OUT/lane<i>/ (at most 8 files come
-# back, 16 MiB each).
+# Each lane is stopped after LANE_TIMEOUT seconds (default 540). Lane i runs with
+# CUDA_VISIBLE_DEVICES=i mod (GPU count), OUT=/tmp/lanes/lane<i> and its own inductor cache; its
+# output goes to lane<i>/lane.log. At the end every lane's files are tarred into $OUT/lanes.tgz,
+# except *.pt files (checkpoints), which are moved to $OUT/lane<i>/.
 set -o pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # not on the GPU image
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers missing: the wheels in .whl/, offline
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -6,7 +6,7 @@ reorder_for_peak_memory_debug=true``); inductor then writes each graph's fused n
 sizes and dependencies into the trace. This script:
 
 - ``extract DIR OUT``: copies every such graph out of the trace as ``OUT/<graph>.json`` (the trace
-  itself is too large to bring back from the GPU machine);
+  itself is too large to keep);
 - ``simulate FILE.json[.gz]``: replays the graph in its recorded order (the order inductor had
   after fusion) and in the order :func:`~vmoba_compile.passes.keep_program_order` gives it,
   and reports each one's peak and the largest buffers alive there, counted the way inductor's

@@ -33,7 +33,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on the H100")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (`pytest -m gpu`)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -94,3 +94,38 @@ def test_every_sweep_config_has_the_settings_its_name_says(monkeypatch) -> None:
         assert cfg.scope is (Scope.QUERY if "query" in words else Scope.HEAD), name
         token = "token" in words
         assert cfg.granularity is (Granularity.TOKEN if token else Granularity.BLOCK), name
+
+
+def test_plots_summary_csv_holds_the_markdown_tables_numbers(tmp_path) -> None:
+    """plots.py's summary.csv has one row per training run, exported-weights validation and
+    sweep configuration, with the numbers summary.md prints, and the scope each sweep row ran
+    with read from its recorded config, not from its name."""
+    pytest.importorskip("matplotlib")
+    import csv
+
+    steps = [
+        {"step": i, "loss": 1.0 / (i + 1), "step_s": 5.0 if i == 0 else 0.1} for i in range(30)
+    ]
+    (tmp_path / "train_dense.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [*steps, {"step": 30, "final_val_loss": 0.0812}])
+    )
+    (tmp_path / "final_val.jsonl").write_text(
+        json.dumps({"step": 30, "final_val_loss": 0.08, "attention": "vmoba", "weights": "w.pt"})
+    )
+    row = dict(
+        variant="recurrent, head scope", knob=0.4, mean_density=0.266, psnr_db=23.54, ssim=0.8978,
+        mean_recall=0.4144, recall_per_layer=[0.4, 0.5],
+        cfg="VMoBAConfig(schedule=..., scope=<Scope.QUERY: 'query'>, threshold=0.4)",
+    )  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps({"rows": [row]}))
+    _run("benchmarks/quality/plots.py", str(tmp_path))
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kind"] for r in rows] == ["train", "final_val", "sweep"], rows
+    assert rows[0]["name"] == "dense" and rows[0]["steps"] == "30"
+    assert rows[0]["final_val_loss"] == "0.08120" and rows[0]["median_step_s"] == "0.1000"
+    assert rows[1]["name"] == "w.pt" and rows[1]["final_val_loss"] == "0.08000"
+    assert rows[2]["scope"] == "query" and rows[2]["psnr_db"] == "23.54"
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 0.266 | 23.54 | 0.8978 | 0.4144 |" in md and "0.08120" in md
+    assert (tmp_path / "psnr_vs_density.png").exists()

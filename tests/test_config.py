@@ -1,3 +1,6 @@
+import dataclasses
+import re
+
 import pytest
 
 from vmoba_compile import Granularity, Partition, Scope, Selection, VideoLayout, VMoBAConfig
@@ -90,3 +93,29 @@ def test_default_kernel_options_are_per_device_and_empty_means_pytorchs():
     assert VMoBAConfig().flex_kernel_options("cpu") is None
     assert VMoBAConfig(kernel_options={}).flex_kernel_options("cuda") is None
     assert VMoBAConfig(kernel_options={}) != VMoBAConfig()
+
+
+def test_repr_shows_only_the_fields_that_differ_from_the_defaults():
+    assert repr(VMoBAConfig()) == "VMoBAConfig()"
+    assert repr(VMoBAConfig(threshold=0.5, kernel="flash")) == (
+        "VMoBAConfig(threshold=0.5, kernel='flash')"
+    )
+    # A field set to its default value is not shown.
+    assert repr(VMoBAConfig(threshold=0.4, block_size=128, scope="query")) == "VMoBAConfig()"
+    configs = [
+        VMoBAConfig(schedule=["2d"], chunk_3d=(1, 2, 2), scope="head", granularity="token"),
+        VMoBAConfig(selection="topk", topk=8, block_size=16, target_chunk_blocks=2),
+        VMoBAConfig(kernel_options={"USE_TMA": True, "BLOCK_M": 64}, kernel="triton"),
+        VMoBAConfig(kernel_options={}, chunk_1d=2, chunk_2d=(2, 4)),
+    ]
+    for cfg in configs:
+        text = repr(cfg)
+        assert "\n" not in text, text
+        assert eval(text) == cfg, text  # the fields are literals: repr round-trips
+        shown = set(re.findall(r"(\w+)=", text))
+        differ = {
+            f.name
+            for f in dataclasses.fields(VMoBAConfig)
+            if getattr(cfg, f.name) != getattr(VMoBAConfig(), f.name)
+        }
+        assert shown == differ, (text, differ)

@@ -122,6 +122,19 @@ def _kernel_options(value: object) -> tuple[tuple[str, int | bool], ...] | None:
 # 11.56-11.65 ms, but forward + backward to 49.26-49.58 ms, and with it in the forward alone the
 # training gradients of CogVideoX's key-norm bias (a gradient that softmax nearly cancels) left
 # the GPU test's bound (4.5 vs 3.2, relative): it is added for calls without a backward only.
+def _literal(name: str, value: object) -> str:
+    """``value`` as VMoBAConfig's constructor takes it: an enum by its string, a tuple of enums
+    as a tuple of strings, ``kernel_options`` as a dict."""
+    if isinstance(value, Enum):
+        return repr(value.value)
+    if name == "kernel_options" and isinstance(value, tuple):
+        return repr(dict(value))
+    if isinstance(value, tuple):
+        items = [repr(v.value) if isinstance(v, Enum) else repr(v) for v in value]
+        return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+    return repr(value)
+
+
 CUDA_KERNEL_OPTIONS: dict[str, int | bool] = {"USE_TMA": True}
 CUDA_INFERENCE_KERNEL_OPTIONS: dict[str, int | bool] = {**CUDA_KERNEL_OPTIONS, "PRESCALE_QK": True}
 
@@ -243,6 +256,21 @@ class VMoBAConfig:
         if not isinstance(tcb, int) or isinstance(tcb, bool) or tcb < 1:
             raise ValueError(f"VMoBAConfig.target_chunk_blocks must be an int >= 1; got {tcb!r}.")
         object.__setattr__(self, "kernel_options", _kernel_options(self.kernel_options))
+
+    def __repr__(self) -> str:
+        """One line with only the fields that differ from the defaults, written as the
+        constructor takes them (enums by their strings, ``kernel_options`` as a dict), e.g.
+        ``VMoBAConfig(threshold=0.5, kernel='flash')``; ``VMoBAConfig()`` for the defaults."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            if default is not dataclasses.MISSING and value == default:
+                continue
+            shown.append(f"{f.name}={_literal(f.name, value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def flex_kernel_options(
         self, device_type: str = "cuda", backward: bool = True

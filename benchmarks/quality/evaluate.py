@@ -7,8 +7,9 @@ with dense attention and with VMoBA (``vmoba_eager``: the same op the pass inser
 without compiling the model); PSNR and SSIM of the VMoBA samples against the dense ones;
 per-layer attention recall (dense softmax mass inside the selection) and block density on the
 dense model's q/k at a mid-noise input. One config is also sampled through ``optimize(model)``
-to show the compiled pass gives the eager op's samples. ``--fixture`` writes the CPU quality
-guard's q/k. Writes eval.md, eval.json and samples.pt.
+to show the compiled pass gives the eager op's samples. ``--fixture`` writes the real q/k that
+tests/test_quality_guard.py checks when ``VMOBA_QUALITY_FIXTURE`` names the file. Writes
+eval.md, eval.json and samples.pt.
 
 Run: ``python benchmarks/quality/evaluate.py --ckpt dense.pt --out benchmarks/quality/results``
 Smoke (CPU): ``python benchmarks/quality/evaluate.py --tiny --ckpt /tmp/t.pt --out /tmp/q``
@@ -128,8 +129,8 @@ def load(path: str, device: str, dtype: torch.dtype):
 
 def capture_fixture(model, path: str, device: str, dtype, frames: int, height: int, width: int):
     """q/k of layers 0, 1, 2 (one partition each) of the dense model at a mid-noise input, one
-    head per layer, bf16: the CPU quality guard's data. Also records the default config's recall
-    and density on exactly these tensors."""
+    head per layer, bf16: the CPU quality guard's real data (``VMOBA_QUALITY_FIXTURE``). Also
+    records the default config's recall and density on exactly these tensors."""
     x0, labels = make_batch(1, frames, height, width, seed=7)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8))
     x = (0.5 * x0 + 0.5 * noise).to(device, dtype)
@@ -170,7 +171,9 @@ def main() -> None:
         "--check-pass", default="recurrent head thr0.25",
         help="also sample this config through optimize(model) (inductor) and compare",
     )  # fmt: skip
-    p.add_argument("--fixture", default=None, help="write the CPU quality guard's q/k here")
+    p.add_argument(
+        "--fixture", default=None, help="write the real q/k for tests/test_quality_guard.py here"
+    )
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     sweep = configs(args.tiny)

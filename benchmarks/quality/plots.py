@@ -2,16 +2,19 @@
 VMoBA training runs, PSNR / recall against block density for every variant of the sweep, and a
 strip of frames (dense sample vs VMoBA sample from the same noise).
 
-Run: ``python benchmarks/quality/plots.py RESULTS_DIR`` (the folder with train_dense.jsonl,
-train_vmoba.jsonl, eval.json, samples.pt); writes PNGs and summary.md into it. Needs matplotlib
-(``pip install -e .[plots]``).
+Run: ``python benchmarks/quality/plots.py RESULTS_DIR`` (the folder with train_*.jsonl,
+final_val.jsonl, eval*.json, samples.pt); writes PNGs, summary.md and summary.csv into it (the
+CSV: one row per training run, exported-weights validation and sweep configuration, the numbers
+of summary.md's tables). Needs matplotlib (``pip install -e .[plots]``).
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -20,17 +23,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+CSV_COLUMNS = (
+    "kind", "source", "name", "knob", "scope", "steps", "median_step_s", "first_step_s",
+    "mean_train_loss", "final_val_loss", "mean_density", "psnr_db", "ssim", "mean_recall",
+)  # fmt: skip
+
 
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training(folder: str) -> list[str]:
+def training(folder: str, table: list[dict]) -> list[str]:
     """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
     and validation points; a table over the steps every run reached with the final validation
     the run wrote at its end (16 fixed batches), and the final validation of exported weights
-    computed apart (``final_val.jsonl``)."""
+    computed apart (``final_val.jsonl``); their rows are appended to ``table``."""
     runs, finals = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "train_*.jsonl"))):
         name = os.path.basename(path)[len("train_") : -len(".jsonl")]
@@ -69,8 +77,13 @@ def training(folder: str) -> list[str]:
             f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
             f"| {mean:.4f} | {last} | {finals[name]} |"
         )
-    final = os.path.join(folder, "final_val.jsonl")
-    if os.path.exists(final):
+        table.append(
+            dict(kind="train", source=f"train_{name}.jsonl", name=name, steps=len(rows),
+                 median_step_s=f"{steps[len(steps) // 2]:.4f}",
+                 first_step_s=f"{rows[0]['step_s']:.1f}", mean_train_loss=f"{mean:.4f}",
+                 final_val_loss="" if finals[name] == "-" else finals[name])
+        )  # fmt: skip
+    for final in sorted(glob.glob(os.path.join(folder, "final_val*.jsonl"))):
         lines += [
             "",
             "| weights | attention | steps | final validation loss (16 fixed batches) |",
@@ -81,6 +94,11 @@ def training(folder: str) -> list[str]:
                 f"| `{os.path.basename(r['weights'])}` | {r['attention']} | {r['step']} "
                 f"| {r['final_val_loss']:.4f} |"
             )
+            table.append(
+                dict(kind="final_val", source=os.path.basename(final),
+                     name=os.path.basename(r["weights"]), knob=r["attention"], steps=r["step"],
+                     final_val_loss=f"{r['final_val_loss']:.5f}")
+            )  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
@@ -91,15 +109,50 @@ def training(folder: str) -> list[str]:
     return lines
 
 
-def sweep(folder: str) -> list[str]:
-    path = os.path.join(folder, "eval.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = json.load(f)["rows"]
-    variants: dict[str, list[dict]] = {}
-    for r in rows:
-        variants.setdefault(r["variant"], []).append(r)
+def sweep(folder: str, table: list[dict]) -> list[str]:
+    """PSNR and recall against density for every variant of ``eval.json`` (the plots), and a
+    table of every ``eval*.json`` of the folder; its rows are appended to ``table``."""
+    lines: list[str] = []
+    for path in sorted(glob.glob(os.path.join(folder, "eval*.json"))):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        variants: dict[str, list[dict]] = {}
+        for r in rows:
+            variants.setdefault(r["variant"], []).append(r)
+        if os.path.basename(path) == "eval.json":
+            plot_sweep(folder, variants)
+        lines += [""] if lines else []
+        lines += [
+            f"`{os.path.basename(path)}`:",
+            "",
+            "| variant | knob | mean density | PSNR (dB) | SSIM | mean recall | recall per layer |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant, rs in variants.items():
+            for r in sorted(rs, key=lambda r: r["mean_density"]):
+                per = " ".join(f"{v:.3f}" for v in r["recall_per_layer"])
+                lines.append(
+                    f"| {variant} | {r['knob']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} "
+                    f"| {r['ssim']:.4f} | {r['mean_recall']:.4f} | {per} |"
+                )
+                table.append(
+                    dict(kind="sweep", source=os.path.basename(path), name=variant,
+                         knob=r["knob"], scope=_scope(r.get("cfg", "")),
+                         mean_density=f"{r['mean_density']:.3f}",
+                         psnr_db=f"{r['psnr_db']:.2f}", ssim=f"{r['ssim']:.4f}",
+                         mean_recall=f"{r['mean_recall']:.4f}")
+                )  # fmt: skip
+    return lines
+
+
+def _scope(cfg: str) -> str:
+    """The scope the row ran with, from its recorded config (``repr(VMoBAConfig)``, either
+    form), not from its name: a sweep's names once said "head" for query-scope rows."""
+    found = re.search(r"scope=(?:<Scope\.(\w+)|'(\w+)')", cfg)
+    return (found.group(1) or found.group(2)).lower() if found else ""
+
+
+def plot_sweep(folder: str, variants: dict[str, list[dict]]) -> None:
     for metric, label, name in (
         ("psnr_db", "PSNR vs dense samples (dB)", "psnr_vs_density.png"),
         ("mean_recall", "attention recall (dense softmax mass kept)", "recall_vs_density.png"),
@@ -118,18 +171,6 @@ def sweep(folder: str) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(folder, name), dpi=120)
-    lines = [
-        "| variant | knob | mean density | PSNR (dB) | SSIM | mean recall | recall per layer |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for variant, rs in variants.items():
-        for r in sorted(rs, key=lambda r: r["mean_density"]):
-            per = " ".join(f"{v:.3f}" for v in r["recall_per_layer"])
-            lines.append(
-                f"| {variant} | {r['knob']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} "
-                f"| {r['ssim']:.4f} | {r['mean_recall']:.4f} | {per} |"
-            )
-    return lines
 
 
 def frames(folder: str) -> None:
@@ -157,11 +198,16 @@ def frames(folder: str) -> None:
 
 def main() -> None:
     folder = sys.argv[1]
-    lines = training(folder)
-    lines += [""] + sweep(folder)
+    table: list[dict] = []
+    lines = training(folder, table)
+    lines += [""] + sweep(folder, table)
     frames(folder)
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
     print("\n".join(lines))
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The quality experiments in one GPU call (repo root): train dense and VMoBA with the same steps,
-# data and seed; evaluate the dense model training-free over the sweep and ablations; write the
-# CPU quality guard's fixture. Results land in $OUT; plots are drawn from them by plots.py.
+# The quality experiments in one command on a GPU (repo root): train dense and VMoBA with the
+# same steps, data and seed; evaluate the dense model training-free over the sweep and ablations;
+# write the real q/k the CPU quality guard checks (VMOBA_QUALITY_FIXTURE). Results land in $OUT;
+# plots are drawn from them by plots.py.
 #   STEPS=800 PARTS="dense vmoba eval" bash benchmarks/quality/run_gpu.sh
 # TRAIN_TIMEOUT / EVAL_TIMEOUT (seconds) bound each stage: checkpoints and the exported weights
 # are written every 200 steps and eval.json after every config, so a stage cut short still reports.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # not on the GPU image
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers missing: the wheels in .whl/, offline
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi

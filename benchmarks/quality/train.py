@@ -5,7 +5,7 @@ Pixel space (no VAE): a video ``[3, F, H, W]`` in [-1, 1] is patchified by the m
 as the text sequence. ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``.
 
 Resumable: ``--ckpt FILE`` is loaded when it exists and rewritten every ``--save-every`` steps, so
-training can span several GPU runs. Logs JSON lines (train loss, validation loss on fixed seeds,
+training can be resumed across runs. Logs JSON lines (train loss, validation loss on fixed seeds,
 step time) to ``--log``.
 
 Run: ``python benchmarks/quality/train.py --attention vmoba --steps 2000 --ckpt vmoba.pt``
@@ -254,7 +254,7 @@ def main() -> None:
                  "args": vars(args), "config": model_config(args)},
                 args.ckpt,
             )  # fmt: skip
-            if args.export:  # the weights alone, small enough to carry between GPU runs
+            if args.export:  # the weights alone (13 MB), to evaluate or resume elsewhere
                 torch.save(
                     {"model": model.state_dict(), "step": step, "args": vars(args),
                      "config": model_config(args)},
