@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import tiny_models as tm
 import torch
+from compat_rows import compat_row
 from conftest import ATOL_F32, max_err
 from test_api import _CHUNKS, first
 
@@ -97,7 +98,28 @@ def _with_tool(plain: dict, tool: Callable[[torch.nn.Module], None]) -> tuple[An
 
 
 @pytest.mark.parametrize(
-    "tool", [_group_offload("block_level"), _layerwise_casting], ids=["group_block", "cast"]
+    "tool",
+    [
+        pytest.param(
+            _group_offload("block_level"),
+            id="group_block",
+            marks=compat_row(
+                tool="group offloading, block level "
+                '(`enable_group_offload(offload_type="block_level")`)',
+                packages=("diffusers",),
+                result="VMoBA, output equal",
+            ),
+        ),
+        pytest.param(
+            _layerwise_casting,
+            id="cast",
+            marks=compat_row(
+                tool="layerwise casting (`enable_layerwise_casting`, bf16 storage)",
+                packages=("diffusers",),
+                result="VMoBA",
+            ),
+        ),
+    ],
 )
 def test_hooks_on_blocks_run_vmoba(plain: dict, tool: Callable) -> None:
     """Hooks that wrap each block's or leaf's forward (the module is reached through the hook's
@@ -113,6 +135,11 @@ def test_hooks_on_blocks_run_vmoba(plain: dict, tool: Callable) -> None:
     assert max_err(out, plain["out"]) < tol
 
 
+@compat_row(
+    tool="pyramid attention broadcast",
+    packages=("diffusers",),
+    result='VMoBA where it computes; reused calls counted "no graph"',
+)
 def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
     """PAB reuses the attention output on some steps: VMoBA where it computes, and the reused
     calls counted as planned calls no graph ran (not as VMoBA runs)."""
@@ -125,8 +152,26 @@ def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
 
 @pytest.mark.parametrize(
     "tool",
-    [_group_offload("leaf_level"), _accelerate_offload],
-    ids=["group_leaf", "accelerate_cpu_offload"],
+    [
+        pytest.param(
+            _group_offload("leaf_level"),
+            id="group_leaf",
+            marks=compat_row(
+                tool="group offloading, leaf level",
+                packages=("diffusers",),
+                result="dense, with the reason (`MODULE_UNPROVEN`)",
+            ),
+        ),
+        pytest.param(
+            _accelerate_offload,
+            id="accelerate_cpu_offload",
+            marks=compat_row(
+                tool="`accelerate.cpu_offload`",
+                packages=("accelerate",),
+                result="dense, with the reason (`MODULE_UNPROVEN`)",
+            ),
+        ),
+    ],
 )
 def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Callable) -> None:
     """Hooks on every leaf module break the graph so that the attention's frame holds none of
@@ -141,6 +186,12 @@ def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Calla
     assert max_err(out, plain["dense"]) < ATOL_F32 * 10
 
 
+@compat_row(
+    tool="first-block cache",
+    packages=("diffusers",),
+    result="VMoBA in the first block; the blocks its hook runs through a closure dense "
+    "(`MODULE_UNPROVEN`)",
+)
 def test_first_block_cache_runs_vmoba_in_the_first_block(plain: dict) -> None:
     """First-block cache: the first block (hooked as a block) runs VMoBA; the blocks its hook
     runs through a closure are reached by a name the graph does not prove, so they are dense
@@ -163,6 +214,11 @@ def _lora_model() -> tuple[torch.nn.Module, tuple, dict]:
     return model, args, kwargs
 
 
+@compat_row(
+    tool='LoRA strength sweep (`attention_kwargs={"scale": s}`)',
+    packages=("peft",),
+    result="VMoBA at every strength (one compile each, up to `recompile_limit`, default 64)",
+)
 def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
     """Each LoRA strength (``attention_kwargs={"scale": s}``) is a constant the graph reads, so
     it compiles a version: past Dynamo's default limit (8) every strength still runs VMoBA, by
@@ -188,6 +244,11 @@ def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
     assert any("recompile limit 2" in c for c in runs.dense_causes), runs.dense_causes
 
 
+@compat_row(
+    tool="MagCache (`torch.compiler.disable`d hooks)",
+    packages=("diffusers",),
+    result="dense, with the reason (disabled hook)",
+)
 def test_mag_cache_disabled_hooks_run_dense_with_the_cause(plain: dict) -> None:
     """MagCache's hooks are ``torch.compiler.disable``d: the blocks run eagerly, dense; the
     account says so with that cause (never counted as VMoBA, never silent)."""
