@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 from collections.abc import Callable
 from typing import Any
 
@@ -368,10 +369,12 @@ def test_sea_cache_disabled_leader_hook_runs_dense_with_the_cause(plain: dict) -
     blocks it reaches through its hooks are compiled but their module is unproven, so dense
     with that reason. Threshold 0 never reuses a residual: every step computes, exactly the
     dense model, and nothing is counted as VMoBA."""
-    from diffusers.hooks import SeaCacheConfig, apply_sea_cache
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "apply_sea_cache"):  # not in every diffusers the dev extra allows
+        pytest.skip(f"SeaCache is not in diffusers {importlib.metadata.version('diffusers')}")
 
     model, args, kwargs = _fresh(plain)
-    apply_sea_cache(model, SeaCacheConfig(threshold=0.0))
+    hooks.apply_sea_cache(model, hooks.SeaCacheConfig(threshold=0.0))
     opt = optimize(model, CONFIG, lowering="aot_eager")
     with torch.no_grad():
         for step, sigma in enumerate((1.0, 0.5)):  # SeaCache needs the scheduler's position
