@@ -104,3 +104,32 @@ def test_compatibility_table_marks_rows_not_passed() -> None:
         ("tool 2", "**FAILED** (asserts: dense)", "tests/test_x.py::test_y"),
     ]
     assert "no-such-package-here (not installed)" in script.render([other], {"items": {}})
+
+
+def test_declared_rows_are_read_from_the_decorators(tmp_path: Path) -> None:
+    """Rows are read without importing the tests: a mark on the function covers all its cases,
+    one on a ``pytest.param`` its case; a ``compat_row`` anywhere else, or with an argument
+    that is not a literal, is an error (the table could not show it)."""
+    script = _table_script()
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    row = 'compat_row(tool="{}", packages=("torch",), result="r")'
+    (tests / "test_a.py").write_text(
+        f"@{row.format('f')}\n"
+        "@pytest.mark.parametrize('x', [1, 2])\n"
+        "def test_f(x): ...\n\n"
+        f"@pytest.mark.parametrize('x', [pytest.param(1, id='one', marks={row.format('g')})])\n"
+        "def test_g(x): ...\n"
+    )
+    rows = script.declared_rows(tmp_path)
+    assert [(r.tool, r.test) for r in rows] == [
+        ("f", "tests/test_a.py::test_f"),
+        ("g", "tests/test_a.py::test_g[one]"),
+    ]
+    for bad, match in [
+        (f"def test_h():\n    {row.format('h')}\n", "outside a test's decorators"),
+        ("R = 'r'\n@compat_row(tool='h', packages=(), result=R)\ndef test_h(): ...\n", "literal"),
+    ]:
+        (tests / "test_b.py").write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            script.declared_rows(tmp_path)
