@@ -30,6 +30,11 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    # tests/compat_rows.py's mark; that module, loaded as a plugin, also records the outcomes
+    config.addinivalue_line("markers", "compat(tool, packages, result): a compatibility row")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -16,6 +16,7 @@ import inspect
 
 import pytest
 import torch
+from compat_rows import compat_row
 from conftest import ATOL_F32, max_err
 
 pytest.importorskip("diffusers")
@@ -94,6 +95,11 @@ def _cached_wan() -> tuple[torch.nn.Module, tuple, dict, list[int]]:
     return model, args, kwargs, ran
 
 
+@compat_row(
+    tool="cache-dit DBCache (`cache_dit.enable_cache(model)`, before or after `optimize`)",
+    packages=("cache-dit",),
+    result='VMoBA in every block run; the blocks it skips counted "no graph"',
+)
 @pytest.mark.parametrize("config", [SPARSE[1], KEEP_ALL], ids=["sparse", "keep_all"])
 @pytest.mark.parametrize("cache_first", [True, False])
 def test_cache_dit_blocks_run_vmoba_by_the_account(config, cache_first: bool) -> None:
@@ -129,6 +135,11 @@ def test_cache_dit_blocks_run_vmoba_by_the_account(config, cache_first: bool) ->
     assert all(e.no_graph == 0 for e in ex.values())
 
 
+@compat_row(
+    tool="cache-dit on the optimized wrapper (`BlockAdapter(transformer=optimized)`)",
+    packages=("cache-dit",),
+    result="refused: a clear error with the fix",
+)
 def test_cache_dit_on_the_optimized_wrapper_is_refused() -> None:
     """cache-dit's BlockAdapter on the optimized model patches the wrapper, which the model never
     calls: the call raises instead of running uncached as if cached."""

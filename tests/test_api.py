@@ -22,6 +22,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_models as tm  # noqa: E402
+from compat_rows import compat_row  # noqa: E402
 from sdpa_spy import KernelSpy, record_sdpa, run_with_sdpa  # noqa: E402
 
 from vmoba_compile import (  # noqa: E402
@@ -511,6 +512,11 @@ def test_regional_compilation_after_optimize_is_refused_at_the_call() -> None:
         opt(*toy_inputs())
 
 
+@compat_row(
+    tool="activation checkpointing",
+    packages=("torch",),
+    result="VMoBA, forward and backward (the recomputation is not a second forward)",
+)
 def test_rewrites_inside_activation_checkpointing() -> None:
     """diffusers' gradient checkpointing puts each block in a nested graph (a checkpoint HOP):
     its calls are rewritten there, and training gradients match the plain model (keep-all
@@ -552,6 +558,11 @@ def test_explain_on_an_optimized_model_uses_its_config_and_matches_its_report() 
     assert len(opt.report.graphs) == len(opt.regional_blocks.variants) == 2
 
 
+@compat_row(
+    tool="outer `torch.compile(optimized)`, `copy.deepcopy(optimized)`",
+    packages=("torch",),
+    result="VMoBA (the copy is optimized anew)",
+)
 def test_outer_compile_and_deepcopy_run_vmoba_by_the_account() -> None:
     """torch.compile(optimized) must not trace the wrapper (its own graphs would run dense),
     and a deep copy must run its own VMoBA graphs, not the original's hooks or none."""

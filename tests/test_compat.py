@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import tiny_models as tm
 import torch
+from compat_rows import compat_row
 from conftest import ATOL_F32, max_err
-from test_api import _CHUNKS, first
+from test_api import _CHUNKS, first, reference_forward
 
-from vmoba_compile import SkipReason, VMoBAConfig, optimize
+from vmoba_compile import SkipReason, VideoLayout, VMoBAConfig, optimize
 from vmoba_compile.passes.rewrite import UNPROVEN_MODULE
 
 pytestmark = [
@@ -97,7 +99,28 @@ def _with_tool(plain: dict, tool: Callable[[torch.nn.Module], None]) -> tuple[An
 
 
 @pytest.mark.parametrize(
-    "tool", [_group_offload("block_level"), _layerwise_casting], ids=["group_block", "cast"]
+    "tool",
+    [
+        pytest.param(
+            _group_offload("block_level"),
+            id="group_block",
+            marks=compat_row(
+                tool="group offloading, block level "
+                '(`enable_group_offload(offload_type="block_level")`)',
+                packages=("diffusers",),
+                result="VMoBA, output equal",
+            ),
+        ),
+        pytest.param(
+            _layerwise_casting,
+            id="cast",
+            marks=compat_row(
+                tool="layerwise casting (`enable_layerwise_casting`, bf16 storage)",
+                packages=("diffusers",),
+                result="VMoBA",
+            ),
+        ),
+    ],
 )
 def test_hooks_on_blocks_run_vmoba(plain: dict, tool: Callable) -> None:
     """Hooks that wrap each block's or leaf's forward (the module is reached through the hook's
@@ -113,6 +136,11 @@ def test_hooks_on_blocks_run_vmoba(plain: dict, tool: Callable) -> None:
     assert max_err(out, plain["out"]) < tol
 
 
+@compat_row(
+    tool="pyramid attention broadcast",
+    packages=("diffusers",),
+    result='VMoBA where it computes; reused calls counted "no graph"',
+)
 def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
     """PAB reuses the attention output on some steps: VMoBA where it computes, and the reused
     calls counted as planned calls no graph ran (not as VMoBA runs)."""
@@ -125,8 +153,26 @@ def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
 
 @pytest.mark.parametrize(
     "tool",
-    [_group_offload("leaf_level"), _accelerate_offload],
-    ids=["group_leaf", "accelerate_cpu_offload"],
+    [
+        pytest.param(
+            _group_offload("leaf_level"),
+            id="group_leaf",
+            marks=compat_row(
+                tool="group offloading, leaf level",
+                packages=("diffusers",),
+                result="dense, with the reason (`MODULE_UNPROVEN`)",
+            ),
+        ),
+        pytest.param(
+            _accelerate_offload,
+            id="accelerate_cpu_offload",
+            marks=compat_row(
+                tool="`accelerate.cpu_offload`",
+                packages=("accelerate",),
+                result="dense, with the reason (`MODULE_UNPROVEN`)",
+            ),
+        ),
+    ],
 )
 def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Callable) -> None:
     """Hooks on every leaf module break the graph so that the attention's frame holds none of
@@ -141,6 +187,12 @@ def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Calla
     assert max_err(out, plain["dense"]) < ATOL_F32 * 10
 
 
+@compat_row(
+    tool="first-block cache",
+    packages=("diffusers",),
+    result="VMoBA in the first block; the blocks its hook runs through a closure dense "
+    "(`MODULE_UNPROVEN`)",
+)
 def test_first_block_cache_runs_vmoba_in_the_first_block(plain: dict) -> None:
     """First-block cache: the first block (hooked as a block) runs VMoBA; the blocks its hook
     runs through a closure are reached by a name the graph does not prove, so they are dense
@@ -163,6 +215,11 @@ def _lora_model() -> tuple[torch.nn.Module, tuple, dict]:
     return model, args, kwargs
 
 
+@compat_row(
+    tool='LoRA strength sweep (`attention_kwargs={"scale": s}`)',
+    packages=("peft",),
+    result="VMoBA at every strength (one compile each, up to `recompile_limit`, default 64)",
+)
 def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
     """Each LoRA strength (``attention_kwargs={"scale": s}``) is a constant the graph reads, so
     it compiles a version: past Dynamo's default limit (8) every strength still runs VMoBA, by
@@ -188,6 +245,11 @@ def test_lora_strength_sweep_runs_vmoba_at_every_strength() -> None:
     assert any("recompile limit 2" in c for c in runs.dense_causes), runs.dense_causes
 
 
+@compat_row(
+    tool="MagCache (`torch.compiler.disable`d hooks)",
+    packages=("diffusers",),
+    result="dense, with the reason (disabled hook)",
+)
 def test_mag_cache_disabled_hooks_run_dense_with_the_cause(plain: dict) -> None:
     """MagCache's hooks are ``torch.compiler.disable``d: the blocks run eagerly, dense; the
     account says so with that cause (never counted as VMoBA, never silent)."""
@@ -203,3 +265,350 @@ def test_mag_cache_disabled_hooks_run_dense_with_the_cause(plain: dict) -> None:
         causes = " ".join(runs[module].dense_causes)
         assert runs[module].dense_forward >= 1 and "torch.compiler.disable" in causes, opt.report
     assert max_err(out, plain["dense"]) < ATOL_F32 * 10
+
+
+# ------------------------------------------------------------------ tools that change the model
+
+
+def _fresh(plain: dict) -> tuple[torch.nn.Module, tuple, dict]:
+    """The tiny Wan model with the plain model's weights, and its inputs; Dynamo reset."""
+    torch._dynamo.reset()
+    model, args, kwargs = tm.build("wan")
+    model.load_state_dict(plain["weights"])
+    return model.eval(), args, kwargs
+
+
+def _assert_vmoba(opt: Any, calls: int) -> None:
+    """Every video self-attention layer ran VMoBA at each of ``calls`` forwards, never dense,
+    and no attention call went unplaced."""
+    runs = opt.report.executions
+    for module in SELF_ATTENTION:
+        counts = (runs[module].vmoba_forward, runs[module].dense_forward, runs[module].no_graph)
+        assert counts == (calls, 0, 0), opt.report
+    assert "?" not in runs and UNPROVEN_MODULE not in runs, opt.report
+
+
+@pytest.mark.parametrize(
+    "config_name",
+    [
+        pytest.param(
+            "Int8WeightOnlyConfig",
+            id="int8_weight_only",
+            marks=compat_row(
+                tool="torchao int8 weight-only (`quantize_(model, Int8WeightOnlyConfig())`)",
+                packages=("torchao",),
+                result="VMoBA; output equals the quantized model optimized with the true "
+                "`layout=`, and the quantized model run with the reference attention",
+            ),
+        ),
+        pytest.param(
+            "Int8DynamicActivationInt8WeightConfig",
+            id="int8_dynamic_activation",
+            marks=compat_row(
+                tool="torchao int8 dynamic activation, int8 weight "
+                "(`Int8DynamicActivationInt8WeightConfig()`)",
+                packages=("torchao",),
+                result="VMoBA; output equals the quantized model optimized with the true "
+                "`layout=` (its run-time int8 rounding of activations makes the reference "
+                "attention no oracle)",
+            ),
+        ),
+        pytest.param(
+            "Float8WeightOnlyConfig",
+            id="float8_weight_only",
+            marks=compat_row(
+                tool="torchao float8 weight-only (`Float8WeightOnlyConfig()`, runs on CPU)",
+                packages=("torchao",),
+                result="VMoBA; output equals the quantized model optimized with the true "
+                "`layout=`, and the quantized model run with the reference attention",
+            ),
+        ),
+    ],
+)
+def test_torchao_quantized_linears_run_vmoba(plain: dict, config_name: str) -> None:
+    """torchao's ``quantize_`` swaps the linears' weights for quantized tensor subclasses (the
+    attention's q, k, v come out of them): every video self-attention layer runs VMoBA, and the
+    output is that of the same quantized model optimized with its true grid as ``layout=``
+    (quantization changes the numbers, so the unquantized model is no oracle). With weights
+    only quantized the model is continuous in the attention output, so it also equals the
+    quantized model run with the float64 reference attention; dynamic activation quantization
+    rounds each linear's input to int8 at run time, where a 1e-7 difference can cross a
+    rounding step (~1e-2 after the next linear), so there the reference is no oracle."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model, args, kwargs = _fresh(plain)
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        quantization.quantize_(m, getattr(quantization, config_name)())
+    weight = model.blocks[0].attn1.to_q.weight
+    assert type(weight).__module__.startswith("torchao"), type(weight)
+    with torch.no_grad():
+        dense = first(model(*args, **kwargs))
+        reference = reference_forward(model, args, kwargs, CONFIG)
+        with optimize(twin, CONFIG, layout=VideoLayout(*GRIDS[0]), lowering="aot_eager") as truth:
+            want = first(truth(*args, **kwargs))
+        _assert_vmoba(truth, 1)
+    assert max_err(dense, plain["dense"]) > 1e-4, "quantize_ changed nothing"
+    assert max_err(want, dense) > 1e-3, "the test cannot tell VMoBA from dense"
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    out = _run_twice(opt, model, args, kwargs)
+    _assert_vmoba(opt, 2)
+    assert max_err(out, want) < ATOL_F32, (config_name, max_err(out, want))
+    if "WeightOnly" in config_name:
+        assert max_err(out, reference) < ATOL_F32 * 10, (config_name, max_err(out, reference))
+
+
+@compat_row(
+    tool="SeaCache (`apply_sea_cache`, its built-in Wan adapter)",
+    packages=("diffusers",),
+    result="dense, with the reason: its first block's hook is `torch.compiler.disable`d, the "
+    "blocks it runs from there `MODULE_UNPROVEN`; output equals the dense model",
+)
+def test_sea_cache_disabled_leader_hook_runs_dense_with_the_cause(plain: dict) -> None:
+    """SeaCache's hook on the first block (which decides whether the block stack runs) is
+    ``torch.compiler.disable``d: that block runs eagerly, dense, with that cause; the later
+    blocks it reaches through its hooks are compiled but their module is unproven, so dense
+    with that reason. Threshold 0 never reuses a residual: every step computes, exactly the
+    dense model, and nothing is counted as VMoBA."""
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "apply_sea_cache"):  # not in every diffusers the dev extra allows
+        pytest.skip(f"SeaCache is not in diffusers {importlib.metadata.version('diffusers')}")
+
+    model, args, kwargs = _fresh(plain)
+    hooks.apply_sea_cache(model, hooks.SeaCacheConfig(threshold=0.0))
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    with torch.no_grad():
+        for step, sigma in enumerate((1.0, 0.5)):  # SeaCache needs the scheduler's position
+            with model.cache_context("cond", step_index=step, sigma=sigma, num_inference_steps=2):
+                out = first(opt(*args, **kwargs))
+            assert max_err(out, plain["dense"]) < ATOL_F32 * 10, step
+    runs = opt.report.executions
+    assert sum(e.vmoba_forward for e in runs.values()) == 0, opt.report
+    first_block = runs["blocks.0.attn1"]
+    causes = " ".join(first_block.dense_causes)
+    assert first_block.dense_forward == 2 and "sea_cache_leader_block" in causes, opt.report
+    assert "torch.compiler.disable" in causes, causes
+    unproven = runs[UNPROVEN_MODULE]
+    assert any(UNPROVEN.split(":")[0] in c for c in unproven.dense_causes), opt.report
+    for e in runs.values():
+        assert all("not a video self-attention" not in c for c in e.dense_causes), opt.report
+
+
+@compat_row(
+    tool="save / load (`torch.save(optimized.state_dict())`, loaded into a fresh model that is "
+    "then optimized; `optimized.save_pretrained`)",
+    packages=("torch", "diffusers"),
+    result="VMoBA, output equal; `optimized.state_dict()` keys carry the `_orig_mod.` prefix "
+    "(as `torch.compile`'s): strip it, or save `model.state_dict()` / `save_pretrained`",
+)
+def test_saved_weights_load_into_a_fresh_model_that_runs_vmoba(plain: dict, tmp_path) -> None:
+    """The weights saved from an optimized model load into a fresh model (whose own weights
+    differ), which optimized gives the same output and runs VMoBA. ``optimized.state_dict()``
+    names every weight ``_orig_mod.<name>`` (the wrapper's own module attribute, as
+    ``torch.compile``'s wrapper does); ``save_pretrained`` reaches the model's and writes plain
+    names."""
+    model, args, kwargs = _fresh(plain)
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    out = _run_twice(opt, model, args, kwargs)
+    torch.save(opt.state_dict(), tmp_path / "weights.pt")
+    opt.save_pretrained(tmp_path / "pretrained")
+    saved = torch.load(tmp_path / "weights.pt")
+    assert list(saved) == [f"_orig_mod.{k}" for k in plain["weights"]]
+
+    fresh, _, _ = tm.build("wan")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(0.5)  # a fresh model's weights are not the saved ones
+    fresh.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved.items()})
+    torch._dynamo.reset()
+    loaded = optimize(fresh, CONFIG, lowering="aot_eager")
+    assert max_err(_run_twice(loaded, fresh, args, kwargs), out) < ATOL_F32
+    _assert_vmoba(loaded, 2)
+
+    from diffusers import WanTransformer3DModel
+
+    again = WanTransformer3DModel.from_pretrained(tmp_path / "pretrained").eval()
+    torch._dynamo.reset()
+    reloaded = optimize(again, CONFIG, lowering="aot_eager")
+    assert max_err(_run_twice(reloaded, again, args, kwargs), out) < ATOL_F32
+    _assert_vmoba(reloaded, 2)
+    assert max_err(out, plain["dense"]) > 1e-4, "the test cannot tell VMoBA from dense"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="optimized.state_dict() prefixes every key with '_orig_mod.' (the wrapper's "
+    "attribute), so it does not load into the model it came from; see the save/load row",
+)
+def test_optimized_state_dict_keys_are_the_models(plain: dict) -> None:
+    model, _, _ = _fresh(plain)
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    assert list(opt.state_dict()) == list(plain["weights"])
+
+
+def _bf16(args: tuple) -> tuple:
+    return tuple(a.bfloat16() if a.is_floating_point() else a for a in args)
+
+
+@compat_row(
+    tool="bf16 cast (`model.to(torch.bfloat16)` before `optimize`, or `optimized.to(...)` after "
+    "a float32 run)",
+    packages=("torch",),
+    result="VMoBA; output within 3x the dense model's own bf16 rounding of the float32 VMoBA "
+    "output",
+)
+def test_bf16_cast_before_or_after_optimize_runs_vmoba(plain: dict) -> None:
+    """A bf16 model runs VMoBA (a cast after a float32 run compiles the bf16 graphs anew); its
+    output is as close to the float32 VMoBA output as the dense model's bf16 output is to its
+    float32 one (bf16 keeps 8 bits: both errors come from rounding the same weights and
+    activations; 3x leaves room for a selected block that flips), a bound that still tells
+    VMoBA from dense."""
+    model, args, kwargs = _fresh(plain)
+    rounding = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        bound = 3 * max_err(first(rounding(*_bf16(args), **kwargs)), plain["dense"])
+    assert bound < max_err(plain["out"], plain["dense"]), "the bound cannot tell VMoBA from dense"
+
+    after = optimize(model, CONFIG, lowering="aot_eager")
+    assert max_err(_run_twice(after, model, args, kwargs), plain["out"]) < ATOL_F32 * 10
+    after.to(torch.bfloat16)
+    out_after = _run_twice(after, model, _bf16(args), kwargs)
+    _assert_vmoba(after, 4)
+
+    model, args, kwargs = _fresh(plain)
+    before = optimize(model.to(torch.bfloat16), CONFIG, lowering="aot_eager")
+    out_before = _run_twice(before, model, _bf16(args), kwargs)
+    _assert_vmoba(before, 2)
+    for out in (out_after, out_before):
+        assert out.dtype == torch.bfloat16
+        assert max_err(out, plain["out"]) < bound, (max_err(out, plain["out"]), bound)
+
+
+@compat_row(
+    tool="batch of 2 (two different samples in one call)",
+    packages=("torch",),
+    result="VMoBA; each sample's output equals its single-sample run",
+)
+def test_batch_of_two_equals_the_single_sample_runs(plain: dict) -> None:
+    """VMoBA's block selection is per sample: batched with another, a sample's output is its
+    output alone."""
+    model, args, kwargs = _fresh(plain)
+    other, _ = tm._wan_inputs(
+        model, tm.expected_grid("wan", model), torch.Generator().manual_seed(7)
+    )
+    batch = tuple(torch.cat([a, b]) for a, b in zip(args, other, strict=True))
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    with torch.no_grad():
+        alone = [first(opt(*a, **kwargs)) for a in (args, other)]
+        both = first(opt(*batch, **kwargs))
+    assert max_err(alone[0], alone[1]) > 1e-2, "the two samples must differ"
+    assert max_err(alone[0], plain["out"]) < ATOL_F32 * 10
+    for i in range(2):
+        assert max_err(both[i : i + 1], alone[i]) < ATOL_F32, (
+            i,
+            max_err(both[i : i + 1], alone[i]),
+        )
+    _assert_vmoba(opt, 3)
+
+
+GRIDS = ((3, 4, 6), (2, 6, 4), (4, 2, 4))  # every axis changes; the last is not in tiny_models
+
+
+@compat_row(
+    tool="changing resolution (3 frame / height / width grids in a row on one optimized model)",
+    packages=("torch",),
+    result="VMoBA at each grid (one compile each); each output equals "
+    "`optimize(..., layout=<its true grid>)`",
+)
+def test_changing_resolutions_run_vmoba_at_each_grid(plain: dict) -> None:
+    """One optimized model called at three grids re-derives the grid each time: each output
+    equals the model optimized with that grid given as ``layout=`` (the truth, not the
+    adapter's reading), each run is VMoBA by the account, and each grid compiled its own
+    graphs."""
+    model, _, _ = _fresh(plain)
+    twin = copy.deepcopy(model)
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    for i, grid in enumerate(GRIDS):
+        args, kwargs = tm._wan_inputs(model, grid, torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            got = first(opt(*args, **kwargs))
+            dense = first(twin(*args, **kwargs))
+            with optimize(twin, CONFIG, layout=VideoLayout(*grid), lowering="aot_eager") as truth:
+                want = first(truth(*args, **kwargs))
+            _assert_vmoba(truth, 1)
+        assert max_err(got, want) < ATOL_F32, (grid, max_err(got, want))
+        assert max_err(got, dense) > 1e-3, (grid, "the test cannot tell VMoBA from dense")
+        _assert_vmoba(opt, i + 1)
+    grids = {where.split(";")[0] for where, _ in opt.report.graphs}
+    assert grids == {f"grid {t}x{h}x{w}" for t, h, w in GRIDS}, opt.report
+
+
+@compat_row(
+    tool="`fuse_qkv_projections()` before `optimize`",
+    packages=("diffusers",),
+    result="VMoBA, output equal (inductor: `tests/test_api.py::test_inductor_fused_qkv_equals_"
+    "unfused`)",
+)
+def test_fused_qkv_projections_run_vmoba(plain: dict) -> None:
+    """Wan's processor splits one ``to_qkv`` output into q, k, v (v a view at an offset):
+    every video self-attention layer runs VMoBA and the output is the unfused model's."""
+
+    def fuse(model: torch.nn.Module) -> None:
+        model.fuse_qkv_projections()
+        assert all(b.attn1.fused_projections for b in model.blocks)
+
+    opt, out = _with_tool(plain, fuse)
+    _assert_vmoba(opt, 2)
+    assert max_err(out, plain["out"]) < ATOL_F32, max_err(out, plain["out"])
+
+
+def _merged(model: torch.nn.Module, adapter: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The optimized output of a plain model holding ``model``'s weights with ``adapter``
+    merged into them (no LoRA layers left)."""
+    merged = copy.deepcopy(model)
+    merged.set_adapters([adapter])
+    merged.fuse_lora()
+    merged.unload_lora()
+    plain_model, _, _ = tm.build("wan")
+    plain_model.load_state_dict(merged.state_dict())  # strict: no LoRA weight is left
+    torch._dynamo.reset()
+    with optimize(plain_model, CONFIG, lowering="aot_eager") as opt, torch.no_grad():
+        out = first(opt(*args, **kwargs))
+    _assert_vmoba(opt, 1)
+    return out
+
+
+@compat_row(
+    tool="LoRA adapters after `optimize`: switch (`set_adapters`), `fuse_lora`, `unfuse_lora`",
+    packages=("peft", "diffusers"),
+    result="VMoBA at every call; each output equals the model with that adapter's weights merged",
+)
+def test_lora_switch_fuse_and_unfuse_run_vmoba(plain: dict) -> None:
+    """Switching the active adapter, fusing it into the weights and unfusing it again on an
+    optimized model: every call runs VMoBA (each change compiles anew) and gives the output of
+    a plain model whose weights have that adapter merged."""
+    LoraConfig = pytest.importorskip("peft").LoraConfig  # noqa: N806 (a class)
+
+    model, args, kwargs = _fresh(plain)
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+        model.add_adapter(lora, adapter_name=name)
+    want = {name: _merged(model, name, args, kwargs) for name in ("a", "b")}
+    assert max_err(want["a"], want["b"]) > 1e-2 and max_err(want["a"], plain["out"]) > 1e-2
+
+    torch._dynamo.reset()
+    model.set_adapters(["a"])
+    opt = optimize(model, CONFIG, lowering="aot_eager")
+    steps = [
+        ("a", lambda: None),
+        ("b", lambda: model.set_adapters(["b"])),
+        ("b", model.fuse_lora),
+        ("b", model.unfuse_lora),
+        ("a", lambda: model.set_adapters(["a"])),
+    ]
+    for i, (adapter, change) in enumerate(steps):
+        change()
+        with torch.no_grad():
+            out = first(opt(*args, **kwargs))
+        assert max_err(out, want[adapter]) < ATOL_F32, (i, adapter, max_err(out, want[adapter]))
+        _assert_vmoba(opt, i + 1)

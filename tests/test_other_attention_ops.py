@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import tiny_models as tm  # noqa: E402
+from compat_rows import compat_row  # noqa: E402
 from test_api import _CHUNKS  # noqa: E402
 
 import vmoba_compile as vc  # noqa: E402
@@ -55,6 +56,11 @@ def _wan_flex():
     return model, args, kwargs, want
 
 
+@compat_row(
+    tool="diffusers' `flex` attention backend",
+    packages=("diffusers",),
+    result="dense, with the reason (`FLEX_ATTENTION`)",
+)
 def test_flex_backend_calls_are_listed_dense_counted_and_exact() -> None:
     model, args, kwargs, want = _wan_flex()
     opt = optimize(model, CONFIG, lowering="aot_eager")
@@ -175,6 +181,11 @@ def _assert_mha_lines(report: RewriteReport) -> None:
         assert "cross-attention (32 queries, 8 keys)" in cross_call.reason, cross_call.reason
 
 
+@compat_row(
+    tool="`nn.MultiheadAttention`",
+    packages=("torch",),
+    result="dense, with the reason (`MULTIHEAD_ATTENTION`)",
+)
 @pytest.mark.parametrize("regional", [None, False], ids=["blocks", "whole"])
 def test_multihead_attention_is_listed_dense_counted_and_exact(regional: bool | None) -> None:
     model, inputs, want = _mha_dit()

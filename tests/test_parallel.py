@@ -23,6 +23,7 @@ from unittest import mock
 
 import pytest
 import torch
+from compat_rows import compat_row
 from sdpa_spy import KernelSpy
 
 pytest.importorskip("diffusers")
@@ -349,6 +350,11 @@ def inference() -> dict[str, Any]:
     return spawn("_inference_worker")
 
 
+@compat_row(
+    tool="Ulysses context parallelism, FSDP2",
+    packages=("torch", "diffusers"),
+    result="VMoBA (see [multi_gpu.md](multi_gpu.md))",
+)
 @pytest.mark.parametrize("family", ["wan", "ltx_video"])
 def test_ulysses_inference_equals_one_process(inference: dict, family: str) -> None:
     r = inference[family]
