@@ -191,14 +191,14 @@ def _flash_spy(q, k, v, tensors, *static):
     """``vmoba_compile::flash_block_sparse`` on CUDA (the FlashAttention-4 path's forward),
     recording the mask's density, then the op's own kernel."""
     _record_density(tensors)
-    return vc.kernels._flash_forward._init_fn(q, k, v, tensors, *static)
+    return vc.kernels.flash._flash_forward._init_fn(q, k, v, tensors, *static)
 
 
 def _flash_train_spy(q, k, v, tables, *rest):
     """``vmoba_compile::flash_block_train`` on CUDA (the FlashAttention-4 training path's
     forward), likewise."""
     _record_density(tables)
-    return vc.kernels._train_forward._init_fn(q, k, v, tables, *rest)
+    return vc.kernels.flash._train_forward._init_fn(q, k, v, tables, *rest)
 
 
 def mask_densities(step) -> list[float]:

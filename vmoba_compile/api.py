@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
 import torch
 
-from . import kernels
 from .accounting import CONTROLS, Account, forward_codes
 from .adapters.base import ModelAdapter
 from .adapters.base import describe as describe_value
 from .adapters.registry import find_adapter, layout_source
 from .adapters.structural import is_marked_cross_attention
 from .config import Kernel, VMoBAConfig
+from .kernels import choice as kernel_choice
 from .layout import VideoLayout
 from .parallel import ParallelPlan, detect_parallel
 from .passes import (
@@ -689,7 +689,7 @@ def _resolve(model: Any, config: Any, layout: Any) -> tuple[VMoBAConfig, ModelAd
         raise TypeError(f"config must be a VMoBAConfig or None; got {type(config).__name__}.")
     if layout is not None and not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout or None; got {type(layout).__name__}.")
-    missing = kernels.flash_unavailable() if config.kernel is Kernel.FLASH else None
+    missing = kernel_choice.flash_unavailable() if config.kernel is Kernel.FLASH else None
     if missing is not None:
         raise RuntimeError(f"VMoBAConfig(kernel='flash'): {missing}; or use kernel='auto'.")
     adapter = None

@@ -52,7 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .kernels import KernelChoice
+from .kernels import KernelChoice, kernel_text
 from .passes.report import Skip, SkipReason
 from .passes.rewrite import (
     _PATH_ITEM,
@@ -65,7 +65,6 @@ from .passes.rewrite import (
     _shape_text,
     decide,
     decide_kernel,
-    kernel_text,
 )
 
 __all__ = ["ParallelPlan", "UlyssesAttention", "detect_parallel", "ulysses_exchange"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .. import _compat
 from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from ..config import VMoBAConfig
-from ..kernels import KernelChoice
+from ..kernels import KernelChoice, kernel_text
 from ..layout import TextPosition, VideoLayout
 from .report import AttentionCall, Skip, SkipReason
 
@@ -734,13 +734,6 @@ def decide_kernel(
     if not kc.possible:
         return SkipReason.FLASH_CANNOT_RUN.skip(why=kc.reason)
     return kc
-
-
-def kernel_text(kernel: KernelChoice | None) -> tuple[str, str]:
-    """The report's kernel name and reason of :func:`decide_kernel`'s decision."""
-    if kernel is None:
-        return "sdpa", "every chunk kept"
-    return kernel.kernel.value, kernel.reason
 
 
 def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
