@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._compat import plan_index
 from .adapters.registry import find_adapter
 from .attention import (
     permute,
@@ -27,6 +26,7 @@ from .attention import (
 )
 from .config import VMoBAConfig
 from .layout import VideoLayout
+from .masks import plan_index
 from .passes import CallContext, Skip, bind_sdpa, decide
 
 __all__ = [
