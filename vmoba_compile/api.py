@@ -25,15 +25,9 @@ from .config import Kernel, VMoBAConfig
 from .kernels import choice as kernel_choice
 from .layout import VideoLayout
 from .parallel import ParallelPlan, detect_parallel
-from .passes import (
-    CURRENT_CONTEXT,
-    LOWERINGS,
-    PROGRAM_ORDER_PASS,
-    CallContext,
-    RewriteReport,
-    VMoBABackend,
-)
+from .passes import LOWERINGS, PROGRAM_ORDER_PASS, RewriteReport, VMoBABackend
 from .passes.report import SkipReason
+from .passes.rewrite import CURRENT_CONTEXT, CallContext
 from .regional import BlockCall, RegionalBlocks, find_blocks
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The FX rewrite: find the SDPA calls in Dynamo's graph and rewrite video self-attention to VMoBA.
 
-How one compile goes (the backend, :class:`VMoBABackend`):
+How one compile goes (the backend, :class:`~vmoba_compile.passes.backend.VMoBABackend`):
 
 1. Dynamo traces the model and hands the backend an FX graph; the optimized model's wrapper has
    set the call context (:class:`CallContext`: the video grid of this forward call, the layer
@@ -796,7 +796,3 @@ def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, target: BoundVMoBA)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-
-
-# ---------------------------------------------------------------------------------------------
-# the backend
