@@ -26,11 +26,8 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training(folder: str) -> list[str]:
-    """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
-    and validation points; a table over the steps every run reached with the final validation
-    the run wrote at its end (16 fixed batches), and the final validation of exported weights
-    computed apart (``final_val.jsonl``)."""
+def _training_runs(folder: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Per run, its training rows (final validation rows apart) and its final validation."""
     runs, finals = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "train_*.jsonl"))):
         name = os.path.basename(path)[len("train_") : -len(".jsonl")]
@@ -39,6 +36,55 @@ def training(folder: str) -> list[str]:
             runs[name] = [r for r in rows if "loss" in r]  # final validation rows apart
             done = [r["final_val_loss"] for r in rows if "final_val_loss" in r]
             finals[name] = f"{done[-1]:.5f}" if done else "-"
+    return runs, finals
+
+
+def _run_line(ax, name: str, rows: list[dict], window: tuple[int, int], final: str) -> str:
+    """Plot one run's curves on ``ax``; its table line."""
+    loss = [r["loss"] for r in rows]
+    k = 50
+    smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1])
+              for i in range(len(loss))]  # fmt: skip
+    ax.plot(range(len(loss)), smooth, label=f"{name} train (avg {k})")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{name} validation")
+    steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
+    mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
+    tail = val[-5:]
+    last = "-"
+    if tail:
+        last = f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
+    return (
+        f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
+        f"| {mean:.4f} | {last} | {final} |"
+    )
+
+
+def _final_lines(folder: str) -> list[str]:
+    """The table of the exported weights' final validation (``final_val.jsonl``), if any."""
+    final = os.path.join(folder, "final_val.jsonl")
+    if not os.path.exists(final):
+        return []
+    lines = [
+        "",
+        "| weights | attention | steps | final validation loss (16 fixed batches) |",
+        "|---|---|---|---|",
+    ]
+    for r in read_jsonl(final):
+        lines.append(
+            f"| `{os.path.basename(r['weights'])}` | {r['attention']} | {r['step']} "
+            f"| {r['final_val_loss']:.4f} |"
+        )
+    return lines
+
+
+def training(folder: str) -> list[str]:
+    """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
+    and validation points; a table over the steps every run reached with the final validation
+    the run wrote at its end (16 fixed batches), and the final validation of exported weights
+    computed apart (``final_val.jsonl``)."""
+    runs, finals = _training_runs(folder)
     if not runs:
         return []
     common = min(len(rows) for rows in runs.values())
@@ -51,36 +97,8 @@ def training(folder: str) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, rows in runs.items():
-        loss = [r["loss"] for r in rows]
-        k = 50
-        smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1])
-                  for i in range(len(loss))]  # fmt: skip
-        ax.plot(range(len(loss)), smooth, label=f"{name} train (avg {k})")
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if val:
-            ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{name} validation")
-        steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
-        mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
-        tail = val[-5:]
-        last = "-"
-        if tail:
-            last = f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
-        lines.append(
-            f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
-            f"| {mean:.4f} | {last} | {finals[name]} |"
-        )
-    final = os.path.join(folder, "final_val.jsonl")
-    if os.path.exists(final):
-        lines += [
-            "",
-            "| weights | attention | steps | final validation loss (16 fixed batches) |",
-            "|---|---|---|---|",
-        ]
-        for r in read_jsonl(final):
-            lines.append(
-                f"| `{os.path.basename(r['weights'])}` | {r['attention']} | {r['step']} "
-                f"| {r['final_val_loss']:.4f} |"
-            )
+        lines.append(_run_line(ax, name, rows, window, finals[name]))
+    lines += _final_lines(folder)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
