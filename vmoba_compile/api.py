@@ -233,14 +233,24 @@ class VMoBAModule(torch.nn.Module):
         return self._vmoba_compiled[key]
 
     def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any, on_run: Any) -> Any:
-        """One compiled block variant of regional compilation (see :mod:`.regional`)."""
-        if self._vmoba_parallel is not None:
-            return self._vmoba_parallel.compile_variant(self, key, fn, on_graph, on_run)
-        if key == ("dense",):
-            return self._compile(fn, None)
-        backend = self._backend(on_graph, on_run)
-        self._vmoba_backends.append(backend)
-        return self._compile(fn, backend)
+        """One compiled block variant of regional compilation (see :mod:`.regional`); under a
+        parallel setup run in its block scope (:meth:`~vmoba_compile.parallel.ParallelPlan.
+        wrap_variant`), the dense variant through the VMoBA backend where the pass does the
+        Ulysses exchange (it rewrites nothing, but puts the exchange around each call)."""
+        parallel = self._vmoba_parallel
+        backend = None
+        if key != ("dense",):
+            backend = self._backend(on_graph, on_run)
+            self._vmoba_backends.append(backend)
+        elif parallel is not None and parallel.exchanges:
+            backend = self._backend(lambda where, calls: None)
+        compiled = self._compile(fn, backend)
+        if parallel is None:
+            return compiled
+        regional = self._vmoba_regional
+        assert regional is not None  # a parallel setup compiles block by block
+        paths = {id(m): p for p, m in zip(regional.paths, regional.modules, strict=True)}
+        return parallel.wrap_variant(compiled, paths, backend)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> VMoBAModule:
         """A copy of the model, optimized as this one (same config, layout, options and runtime
