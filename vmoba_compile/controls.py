@@ -85,7 +85,9 @@ class VMoBAControls:
         """The next forward call belongs to denoising step ``step``."""
         self._calls = self._count("step", step, 0) * self._calls_per_step
 
-    def pipeline_callback(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+    def pipeline_callback(
+        self, pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         """A diffusers ``callback_on_step_end``: after step ``i``, the next is ``i + 1``; after
         the pipeline's last step, :meth:`reset`."""
         total = getattr(pipe, "num_timesteps", None)

@@ -216,7 +216,7 @@ def _resolved_path(source: str, block: torch.nn.Module, path: str) -> str | None
         return None
     for name, m in block.named_modules(prefix=path, remove_duplicate=False):
         if m is obj:
-            return name
+            return str(name)
     return None
 
 
