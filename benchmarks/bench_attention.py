@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
-from vmoba_compile._compat import compiled_flex_attention, plan_index
+from vmoba_compile._compat import compiled_flex_attention
 from vmoba_compile.attention import kernel_for, permute, plan_blocks, plan_for
 from vmoba_compile.config import Kernel
 from vmoba_compile.diagnostics import mask_density
 from vmoba_compile.kernels import flash_unavailable
+from vmoba_compile.masks import plan_index
 
 
 def header(args) -> str:

@@ -191,14 +191,14 @@ def _flash_spy(q, k, v, tensors, *static):
     """``vmoba_compile::flash_block_sparse`` on CUDA (the FlashAttention-4 path's forward),
     recording the mask's density, then the op's own kernel."""
     _record_density(tensors)
-    return vc.kernels._flash_forward._init_fn(q, k, v, tensors, *static)
+    return vc.kernels.flash._flash_forward._init_fn(q, k, v, tensors, *static)
 
 
 def _flash_train_spy(q, k, v, tables, *rest):
     """``vmoba_compile::flash_block_train`` on CUDA (the FlashAttention-4 training path's
     forward), likewise."""
     _record_density(tables)
-    return vc.kernels._train_forward._init_fn(q, k, v, tables, *rest)
+    return vc.kernels.flash._train_forward._init_fn(q, k, v, tables, *rest)
 
 
 def mask_densities(step) -> list[float]:
@@ -546,7 +546,7 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--grid", default="24x36x64", help="frames x height x width in tokens")
     p.add_argument("--layers", type=int, default=30)
@@ -614,22 +614,14 @@ def main() -> None:
         "--md", nargs="+", metavar="JSON", default=None,
         help="print the markdown table of saved runs (--out files; dense first) and exit",
     )  # fmt: skip
-    args = p.parse_args()
-    if args.md:
-        runs = []
-        for path in args.md:
-            with open(path) as f:
-                runs.append(json.load(f))
-        print(markdown_table(runs))
-        return
+    return p.parse_args()
 
+
+def variants_of(args, cfg, device, dtype) -> list:
+    """The runs to measure, ``(name, build)``: ``build()`` returns the eager model and the
+    compiled one."""
     from diffusers import WanTransformer3DModel
 
-    device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = dict(TINY if args.tiny else WAN_1_3B, num_layers=args.layers)
-    t, h, w = (int(v) for v in args.grid.split("x"))
-    inputs = wan_inputs(args.grid, device, dtype, cfg["text_dim"], args.text)
     config = vc.VMoBAConfig(block_size=16 if args.tiny else 128, kernel=args.kernel)
     lowering = "aot_eager" if args.tiny else "inductor"
     # Both variants start from the same inductor options: the dense baseline needs the
@@ -660,33 +652,14 @@ def main() -> None:
         regional = True if args.regional else (False if args.whole_model else None)
         return m, vc.optimize(m, config, lowering=lowering, regional=regional, **inductor)
 
-    if args.probe:
-        row = probe_cost(build(), inputs, device)
-        print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
-        print(json.dumps(row))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(
-                    {"header": header(device), "args": vars(args), "rows": [row]}, f, indent=1
-                )
-        return
-    how = (
-        "regional (blocks compiled)"
-        if args.regional
-        else "dense whole model; VMoBA " + ("whole model" if args.whole_model else "default")
-    )
-    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers | {how}")
     variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]
-    opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
-    opts += (args.memory_dump, args.lr)
-    with contextlib.ExitStack() as stack:
-        if args.dense_attention == "fa4":
-            stack.enter_context(
-                fa4_dense_attention(args.variant, args.train_steps, not args.no_checkpointing)
-            )
-        rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
+    return variants
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Each row as JSON, then a markdown table of the metrics, one column per variant."""
     for r in rows:
         print(json.dumps(r))
     keys = [k for k in rows[0] if k != "variant"]
@@ -696,6 +669,50 @@ def main() -> None:
         cells = [f"{r.get(k, '-'):.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
                  for r in rows]  # fmt: skip
         print(f"| {k} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.md:
+        runs = []
+        for path in args.md:
+            with open(path) as f:
+                runs.append(json.load(f))
+        print(markdown_table(runs))
+        return
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = dict(TINY if args.tiny else WAN_1_3B, num_layers=args.layers)
+    t, h, w = (int(v) for v in args.grid.split("x"))
+    inputs = wan_inputs(args.grid, device, dtype, cfg["text_dim"], args.text)
+    if args.probe:
+        from diffusers import WanTransformer3DModel
+
+        torch.manual_seed(0)
+        row = probe_cost(WanTransformer3DModel(**cfg).to(device, dtype).eval(), inputs, device)
+        print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers")
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"header": header(device), "args": vars(args), "rows": [row]}, f, indent=1)
+        return
+    variants = variants_of(args, cfg, device, dtype)
+    how = (
+        "regional (blocks compiled)"
+        if args.regional
+        else "dense whole model; VMoBA " + ("whole model" if args.whole_model else "default")
+    )
+    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers | {how}")
+    opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
+    opts += (args.memory_dump, args.lr)
+    with contextlib.ExitStack() as stack:
+        if args.dense_attention == "fa4":
+            stack.enter_context(
+                fa4_dense_attention(args.variant, args.train_steps, not args.no_checkpointing)
+            )
+        rows = [run_variant(n, f, inputs, device, *opts) for n, f in variants]
+    print_rows(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header(device), "args": vars(args), "rows": rows}, f, indent=1)

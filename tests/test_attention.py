@@ -167,7 +167,7 @@ def test_bad_input_gets_a_clear_error(kwargs, exc, pattern):
 def test_compiled_cpu_matches_reference(gran, sel, scope, layer, position, hkv, with_mask):
     """Compiled CPU flex (C++ template) with the mask built inside the compiled region.
 
-    Guards the workaround in ``_compat.materialize_for_mask_mod``: without it inductor's CPU
+    Guards the workaround in ``masks.materialize_for_mask_mod``: without it inductor's CPU
     lowering fails (NoValidChoicesError) or reads unrealized buffers.
     """
     torch._dynamo.reset()

@@ -21,6 +21,7 @@ from vmoba_compile import kernels as K
 from vmoba_compile._compat import autograd_inside_op
 from vmoba_compile.attention import permute, plan_blocks, plan_for, unpermute
 from vmoba_compile.config import Kernel, Partition
+from vmoba_compile.kernels import choice, flash
 from vmoba_compile.masks import TABLE_NAMES, MaskPieces, block_mask_from_pieces, mask_pieces
 from vmoba_compile.reference import vmoba_reference
 
@@ -45,7 +46,7 @@ def choose(config=None, partition="1d", *, device="cuda", dtype=torch.bfloat16, 
 @pytest.fixture
 def fa4_installed(monkeypatch):
     """As if flash_attn.cute and the CuTe DSL were installed (the choice reads only this)."""
-    monkeypatch.setattr(K, "flash_unavailable", lambda: None)
+    monkeypatch.setattr(choice, "flash_unavailable", lambda: None)
 
 
 def test_auto_uses_fa4_where_it_can_run(fa4_installed) -> None:
@@ -125,7 +126,7 @@ def test_without_fa4_every_choice_is_triton_with_the_install_hint() -> None:
 def test_a_cpu_call_is_told_the_device_not_the_install_hint(monkeypatch) -> None:
     # FA4 could not run a CPU call even if installed: the install hint would send the user to
     # install something that changes nothing.
-    monkeypatch.setattr(K, "flash_unavailable", lambda: "FA4 is not installed: pip install x")
+    monkeypatch.setattr(choice, "flash_unavailable", lambda: "FA4 is not installed: pip install x")
     for config in (VMoBAConfig(), VMoBAConfig(kernel="flash")):
         got = choose(config, device="cpu", capability=None)
         assert got.kernel is Kernel.TRITON, got
@@ -189,7 +190,8 @@ def test_report_names_each_calls_kernel_and_why() -> None:
 
 
 def test_forced_flash_call_that_cannot_run_is_left_dense_in_the_report(monkeypatch) -> None:
-    monkeypatch.setattr(K, "flash_unavailable", lambda: None)  # installed, but this is a CPU call
+    # FA4 installed, but this is a CPU call
+    monkeypatch.setattr(choice, "flash_unavailable", lambda: None)
     config = dataclasses.replace(CONFIG, kernel="flash")
     model = OneAttention()
     opt = optimize(model, config, layout=LAYOUT, lowering="aot_eager", regional=False)
@@ -307,13 +309,13 @@ def test_the_training_ops_block_tables_and_key_validity_are_the_whole_mask(
     op, its output and dq/dk/dv equal the float64 reference (every partition, GQA, B = 2,
     text suffix, padding, masked text keys), and the backward runs no forward."""
     calls = {"forward": 0}
-    forward = K._reference_forward
+    forward = flash._reference_forward
 
     def counting(*args):
         calls["forward"] += 1
         return forward(*args)
 
-    monkeypatch.setattr(K, "_reference_forward", counting)
+    monkeypatch.setattr(flash, "_reference_forward", counting)
     for layer in range(3):
         (q, k, v), plan, idx, tkm = _training_inputs(layer, text_key_mask)
         qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))

@@ -20,7 +20,8 @@ from test_api import _CHUNKS, TOY_LAYOUT, ToyVideo, toy_inputs  # noqa: E402
 
 from vmoba_compile import AttentionCall, SkipReason, VMoBAConfig, explain  # noqa: E402
 from vmoba_compile.parallel import ParallelPlan, _refusal  # noqa: E402
-from vmoba_compile.passes import CallContext, Skip, bind_sdpa  # noqa: E402
+from vmoba_compile.passes import Skip  # noqa: E402
+from vmoba_compile.passes.rewrite import CallContext, bind_sdpa  # noqa: E402
 
 
 def _details(reason: SkipReason) -> list[str]:
@@ -200,7 +201,7 @@ def test_extra_tokens_the_adapter_does_not_account_for_stay_dense(extra, declare
     # A Wan subclass that prepends reference tokens: the adapter knows its self-attention holds
     # video only, so 64 more tokens are unplaced and the call must not guess "suffix".
     from vmoba_compile.adapters.base import VideoGrid
-    from vmoba_compile.passes import CallContext, decide
+    from vmoba_compile.passes.rewrite import CallContext, decide
 
     grid = VideoGrid(2, 4, 4, text_position=position, extra_tokens=declared)
     s = grid.video_tokens + extra

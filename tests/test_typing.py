@@ -24,6 +24,8 @@ from vmoba_compile import VideoLayout, VMoBAConfig
 config = VMoBAConfig(selection="topk", topk=3, scope="head", granularity="token")
 config = VMoBAConfig(schedule=("1d", "2d", "3d"), chunk_1d=(1,), chunk_2d=(4, 4))
 config = VMoBAConfig(kernel_options={"BLOCK_M": 64, "USE_TMA": False}, threshold=0.25)
+config = VMoBAConfig(kernel="flash")
+kernel: vc.Kernel = config.kernel
 layout = VideoLayout(13, 30, 45, text_tokens=226, text_position="prefix")
 part: vc.Partition = config.partition_for(0)
 model = torch.nn.Linear(4, 4)

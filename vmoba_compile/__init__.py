@@ -2,7 +2,7 @@
 
 from .api import VMoBAControls, VMoBAModule, explain, optimize
 from .attention import vmoba_attention
-from .config import Granularity, Partition, Scope, Selection, VMoBAConfig
+from .config import Granularity, Kernel, Partition, Scope, Selection, VMoBAConfig
 from .layout import TextPosition, VideoLayout
 from .passes import AttentionCall, RewriteReport, SkipReason
 from .reference import reference_mask, vmoba_reference
@@ -18,6 +18,7 @@ __all__ = [
     "explain",
     "optimize",
     "Granularity",
+    "Kernel",
     "Partition",
     "Scope",
     "Selection",

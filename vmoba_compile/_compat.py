@@ -1,4 +1,7 @@
-"""Every version gate and private torch access of the package lives here."""
+"""Every version gate and private torch access of the package lives here.
+
+A leaf: it imports torch only, nothing of the package.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,7 @@ from typing import Any
 
 import torch
 
-from .layout import ChunkPlan, LayerPlan, PlanIndex, plan_from_key
-
 __all__ = [
-    "TORCH_VERSION",
     "SchedulerPassBase",
     "autograd_inside_op",
     "compiled_flex_attention",
@@ -19,10 +19,7 @@ __all__ = [
     "hash_for_files",
     "is_compiling",
     "mha_targets",
-    "plan_index",
 ]
-
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 try:
     # Inductor hashes a CustomSchedulerPass's uuid() into its FX graph cache key; any other
@@ -152,82 +149,6 @@ def mha_targets() -> frozenset[Any]:
     if packet is not None:
         found.update({packet, packet.default})
     return frozenset(found)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_index(key: str, device: torch.device) -> PlanIndex:
-    return plan_from_key(key).index(device)
-
-
-@torch.library.custom_op("vmoba_compile::plan_index", mutates_args=())
-def _plan_index_op(key: str, device: torch.device) -> list[torch.Tensor]:
-    # Clones: inductor may reuse an op's output buffer in place once it is dead.
-    return [t.clone() for t in _cached_index(key, device)]
-
-
-@_plan_index_op.register_fake
-def _(key: str, device: torch.device) -> list[torch.Tensor]:
-    plan = plan_from_key(key)
-    long, nb = torch.long, plan.num_blocks
-    shapes = (
-        (plan.padded_len, long),
-        (plan.padded_len, torch.bool),
-        (plan.layout.seq_len, long),
-        (nb, long),
-        (nb, long),
-        (plan.num_chunks, long),
-        ((plan.num_video_blocks, plan.num_chunks), torch.float32),
-        (nb, long),
-        (plan.padded_len, long),
-        (plan.padded_len, torch.int32),
-        (plan.padded_len, long),
-        (plan.padded_len, torch.int32),
-    )
-    return [torch.empty(n, dtype=dt, device=device) for n, dt in shapes]
-
-
-def plan_index(plan: ChunkPlan | LayerPlan, device: torch.device) -> PlanIndex:
-    """``plan.index(device)``, built once per (plan, device) and kept outside compiled graphs.
-
-    Under compilation the tables come from an opaque op, so inductor reads them as plain device
-    buffers. Built in-graph (``torch.tensor`` constants, AOT ``lift_fresh``), the H100 runs of
-    torch 2.11 faulted in kernels that read them (docs/design.md).
-    """
-    device = torch.device(device)
-    if not is_compiling():
-        return _cached_index(plan.key, device)
-    return PlanIndex(*_plan_index_op(plan.key, device))
-
-
-@torch.library.custom_op("vmoba_compile::materialize", mutates_args=())
-def _materialize(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [x.clone() for x in xs]
-
-
-@_materialize.register_fake
-def _(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.empty_like(x) for x in xs]
-
-
-def materialize_for_mask_mod(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """Make tensors the flex template reads (``mask_mod`` captures, block tables) plain,
-    separately computed buffers under inductor.
-
-    - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
-      the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
-      values) when one is still an unfused computation.
-    - GPU (H100, torch 2.11): with the block tables computed in the same graph, inductor fused
-      their computation into the flex template
-      (``triton_tem_fused_..._flex_attention_..._index_select_..._sort_...``) and the kernel
-      faulted (illegal address); compiled alone, one stage per process, the same tables were
-      right.
-    An opaque custom op forces plain buffers on both. It takes every table of one mask in one
-    call: each call of a Python custom op costs host time at run time (dispatch through Python),
-    and the op is on every layer's critical path. Outside compilation it is a no-op.
-    """
-    if not is_compiling():
-        return list(xs)
-    return _materialize(list(xs))
 
 
 def autograd_inside_op():

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .passes import CURRENT_CONTEXT, AttentionCall, RewriteReport
+from .passes import AttentionCall, RewriteReport
+from .passes.rewrite import CURRENT_CONTEXT
 
 __all__ = ["CONTROLS", "Account", "forward_codes", "in_backward", "why_no_graph"]
 

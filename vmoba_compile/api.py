@@ -1,14 +1,15 @@
-"""``optimize(model)`` and ``explain(model, ...)``: the user-facing side of the pass (the module
-``vmoba_compile.api``; ``vmoba_compile.optimize`` is the function)."""
+"""``optimize(model)``, ``explain(model, ...)`` and the optimized model (``restore()``): the
+user-facing side of the pass (the module ``vmoba_compile.api``; ``vmoba_compile.optimize`` is the
+function). The run-time controls live in :mod:`vmoba_compile.controls`, the compile options in
+:mod:`vmoba_compile.options`; both are importable from here as before."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -16,24 +17,25 @@ if TYPE_CHECKING:
 
 import torch
 
-from . import kernels
 from .accounting import CONTROLS, Account, forward_codes
 from .adapters.base import ModelAdapter
 from .adapters.base import describe as describe_value
 from .adapters.registry import find_adapter, layout_source
 from .adapters.structural import is_marked_cross_attention
 from .config import Kernel, VMoBAConfig
+from .controls import VMoBAControls
+from .kernels import choice as kernel_choice
 from .layout import VideoLayout
-from .parallel import ParallelPlan, detect_parallel
-from .passes import (
-    CURRENT_CONTEXT,
-    LOWERINGS,
-    PROGRAM_ORDER_PASS,
-    CallContext,
-    RewriteReport,
-    VMoBABackend,
+from .options import (
+    RECOMPILE_LIMIT,
+    CompileOptions,
+    memory_inductor_defaults,
+    safe_inductor_defaults,
 )
+from .parallel import ParallelPlan, detect_parallel
+from .passes import RewriteReport, VMoBABackend
 from .passes.report import SkipReason
+from .passes.rewrite import CURRENT_CONTEXT, CallContext
 from .regional import BlockCall, RegionalBlocks, find_blocks
 
 __all__ = [
@@ -46,112 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_COMPILE_KEYS = ("fullgraph", "mode", "options", "lowering", "regional", "recompile_limit")
-
-#: Compiled versions each of the model's compiled regions may hold (``torch.compile``'s own
-#: ``recompile_limit``, scoped to them): a version per resolution, dense-layer set and value of
-#: a Python constant the graph reads; a LoRA strength sweep (``attention_kwargs={"scale": s}``)
-#: compiles one per strength, and Dynamo's default of 8 would run the rest eagerly, dense.
-RECOMPILE_LIMIT = 64
-_COMPILE_HAS_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
-
-
-class VMoBAControls:
-    """Run-time switches of an optimized model; changing them never recompiles per step.
-
-    Attributes:
-        dense_steps: the first ``dense_steps`` denoising steps run dense attention (dense
-            warm-up). They use a second compiled copy of the model (inductor, no VMoBA), compiled
-            once on first use (with the blocks compiled, the default: a dense compiled block).
-        dense_layers: VMoBA layer indices kept dense. With the blocks compiled their blocks run
-            the dense compiled block (nothing new compiles); with the whole model compiled each
-            distinct set compiles once (per resolution) and is then cached.
-        calls_per_step: forward calls per denoising step (2 when a pipeline runs the
-            conditional and unconditional passes as two calls, as Wan's does).
-
-    The step counter counts forward calls: ``step = calls // calls_per_step``. Call
-    :meth:`reset` before each generation, or pass :meth:`pipeline_callback` as a diffusers
-    pipeline's ``callback_on_step_end``, which keeps the count exact and resets it after the
-    last step.
-    """
-
-    def __init__(self) -> None:
-        self._dense_steps = 0
-        self._dense_layers: frozenset[int] = frozenset()
-        self._calls_per_step = 1
-        self._calls = 0
-
-    @staticmethod
-    def _count(name: str, value: object, minimum: int) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
-        return value
-
-    @property
-    def dense_steps(self) -> int:
-        return self._dense_steps
-
-    @dense_steps.setter
-    def dense_steps(self, value: int) -> None:
-        self._dense_steps = self._count("dense_steps", value, 0)
-
-    @property
-    def dense_layers(self) -> frozenset[int]:
-        return self._dense_layers
-
-    @dense_layers.setter
-    def dense_layers(self, value: Iterable[int]) -> None:
-        if isinstance(value, int):
-            raise ValueError(f"dense_layers must be a set of layer indices; got {value!r}.")
-        self._dense_layers = frozenset(self._count("a dense layer", v, 0) for v in value)
-
-    @property
-    def calls_per_step(self) -> int:
-        return self._calls_per_step
-
-    @calls_per_step.setter
-    def calls_per_step(self, value: int) -> None:
-        self._calls_per_step = self._count("calls_per_step", value, 1)
-        self._calls = 0
-
-    @property
-    def step(self) -> int:
-        """The denoising step the next forward call belongs to."""
-        return self._calls // self._calls_per_step
-
-    @property
-    def dense_now(self) -> bool:
-        """True if the next forward call runs dense (inside the warm-up)."""
-        return self.step < self._dense_steps
-
-    def reset(self) -> None:
-        """Start a new generation: the next call is step 0."""
-        self._calls = 0
-
-    def set_step(self, step: int) -> None:
-        """The next forward call belongs to denoising step ``step``."""
-        self._calls = self._count("step", step, 0) * self._calls_per_step
-
-    def pipeline_callback(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
-        """A diffusers ``callback_on_step_end``: after step ``i``, the next is ``i + 1``; after
-        the pipeline's last step, :meth:`reset`."""
-        total = getattr(pipe, "num_timesteps", None)
-        if isinstance(total, int) and i + 1 >= total:
-            self.reset()
-        else:
-            self.set_step(i + 1)
-        return callback_kwargs
-
-    def _called(self) -> None:
-        self._calls += 1
-
-    def __repr__(self) -> str:
-        return (
-            f"VMoBAControls(dense_steps={self._dense_steps}, "
-            f"dense_layers={sorted(self._dense_layers)}, calls_per_step={self._calls_per_step}, "
-            f"step={self.step})"
-        )
 
 
 def _compiled_blocks(model: torch.nn.Module, cls: type | None = None) -> list[str]:
@@ -185,76 +81,6 @@ def _refuse_regional(model: torch.nn.Module, regional: bool = False) -> None:
         )
 
 
-def safe_inductor_defaults() -> dict[str, Any]:
-    """Inductor options every compile of :func:`optimize` starts from (``options=`` overrides).
-
-    ``triton.mix_order_reduction=False``: inductor's mix-order reductions (torch 2.10 and later,
-    on by default) leave the gradient of a chunked modulation table unwritten (pytorch/pytorch
-    issue 193061: the ``.chunk(6)`` of Wan's and many DiTs' ``scale_shift_table``), so
-    ``scale_shift_table`` and the time embedder get stale memory as gradients. On the H100 at
-    55,296 tokens that memory held NaN for the VMoBA model (docs/design.md)
-    and finite garbage for the dense one. Off, the gradients match the uncompiled model's.
-    """
-    triton = getattr(torch._inductor.config, "triton", None)
-    if triton is not None and hasattr(triton, "mix_order_reduction"):
-        return {"triton.mix_order_reduction": False}
-    return {}
-
-
-def memory_inductor_defaults() -> dict[str, Any]:
-    """Inductor options :func:`optimize` adds after :func:`safe_inductor_defaults`: the scheduler
-    pass :func:`~vmoba_compile.passes.scheduling.keep_program_order` (as
-    :data:`~vmoba_compile.passes.scheduling.PROGRAM_ORDER_PASS`, which inductor's FX graph cache
-    accepts), which keeps the kernels in program order after fusion. Without it the VMoBA
-    training backward with activation checkpointing kept several layers' recomputed activations
-    alive at once (8 layers at 55,296 tokens: 26.9 GiB against dense's 10.1; 30 layers out of
-    memory). ``options={"_post_fusion_custom_pass": None}`` turns it off. Empty where inductor
-    has no such hook.
-    """
-    if hasattr(torch._inductor.config, "_post_fusion_custom_pass"):
-        return {"_post_fusion_custom_pass": PROGRAM_ORDER_PASS}
-    return {}
-
-
-def _check_compile_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(_COMPILE_KEYS))
-    if "dynamic" in unknown:
-        raise ValueError(
-            "dynamic= is not supported: VMoBA fixes each call's block partition at compile time, "
-            "so optimize compiles with dynamic=False (one compile per resolution)."
-        )
-    if unknown:
-        raise TypeError(
-            f"unknown compile options {unknown}; optimize accepts the keywords "
-            f"{list(_COMPILE_KEYS)} (fullgraph, mode and options=<inductor options> as in "
-            f"torch.compile; it always compiles with its own backend)."
-        )
-    mode, extra = options.get("mode"), options.get("options") or {}
-    if not isinstance(extra, dict):
-        raise TypeError(f"options must be a dict of inductor options; got {type(extra).__name__}.")
-    patches: dict[str, Any] = {**safe_inductor_defaults(), **memory_inductor_defaults()}
-    if mode is not None:
-        patches.update(torch._inductor.list_mode_options(mode))
-    patches.update(extra)
-    lowering = options.get("lowering", "inductor")
-    if lowering not in LOWERINGS:
-        raise ValueError(f"lowering must be one of {LOWERINGS}; got {lowering!r}.")
-    fullgraph = bool(options.get("fullgraph", False))
-    regional = options.get("regional")
-    if regional is not None and not isinstance(regional, bool):
-        raise TypeError(f"regional must be None (automatic), True or False; got {regional!r}.")
-    limit = options.get("recompile_limit", RECOMPILE_LIMIT)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ValueError(f"recompile_limit must be a positive int; got {limit!r}.")
-    return {
-        "fullgraph": fullgraph,
-        "patches": patches,
-        "lowering": lowering,
-        "regional": regional,
-        "recompile_limit": limit if _COMPILE_HAS_LIMIT else None,
-    }
-
-
 class VMoBAModule(torch.nn.Module):
     """A model compiled through the VMoBA backend (what :func:`optimize` returns).
 
@@ -277,7 +103,7 @@ class VMoBAModule(torch.nn.Module):
         layout: VideoLayout | None,
         adapter: ModelAdapter | None,
         strict: bool,
-        compile_options: dict[str, Any],
+        compile_options: CompileOptions,
         layer_of: dict[str, int] | None = None,
         blocks: dict[str, tuple[int, ...]] | None = None,
         parallel: ParallelPlan | None = None,
@@ -308,7 +134,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_numbering_warned: set[str] = set()
         self._vmoba_numbering_checked = 0  # graphs of the report the numbering check has seen
         self._vmoba_account = Account(
-            self.report, type(model).__name__, strict, self._vmoba_compile["recompile_limit"]
+            self.report, type(model).__name__, strict, self._vmoba_compile.recompile_limit
         )
         if blocks:  # optimize's choice (_regional_blocks); None: the whole model
             self._vmoba_regional = RegionalBlocks(
@@ -381,22 +207,13 @@ class VMoBAModule(torch.nn.Module):
         """The inductor options this model's compiles hand inductor (a copy):
         :func:`safe_inductor_defaults`, :func:`memory_inductor_defaults`, then ``mode=``'s
         options, then ``options=``. Unused under ``lowering="aot_eager"``."""
-        return dict(self._vmoba_compile["patches"])
+        return dict(self._vmoba_compile.inductor_options)
 
     def _compile(self, fn: Any, backend: VMoBABackend | None) -> Any:
-        """``fn`` compiled with this model's options: through ``backend``, or without one dense
-        (inductor with the compile's options, or ``aot_eager`` under that lowering)."""
-        opts = self._vmoba_compile
-        kw: dict[str, Any] = dict(dynamic=False, fullgraph=opts["fullgraph"])
-        if opts["recompile_limit"] is not None:  # where torch.compile takes it (torch 2.13 does)
-            kw["recompile_limit"] = opts["recompile_limit"]
-        if backend is None and opts["lowering"] == "inductor":
-            return torch.compile(fn, options=opts["patches"] or None, **kw)
-        return torch.compile(fn, backend=backend or "aot_eager", **kw)
+        return self._vmoba_compile.compile(fn, backend)
 
     def _backend(self, on_graph: Any, on_run: Any = None) -> VMoBABackend:
-        opts = self._vmoba_compile
-        return VMoBABackend(on_graph, opts["patches"], lowering=opts["lowering"], on_run=on_run)
+        return self._vmoba_compile.backend(on_graph, on_run)
 
     def _variant(self, key: Any) -> tuple[Any, VMoBABackend | None]:
         """The compiled model for ``"dense"`` (warm-up) or a set of dense layers, and its VMoBA
@@ -416,14 +233,24 @@ class VMoBAModule(torch.nn.Module):
         return self._vmoba_compiled[key]
 
     def _compile_block_variant(self, key: tuple, fn: Any, on_graph: Any, on_run: Any) -> Any:
-        """One compiled block variant of regional compilation (see :mod:`.regional`)."""
-        if self._vmoba_parallel is not None:
-            return self._vmoba_parallel.compile_variant(self, key, fn, on_graph, on_run)
-        if key == ("dense",):
-            return self._compile(fn, None)
-        backend = self._backend(on_graph, on_run)
-        self._vmoba_backends.append(backend)
-        return self._compile(fn, backend)
+        """One compiled block variant of regional compilation (see :mod:`.regional`); under a
+        parallel setup run in its block scope (:meth:`~vmoba_compile.parallel.ParallelPlan.
+        wrap_variant`), the dense variant through the VMoBA backend where the pass does the
+        Ulysses exchange (it rewrites nothing, but puts the exchange around each call)."""
+        parallel = self._vmoba_parallel
+        backend = None
+        if key != ("dense",):
+            backend = self._backend(on_graph, on_run)
+            self._vmoba_backends.append(backend)
+        elif parallel is not None and parallel.exchanges:
+            backend = self._backend(lambda where, calls: None)
+        compiled = self._compile(fn, backend)
+        if parallel is None:
+            return compiled
+        regional = self._vmoba_regional
+        assert regional is not None  # a parallel setup compiles block by block
+        paths = {id(m): p for p, m in zip(regional.paths, regional.modules, strict=True)}
+        return parallel.wrap_variant(compiled, paths, backend)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> VMoBAModule:
         """A copy of the model, optimized as this one (same config, layout, options and runtime
@@ -689,7 +516,7 @@ def _resolve(model: Any, config: Any, layout: Any) -> tuple[VMoBAConfig, ModelAd
         raise TypeError(f"config must be a VMoBAConfig or None; got {type(config).__name__}.")
     if layout is not None and not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout or None; got {type(layout).__name__}.")
-    missing = kernels.flash_unavailable() if config.kernel is Kernel.FLASH else None
+    missing = kernel_choice.flash_unavailable() if config.kernel is Kernel.FLASH else None
     if missing is not None:
         raise RuntimeError(f"VMoBAConfig(kernel='flash'): {missing}; or use kernel='auto'.")
     adapter = None
@@ -769,19 +596,17 @@ def optimize(
             compiled block by block.
     """
     config, adapter = _resolve(model, config, layout)
-    checked = _check_compile_options(
-        {
-            "fullgraph": fullgraph,
-            "mode": mode,
-            "options": options,
-            "lowering": lowering,
-            "regional": regional,
-            "recompile_limit": recompile_limit,
-            **unsupported,
-        }
+    checked = CompileOptions.check(
+        fullgraph=fullgraph,
+        mode=mode,
+        options=options,
+        lowering=lowering,
+        regional=regional,
+        recompile_limit=recompile_limit,
+        **unsupported,
     )
     layer_of = _layer_numbering(model, adapter)
-    blocks = _regional_blocks(model, layer_of, checked["regional"])
+    blocks = _regional_blocks(model, layer_of, checked.regional)
     _refuse_regional(model, regional=bool(blocks))
     parallel = detect_parallel(model, adapter.family if adapter else None, layer_of, blocks)
     return VMoBAModule(model, config, layout, adapter, strict, checked, layer_of, blocks, parallel)
@@ -840,7 +665,7 @@ def explain(
     else:
         config, adapter = _resolve(model, config, layout)
         # No blocks: tracing must not hook the model's blocks (and compiles nothing to refuse).
-        owner = VMoBAModule(model, config, layout, adapter, False, _check_compile_options({}))
+        owner = VMoBAModule(model, config, layout, adapter, False, CompileOptions.check())
     report = RewriteReport(owner.report.model, owner.report.family, found_by=owner.report.found_by)
     fn = torch.compile(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False

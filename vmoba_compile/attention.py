@@ -17,7 +17,7 @@ from . import _compat
 from .config import Granularity, Kernel, Partition, VMoBAConfig
 from .kernels import KernelChoice, choose_kernel, flash_block_sparse, kernel_input
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
-from .masks import build_block_mask, mask_pieces
+from .masks import build_block_mask, mask_pieces, plan_index
 from .selection import chunk_keys, gates, select
 
 __all__ = [
@@ -234,12 +234,12 @@ def permute(
 ) -> torch.Tensor:
     """``[B, H, S, D]`` in call order -> ``[B, H, S_pad, D]`` in padded chunk order (zero pads).
 
-    ``idx`` (``_compat.plan_index(plan, device)``) lets one call share the index tensors. The
+    ``idx`` (``plan_index(plan, device)``) lets one call share the index tensors. The
     gradient is :func:`unpermute` of the incoming gradient (a gather, not a scatter).
     """
     if plan.is_identity:
         return x
-    idx = idx if idx is not None else _compat.plan_index(plan, x.device)
+    idx = idx if idx is not None else plan_index(plan, x.device)
     return _Permute.apply(x, idx.token, idx.real, idx.slots)
 
 
@@ -250,7 +250,7 @@ def unpermute(
     gradient is :func:`permute` of the incoming gradient (zero on padding slots)."""
     if plan.is_identity:
         return x
-    idx = idx if idx is not None else _compat.plan_index(plan, x.device)
+    idx = idx if idx is not None else plan_index(plan, x.device)
     return _Unpermute.apply(x, idx.token, idx.real, idx.slots)
 
 
@@ -286,7 +286,7 @@ def plan_blocks(
 
     ``q_tables``: see :func:`~vmoba_compile.masks.build_block_mask`.
     """
-    idx = idx if idx is not None else _compat.plan_index(plan, qp.device)
+    idx = idx if idx is not None else plan_index(plan, qp.device)
     sel, unit_real, is_self = _select(qp, kp, plan, config, idx)
     token_level = config.granularity is Granularity.TOKEN
     bm = build_block_mask(
@@ -384,7 +384,7 @@ def vmoba_attention(
     choice = kernel if kernel is not None else kernel_for(q, v, config, layer_index, backward)
     if not choice.possible:
         raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
-    idx = _compat.plan_index(plan, q.device)
+    idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     sel = _select(qp, kp, plan, config, idx)[0]
     token_level = config.granularity is Granularity.TOKEN

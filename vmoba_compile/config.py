@@ -209,6 +209,7 @@ class VMoBAConfig:
             kernel_options: Mapping[str, int | bool]
             | Sequence[tuple[str, int | bool]]
             | None = None,
+            kernel: Kernel | str = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._compat import plan_index
 from .adapters.registry import find_adapter
 from .attention import (
     permute,
@@ -27,7 +26,9 @@ from .attention import (
 )
 from .config import VMoBAConfig
 from .layout import VideoLayout
-from .passes import CallContext, Skip, bind_sdpa, decide
+from .masks import plan_index
+from .passes import Skip
+from .passes.rewrite import CallContext, bind_sdpa, decide
 
 __all__ = [
     "CapturedCall",
@@ -159,7 +160,7 @@ def _eager_context(adapter: Any, wanted: dict[str, int], grid: Any, config: VMoB
 
 
 def _eligible(a: dict, module: str, ctx: CallContext) -> Any:
-    """The pass's own decision (:func:`~vmoba_compile.passes.decide`) on an eager SDPA call:
+    """The pass's own decision (:func:`~vmoba_compile.passes.rewrite.decide`) on an eager SDPA call:
     how it would be rewritten, or None where the pass leaves it dense."""
     choice = decide(a, module, ctx, lambda: -1)
     return None if isinstance(choice, Skip) else choice

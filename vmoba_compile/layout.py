@@ -13,7 +13,7 @@ padded to a whole number of blocks, then the text tokens, padded to whole blocks
 so that a block never spans two chunks and every block of real tokens is a *full* block for the
 kernel. Padding slots are never attended. The per-token index tensors of a plan are built once per
 device (:meth:`ChunkPlan.index`) and reach compiled graphs through an opaque op
-(:func:`vmoba_compile._compat.plan_index`), never as constants traced into the graph.
+(:func:`vmoba_compile.masks.plan_index`), never as constants traced into the graph.
 """
 
 from __future__ import annotations

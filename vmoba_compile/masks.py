@@ -13,15 +13,16 @@ from a scatter: compiled CPU flex (torch 2.13) read scatter-built buffers wrongl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._compat import materialize_for_mask_mod
+from ._compat import is_compiling
 from .layout import SELECTION_WORD_BITS as _BITS
-from .layout import ChunkPlan, LayerPlan, PlanIndex
+from .layout import ChunkPlan, LayerPlan, PlanIndex, plan_from_key
 
 __all__ = [
     "TABLE_NAMES",
@@ -31,7 +32,9 @@ __all__ = [
     "dense_to_indices",
     "make_mask_mod",
     "mask_pieces",
+    "materialize_for_mask_mod",
     "materialize_pieces",
+    "plan_index",
 ]
 
 
@@ -90,7 +93,7 @@ def mask_pieces(
 
     Args:
         plan: the partition in use.
-        idx: ``_compat.plan_index(plan, device)``.
+        idx: :func:`plan_index` ``(plan, device)``.
         sel: ``[B, H, U, C]`` bool selection; ``U`` is the number of video query blocks (BLOCK
             granularity) or of video query slots ``NB_video * block_size`` (TOKEN granularity).
         token_level: whether ``sel`` is per token (padding slots' selections are ignored).
@@ -271,7 +274,7 @@ class MaskPieces(NamedTuple):
 
 def materialize_pieces(pieces: MaskPieces) -> MaskPieces:
     """The pieces as plain, separately computed buffers under compilation (one opaque op for
-    all of them; see :func:`~vmoba_compile._compat.materialize_for_mask_mod`)."""
+    all of them; see :func:`materialize_for_mask_mod`)."""
     return pieces.with_tensors(materialize_for_mask_mod(*pieces.tensors()))
 
 
@@ -319,3 +322,83 @@ def block_mask_from_pieces(pieces: MaskPieces) -> BlockMask:
         mask_mod=make_mask_mod(pieces),
         **cast("dict[str, Any]", tables),  # the kv tables are always built
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# opaque ops that keep the plan's index tables and the mask's buffers plain under inductor
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_index(key: str, device: torch.device) -> PlanIndex:
+    return plan_from_key(key).index(device)
+
+
+@torch.library.custom_op("vmoba_compile::plan_index", mutates_args=())
+def _plan_index_op(key: str, device: torch.device) -> list[torch.Tensor]:
+    # Clones: inductor may reuse an op's output buffer in place once it is dead.
+    return [t.clone() for t in _cached_index(key, device)]
+
+
+@_plan_index_op.register_fake
+def _(key: str, device: torch.device) -> list[torch.Tensor]:
+    plan = plan_from_key(key)
+    long, nb = torch.long, plan.num_blocks
+    shapes = (
+        (plan.padded_len, long),
+        (plan.padded_len, torch.bool),
+        (plan.layout.seq_len, long),
+        (nb, long),
+        (nb, long),
+        (plan.num_chunks, long),
+        ((plan.num_video_blocks, plan.num_chunks), torch.float32),
+        (nb, long),
+        (plan.padded_len, long),
+        (plan.padded_len, torch.int32),
+        (plan.padded_len, long),
+        (plan.padded_len, torch.int32),
+    )
+    return [torch.empty(n, dtype=dt, device=device) for n, dt in shapes]
+
+
+def plan_index(plan: ChunkPlan | LayerPlan, device: torch.device) -> PlanIndex:
+    """``plan.index(device)``, built once per (plan, device) and kept outside compiled graphs.
+
+    Under compilation the tables come from an opaque op, so inductor reads them as plain device
+    buffers. Built in-graph (``torch.tensor`` constants, AOT ``lift_fresh``), the H100 runs of
+    torch 2.11 faulted in kernels that read them (docs/design.md).
+    """
+    device = torch.device(device)
+    if not is_compiling():
+        return _cached_index(plan.key, device)
+    return PlanIndex(*_plan_index_op(plan.key, device))
+
+
+@torch.library.custom_op("vmoba_compile::materialize", mutates_args=())
+def _materialize(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.clone() for x in xs]
+
+
+@_materialize.register_fake
+def _(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_like(x) for x in xs]
+
+
+def materialize_for_mask_mod(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Make tensors the flex template reads (``mask_mod`` captures, block tables) plain,
+    separately computed buffers under inductor.
+
+    - CPU: inductor's flex lowering (torch 2.11-2.13, ``flex_cpu.lower_cpu``) does not realize
+      the buffers a ``mask_mod`` reads, and fails with ``NoValidChoicesError`` (or reads wrong
+      values) when one is still an unfused computation.
+    - GPU (H100, torch 2.11): with the block tables computed in the same graph, inductor fused
+      their computation into the flex template
+      (``triton_tem_fused_..._flex_attention_..._index_select_..._sort_...``) and the kernel
+      faulted (illegal address); compiled alone, one stage per process, the same tables were
+      right.
+    An opaque custom op forces plain buffers on both. It takes every table of one mask in one
+    call: each call of a Python custom op costs host time at run time (dispatch through Python),
+    and the op is on every layer's critical path. Outside compilation it is a no-op.
+    """
+    if not is_compiling():
+        return list(xs)
+    return _materialize(list(xs))

@@ -52,21 +52,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .kernels import KernelChoice
-from .passes.report import Skip, SkipReason
-from .passes.rewrite import (
-    _PATH_ITEM,
-    CURRENT_CONTEXT,
-    AttentionCall,
-    BoundVMoBA,
-    CallContext,
-    _Rewrite,
-    _rewrite_reason,
-    _shape_text,
-    decide,
-    decide_kernel,
-    kernel_text,
-)
+from .passes.hooks import CallDecision, call_shape, decide_call, place_in_block
+from .passes.report import AttentionCall, Skip, SkipReason
+from .passes.rewrite import CURRENT_CONTEXT, CallContext
 
 __all__ = ["ParallelPlan", "UlyssesAttention", "detect_parallel", "ulysses_exchange"]
 
@@ -257,21 +245,12 @@ class ParallelPlan:
             if ctx is not None:
                 ctx.param_names = saved_names
 
-    def compile_variant(
-        self, owner: Any, key: tuple, fn: Callable[..., Any], on_graph: Any, on_run: Any = None
-    ) -> Callable[..., Any]:
-        """One compiled block variant of an optimized model (``owner``, a ``VMoBAModule``)
-        under this setup. Under the Ulysses exchange the dense variant goes through the VMoBA
-        backend too (it rewrites nothing, but puts the exchange around each attention call)."""
-        regional = owner._vmoba_regional
-        paths = {id(m): p for p, m in zip(regional.paths, regional.modules, strict=True)}
-        backend = None
-        if key != ("dense",):
-            backend = owner._backend(on_graph, on_run)
-            owner._vmoba_backends.append(backend)
-        elif self.exchanged and self.refusal is None:
-            backend = owner._backend(lambda where, calls: None)
-        return self.wrap_variant(owner._compile(fn, backend), paths, backend)
+    @property
+    def exchanges(self) -> bool:
+        """Whether the pass does the Ulysses exchange of some attention calls: then a block's
+        dense variant goes through the VMoBA backend too (it rewrites nothing, but puts the
+        exchange around each attention call)."""
+        return bool(self.exchanged) and self.refusal is None
 
     def wrap_variant(
         self, fn: Callable[..., Any], paths: Mapping[int, str], backend: Any
@@ -307,22 +286,11 @@ class ParallelPlan:
         self, node: fx.Node, gm: fx.GraphModule, example_inputs: Any, ctx: CallContext
     ) -> str:
         """The module path of ``node``'s innermost module in the model, found through the
-        running block's live parameters (see :class:`_LiveNames`)."""
-        stack = node.meta.get("nn_module_stack") or {}
-        sources = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
-        params = _param_sources(gm, example_inputs, ctx.param_names)
+        running block and its live parameters (see :class:`_LiveNames`)."""
         names: Any = ctx.param_names
         live = names if isinstance(names, _LiveNames) else None
-        found = "?"
-        for src in sources:
-            path = _resolved_path(src, live.block, live.path) if live is not None else None
-            if path is None:
-                path = _module_path(src, params)
-            if path is not None:
-                found = path
-                if path in ctx.layer_of:
-                    return path
-        return found
+        block, path = (live.block, live.path) if live is not None else (None, "")
+        return place_in_block(node, gm, example_inputs, names, ctx.layer_of, block, path)
 
     def rewrite_call(
         self,
@@ -341,17 +309,17 @@ class ParallelPlan:
         if module == "?" and self.exchanged and self.refusal is None:
             raise RuntimeError(
                 f"an attention call in a compiled block could not be placed in the model "
-                f"({_shape_text(values['query'], values['key'])}); under Ulysses context "
+                f"({call_shape(values['query'], values['key'])}); under Ulysses context "
                 f"parallelism a video self-attention call must get its all-to-all, so it is not "
                 f"left to chance. Please report this with the model class and torch version."
             )
         exchange = self.degree > 1 and self.refusal is None and module in self.exchanged
         q, k = values["query"], values["key"]
-        local = _shape_text(q, k)
+        local = call_shape(q, k)
         rank_values = values  # device and dtype as they run (the exchanged ones are meta)
         if exchange:
             values = self._exchanged_values(values, module)
-            shape = f"{_shape_text(values['query'], values['key'])} (rank in: {local})"
+            shape = f"{call_shape(values['query'], values['key'])} (rank in: {local})"
         else:
             shape = local
         decided = self._decide(values, rank_values, module, ctx, next_layer, exchange)
@@ -359,15 +327,9 @@ class ParallelPlan:
         if isinstance(decided, Skip):
             call = AttentionCall.dense(module, shape, decided)
         else:
-            choice, kernel = decided
-            name, why = kernel_text(kernel)
-            partition = ctx.config.partition_for(choice.layer_index).value
-            reason = _rewrite_reason(choice, ctx.config)
-            if exchange:
-                reason += f", on H/{self.degree} heads per rank after the Ulysses all-to-all"
-            reason += f"; kernel {name}: {why}"
-            call = AttentionCall(module, shape, True, reason, choice.layer_index, partition, name)
-            inner = BoundVMoBA(choice, ctx.config, bound["scale"], kernel)
+            note = f", on H/{self.degree} heads per rank after the Ulysses all-to-all"
+            call = decided.report(module, shape, note if exchange else "")
+            inner = decided.target(bound["scale"])
         if apply and (exchange or inner is not None):
             self._replace(sub, node, bound, inner, exchange, module)
         return call
@@ -380,27 +342,30 @@ class ParallelPlan:
         ctx: CallContext,
         next_layer: Callable[[], int],
         exchange: bool,
-    ) -> tuple[_Rewrite, KernelChoice | None] | Skip:
-        """:func:`~vmoba_compile.passes.rewrite.decide` on the call as attention sees it
-        (``values``), then this setup's own refusals, then the kernel (on the tensors as they
-        run: ``rank_values``, over the sequence the attention sees): the rewrite and its kernel,
-        or why the call stays dense."""
-        choice = decide(values, module, ctx, next_layer)
-        if isinstance(choice, Skip):
-            return choice
-        if self.refusal is not None:
-            return Skip(self.refusal.reason, f"context parallel: {self.refusal.message}")
-        if self.degree > 1 and not exchange:
-            return SkipReason.CP_NOT_EXCHANGED.skip(module=module)
-        if exchange and ctx.grid is not None and ctx.grid.video_tokens % self.degree:
-            return SkipReason.CP_VIDEO_TOKENS.skip(tokens=ctx.grid.video_tokens, degree=self.degree)
+    ) -> CallDecision | Skip:
+        """The pass's decision (:func:`~vmoba_compile.passes.hooks.decide_call`) on the call as
+        attention sees it (``values``), with this setup's own refusals before the kernel (chosen
+        on the tensors as they run: ``rank_values``, over the sequence the attention sees)."""
+
+        def refuse() -> Skip | None:
+            if self.refusal is not None:
+                return Skip(self.refusal.reason, f"context parallel: {self.refusal.message}")
+            if self.degree > 1 and not exchange:
+                return SkipReason.CP_NOT_EXCHANGED.skip(module=module)
+            if exchange and ctx.grid is not None and ctx.grid.video_tokens % self.degree:
+                tokens = ctx.grid.video_tokens
+                return SkipReason.CP_VIDEO_TOKENS.skip(tokens=tokens, degree=self.degree)
+            return None
+
         seq_len = values["query"].shape[2]  # S after the exchange, S / P on the rank before it
-        kernel = decide_kernel(rank_values, choice, ctx.config, seq_len=seq_len)
-        return kernel if isinstance(kernel, Skip) else (choice, kernel)  # Skip: flash cannot run
+        return decide_call(
+            values, module, ctx, next_layer, kernel_values=rank_values, seq_len=seq_len,
+            refuse=refuse,
+        )  # fmt: skip
 
     def _exchanged_values(self, values: dict[str, Any], module: str) -> dict[str, Any]:
         """The call's tensors as the attention sees them after the exchange (meta tensors of
-        ``[B, H/P, S, D]``), for :func:`~vmoba_compile.passes.rewrite.decide`."""
+        ``[B, H/P, S, D]``), for :func:`~vmoba_compile.passes.hooks.decide_call`."""
         p = self.degree
         out = dict(values)
         for name in ("query", "key", "value"):
@@ -431,7 +396,7 @@ class ParallelPlan:
         gm: fx.GraphModule,
         node: fx.Node,
         bound: dict[str, Any],
-        inner: BoundVMoBA | None,
+        inner: Callable[..., Any] | None,
         exchange: bool,
         module: str,
     ) -> None:
@@ -473,67 +438,6 @@ class _LiveNames(Mapping[int, str]):
 
     def __len__(self) -> int:
         return len(self._table())
-
-
-def _source_name(node: fx.Node) -> str | None:
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name
-    return name if isinstance(name, str) else None
-
-
-def _param_sources(
-    gm: fx.GraphModule, example_inputs: Any, names: Mapping[int, str]
-) -> list[tuple[str, str]]:
-    """``(Dynamo source, model path)`` of every graph input that is a parameter or buffer of
-    the running block."""
-    out = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, example_inputs, strict=False):
-        full = names.get(id(example))
-        src = _source_name(node)
-        if full is not None and src is not None:
-            out.append((src, full))
-    return out
-
-
-def _resolved_path(source: str, block: torch.nn.Module, path: str) -> str | None:
-    """The model path of the module Dynamo names ``source`` in a frame of the block call
-    (``L['self']`` is the running block), found by identity: Dynamo may name a module through
-    any alias, e.g. diffusers' hook closure (``L['self'].forward.func.__closure__[0].
-    cell_contents.forward.__self__.attn1``). Source names are Python expressions over the
-    frame's locals (Dynamo's guards evaluate them); one that is not evaluable here gives None."""
-    try:
-        obj = eval(source, {"__builtins__": {}}, {"L": {"self": block}})  # noqa: S307
-    except Exception:  # another frame's locals, or a source form that is not an expression
-        return None
-    if not isinstance(obj, torch.nn.Module):
-        return None
-    for name, m in block.named_modules(prefix=path, remove_duplicate=False):
-        if m is obj:
-            return name
-    return None
-
-
-def _dotted(source: str) -> str:
-    """A Dynamo source as a dotted chain: ``L['self']._modules['attn1']`` and
-    ``L['self'].attn1`` both become ``L.self.attn1``."""
-    return _PATH_ITEM.sub(lambda m: "." + m.group(1), source)
-
-
-def _module_path(module_source: str, params: list[tuple[str, str]]) -> str | None:
-    """The model path of the module Dynamo names ``module_source``, from a parameter under it:
-    ``<module_source>._modules['to_q']._parameters['weight']`` that is the running block's
-    ``blocks.0.attn1.to_q.weight`` places the module at ``blocks.0.attn1``."""
-    mod = _dotted(module_source) + "."
-    for src, full in params:
-        dotted = _dotted(src)
-        if not dotted.startswith(mod):
-            continue
-        rest = dotted[len(mod) :]
-        if rest and full.endswith("." + rest):
-            return full[: -len(rest) - 1]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

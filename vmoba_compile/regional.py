@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from .accounting import CONTROLS, Account, forward_codes, in_backward
-from .passes import CURRENT_CONTEXT, AttentionCall, CallContext
+from .passes import AttentionCall
+from .passes.rewrite import CURRENT_CONTEXT, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
 

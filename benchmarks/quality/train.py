@@ -98,7 +98,7 @@ def video_pool(workers: int):
     return mp.get_context("spawn").Pool(workers, torch.set_num_threads, (2,))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--attention", choices=["dense", "vmoba"], default="dense")
     p.add_argument("--threshold", type=float, default=vc.VMoBAConfig().threshold)
@@ -142,14 +142,12 @@ def main() -> None:
     args = p.parse_args()
     if not (args.ckpt or args.eval_weights):
         p.error("--ckpt FILE is required for training (it is resumed from when it exists)")
+    return args
 
-    device = args.device or ("cpu" if args.tiny else "cuda")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    height, width = (16, 24) if args.tiny else (int(v) for v in args.size.split("x"))
-    frames = 4 if args.tiny else args.frames
-    torch.manual_seed(args.seed)
-    model = VideoDiT(**model_config(args)).to(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+def load_state(args, model, opt, device) -> int:
+    """The step to start from: the exported weights' (--eval-weights), the resumed
+    checkpoint's, or 0."""
     step = 0
     if args.eval_weights:
         state = torch.load(args.eval_weights, map_location=device)
@@ -161,76 +159,108 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from {args.ckpt} at step {step}")
+    return step
 
-    run = model
+
+def runner(args, model, device):
+    """The model as trained and validated: eager dense, compiled dense (CUDA) or VMoBA."""
     if args.attention == "vmoba":
         block = 16 if args.tiny else 128
         config = vc.VMoBAConfig(threshold=args.threshold, block_size=block)
         lowering = "aot_eager" if args.tiny else "inductor"
-        run = functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
-    elif device == "cuda":
+        return functools.partial(model, net=vc.optimize(model.net, config, lowering=lowering))
+    if device == "cuda":
         # optimize's inductor options for dense too: torch 2.10+'s mix-order reductions leave
         # the chunked scale_shift_table gradient unwritten (pytorch#193061, benchmarks/README.md)
         opts = safe_inductor_defaults()
         net = torch.compile(model.net, dynamic=False, options=opts or None)
-        run = functools.partial(model, net=net)
+        return functools.partial(model, net=net)
+    return model
 
-    def final_validation() -> dict:
-        t_val = time.perf_counter()
-        seeds = [10**6 + 1 + i for i in range(args.final_val_batches)]
-        make = functools.partial(make_batch, args.batch, frames, height, width)
-        if args.tiny or args.workers < 1:
-            made = [few_threads(make, s) for s in seeds]
-        else:  # a fresh pool, as training's: the GPU host's main process did not finish these
-            # videos in 100-150 s; the training pool may still hold queued work
-            with video_pool(args.workers) as vp:
-                made = vp.map(make, seeds)
-        losses = []
-        with torch.no_grad():
-            for i, (x, y) in enumerate(made):
-                g = torch.Generator().manual_seed(10**6 + i)
-                losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
-        return {"step": step, "final_val_loss": sum(losses) / len(losses),
-                "final_val_batches": len(losses), "attention": args.attention,
-                "final_val_s": round(time.perf_counter() - t_val, 1),
-                "per_batch": losses}  # fmt: skip
 
-    if args.eval_weights:
-        row = dict(final_validation(), weights=args.eval_weights)
-        print(json.dumps(row), flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        return
-
-    # Videos are made on the CPU, ahead of the GPU, by a pool of processes.
-    batch_for = functools.partial(make_batch, args.batch, frames, height, width)
-    seeds = range(args.seed * 10**7 + step, args.seed * 10**7 + args.steps)
-    pool = None
+def final_validation(args, run, step, video, device, dtype) -> dict:
+    """The validation loss over --final-val-batches fixed batches (``video``: frames, height,
+    width)."""
+    t_val = time.perf_counter()
+    seeds = [10**6 + 1 + i for i in range(args.final_val_batches)]
+    make = functools.partial(make_batch, args.batch, *video)
     if args.tiny or args.workers < 1:
-        batches = map(batch_for, seeds)
-    else:
-        pool = video_pool(args.workers)
-        batches = pool.imap(batch_for, seeds, chunksize=4)
-    val_x, val_y = few_threads(make_batch, args.batch, frames, height, width, 10**6)
+        made = [few_threads(make, s) for s in seeds]
+    else:  # a fresh pool, as training's: the GPU host's main process did not finish these
+        # videos in 100-150 s; the training pool may still hold queued work
+        with video_pool(args.workers) as vp:
+            made = vp.map(make, seeds)
+    losses = []
+    with torch.no_grad():
+        for i, (x, y) in enumerate(made):
+            g = torch.Generator().manual_seed(10**6 + i)
+            losses.append(flow_loss(run, x.to(device, dtype), y.to(device), g).item())
+    return {"step": step, "final_val_loss": sum(losses) / len(losses),
+            "final_val_batches": len(losses), "attention": args.attention,
+            "final_val_s": round(time.perf_counter() - t_val, 1),
+            "per_batch": losses}  # fmt: skip
+
+
+def training_batches(args, step, video):
+    """The training batches from ``step`` on, and the pool making them (None: made here)."""
+    # Videos are made on the CPU, ahead of the GPU, by a pool of processes.
+    batch_for = functools.partial(make_batch, args.batch, *video)
+    seeds = range(args.seed * 10**7 + step, args.seed * 10**7 + args.steps)
+    if args.tiny or args.workers < 1:
+        return map(batch_for, seeds), None
+    pool = video_pool(args.workers)
+    return pool.imap(batch_for, seeds, chunksize=4), pool
+
+
+def train_step(run, opt, batch, step, device, dtype) -> dict:
+    """One optimizer step on ``batch``; its log row (loss, seconds)."""
+    x0, labels = batch
+    x0, labels = x0.to(device, dtype), labels.to(device)
+    g = torch.Generator().manual_seed(step)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = flow_loss(run, x0, labels, g)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"step": step, "loss": loss.item(), "step_s": time.perf_counter() - t0}
+
+
+def save(args, model, opt, step) -> None:
+    """The checkpoint (--ckpt) and, with --export, the weights alone."""
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+         "args": vars(args), "config": model_config(args)},
+        args.ckpt,
+    )  # fmt: skip
+    if args.export:  # the weights alone (13 MB), to evaluate or resume elsewhere
+        torch.save(
+            {"model": model.state_dict(), "step": step, "args": vars(args),
+             "config": model_config(args)},
+            args.export,
+        )  # fmt: skip
+
+
+def emit(row: dict, log) -> None:
+    """Print ``row`` as JSON and append it to the log file, if any."""
+    print(json.dumps(row), flush=True)
+    if log:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+
+def train(args, model, run, opt, step, video, device, dtype, log) -> int:
+    """Train from ``step`` to --steps or past --time-budget; the step reached."""
+    batches, pool = training_batches(args, step, video)
+    val_x, val_y = few_threads(make_batch, args.batch, *video, 10**6)
     val_x, val_y = val_x.to(device, dtype), val_y.to(device)
-    log = open(args.log, "a") if args.log else None  # noqa: SIM115
     model.train()
     start, first = time.perf_counter(), step
     while step < args.steps:
-        x0, labels = next(batches)
-        x0, labels = x0.to(device, dtype), labels.to(device)
-        g = torch.Generator().manual_seed(step)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = flow_loss(run, x0, labels, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        row = {"step": step, "loss": loss.item(), "step_s": time.perf_counter() - t0}
+        row = train_step(run, opt, next(batches), step, device, dtype)
         if step == first and device == "cuda":  # the first step compiled: where its time went
             from torch._dynamo.utils import compile_times
 
@@ -244,28 +274,41 @@ def main() -> None:
                 row["val_loss"] = flow_loss(
                     run, val_x, val_y, torch.Generator().manual_seed(1)
                 ).item()
-        print(json.dumps(row), flush=True)
-        if log:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+        emit(row, log)
         if step % args.save_every == 0 or last:
-            torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                 "args": vars(args), "config": model_config(args)},
-                args.ckpt,
-            )  # fmt: skip
-            if args.export:  # the weights alone (13 MB), to evaluate or resume elsewhere
-                torch.save(
-                    {"model": model.state_dict(), "step": step, "args": vars(args),
-                     "config": model_config(args)},
-                    args.export,
-                )  # fmt: skip
+            save(args, model, opt, step)
         if last:
             break
     if pool is not None:
         pool.terminate()
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    height, width = (16, 24) if args.tiny else (int(v) for v in args.size.split("x"))
+    video = (4 if args.tiny else args.frames, height, width)
+    torch.manual_seed(args.seed)
+    model = VideoDiT(**model_config(args)).to(device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    step = load_state(args, model, opt, device)
+    run = runner(args, model, device)
+
+    if args.eval_weights:
+        row = dict(final_validation(args, run, step, video, device, dtype),
+                   weights=args.eval_weights)  # fmt: skip
+        print(json.dumps(row), flush=True)
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return
+
+    log = open(args.log, "a") if args.log else None  # noqa: SIM115
+    step = train(args, model, run, opt, step, video, device, dtype, log)
     if args.final_val_batches:
-        row = final_validation()
+        row = final_validation(args, run, step, video, device, dtype)
         print(json.dumps(row), flush=True)
         if log:
             log.write(json.dumps(row) + "\n")

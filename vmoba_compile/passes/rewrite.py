@@ -1,6 +1,6 @@
 """The FX rewrite: find the SDPA calls in Dynamo's graph and rewrite video self-attention to VMoBA.
 
-How one compile goes (the backend, :class:`VMoBABackend`):
+How one compile goes (the backend, :class:`~vmoba_compile.passes.backend.VMoBABackend`):
 
 1. Dynamo traces the model and hands the backend an FX graph; the optimized model's wrapper has
    set the call context (:class:`CallContext`: the video grid of this forward call, the layer
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .. import _compat
 from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_attention
 from ..config import VMoBAConfig
-from ..kernels import KernelChoice
+from ..kernels import KernelChoice, kernel_text
 from ..layout import TextPosition, VideoLayout
 from .report import AttentionCall, Skip, SkipReason
 
@@ -739,13 +739,6 @@ def decide_kernel(
     return kc
 
 
-def kernel_text(kernel: KernelChoice | None) -> tuple[str, str]:
-    """The report's kernel name and reason of :func:`decide_kernel`'s decision."""
-    if kernel is None:
-        return "sdpa", "every chunk kept"
-    return kernel.kernel.value, kernel.reason
-
-
 def _rewrite_reason(choice: _Rewrite, config: VMoBAConfig) -> str:
     lay = choice.layout
     plan = plan_for(lay, config, choice.layer_index)
@@ -806,7 +799,3 @@ def _replace(gm: fx.GraphModule, node: fx.Node, bound: dict, target: BoundVMoBA)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-
-
-# ---------------------------------------------------------------------------------------------
-# the backend
