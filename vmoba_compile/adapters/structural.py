@@ -140,6 +140,16 @@ def analyze(model: torch.nn.Module) -> Structure:
     lists = _block_lists(model)
     if not lists:
         raise ValueError(f"{name} has no ModuleList of blocks holding attention modules")
+    attention = _self_attention_candidates(model, lists)
+    if not attention:
+        raise ValueError(_no_self_attention(model, lists))
+    return Structure(tuple(p for p, _ in lists), tuple(attention))
+
+
+def _self_attention_candidates(
+    model: torch.nn.Module, lists: list[tuple[str, torch.nn.ModuleList]]
+) -> list[str]:
+    """The innermost attention modules of the blocks not marked as cross-attention."""
     names = {id(m): n for n, m in model.named_modules()}
     attention: list[str] = []
     for _, blocks in lists:
@@ -151,20 +161,23 @@ def analyze(model: torch.nn.Module) -> Structure:
                 if any(_is_attention(c) for c in list(m.modules())[1:]):
                     continue  # not the innermost: a nested attention module makes the call
                 attention.append(n)
-    if not attention:
-        cross = [
-            f"{n} ({type(m).__name__})"
-            for n, m in model.named_modules()
-            if n.startswith(tuple(p + "." for p, _ in lists)) and _is_attention(m)
-        ]
-        shown = ", ".join(cross[:3]) + (", ..." if len(cross) > 3 else "")
-        raise ValueError(
-            f"{name}'s blocks ({', '.join(p for p, _ in lists)}) hold no module it can take for "
-            f"the video self-attention: it takes attention modules by class name (containing "
-            f"'Attention'), and those in the blocks are marked as cross-attention ({shown}); a "
-            f"self-attention module of another class name is not seen"
-        )
-    return Structure(tuple(p for p, _ in lists), tuple(attention))
+    return attention
+
+
+def _no_self_attention(model: torch.nn.Module, lists: list[tuple[str, torch.nn.ModuleList]]) -> str:
+    """Why the blocks hold no candidate: the attention modules they hold are all marked."""
+    cross = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if n.startswith(tuple(p + "." for p, _ in lists)) and _is_attention(m)
+    ]
+    shown = ", ".join(cross[:3]) + (", ..." if len(cross) > 3 else "")
+    return (
+        f"{type(model).__name__}'s blocks ({', '.join(p for p, _ in lists)}) hold no module it "
+        f"can take for the video self-attention: it takes attention modules by class name "
+        f"(containing 'Attention'), and those in the blocks are marked as cross-attention "
+        f"({shown}); a self-attention module of another class name is not seen"
+    )
 
 
 # ------------------------------------------------------------------------------- the grid
@@ -228,11 +241,7 @@ def _patch_convs(
                 f"hidden_states have (the channel axis is ambiguous)"
             )
             continue
-        if (
-            tuple(m.kernel_size) != tuple(m.stride)
-            or any(int(p) for p in _padding(m))
-            or any(d != 1 for d in m.dilation)
-        ):
+        if not _cuts_disjoint_patches(m):
             rejected.append(
                 f"{name} ({type(m).__name__} kernel {tuple(m.kernel_size)}, stride "
                 f"{tuple(m.stride)}, padding {m.padding}) does not cut the input into "
@@ -252,10 +261,22 @@ def _padding(m: torch.nn.Conv2d | torch.nn.Conv3d) -> tuple[int, ...]:
 
 def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> _Patchify:
     """The patch embedding of ``model`` for the 5-D input ``x``, or LayoutUnknown."""
-    name = type(model).__name__
     channel_sizes = {1: int(x.shape[1]), 2: int(x.shape[2])}
     convs, rejected = _patch_convs(model, structure, channel_sizes)
     cfg, cfg_src = _config_patch(model)
+    by_conv = _conv_patchify(convs, cfg, cfg_src)
+    if by_conv is not None:
+        return by_conv
+    return _config_patchify(model, cfg, cfg_src, channel_sizes, rejected)
+
+
+def _conv_patchify(
+    convs: list[tuple[str, torch.nn.Conv2d | torch.nn.Conv3d, int]],
+    cfg: tuple[int, int, int] | None,
+    cfg_src: str,
+) -> _Patchify | None:
+    """The one patch embedding the candidate convolutions agree on (with the config's patch,
+    if any); None without candidates; LayoutUnknown when they or the config disagree."""
     options, disagree = set(), []
     for conv_name, conv, axis in convs:
         k = tuple(int(v) for v in conv.kernel_size)
@@ -276,12 +297,24 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
             f"structural: several convolutions could be the patch embedding and they disagree "
             f"({shown}). " + _LAYOUT_HINT
         )
-    if options:
-        axis, patch, source = next(iter(options))
-        conv_name = next(n for n, c, a in convs if a == axis and source.startswith(n + " "))
-        return _Patchify(
-            axis, cast("tuple[int, int, int]", patch), exact=False, source=source, conv=conv_name
-        )
+    if not options:
+        return None
+    axis, patch, source = next(iter(options))
+    conv_name = next(n for n, c, a in convs if a == axis and source.startswith(n + " "))
+    return _Patchify(
+        axis, cast("tuple[int, int, int]", patch), exact=False, source=source, conv=conv_name
+    )
+
+
+def _config_patchify(
+    model: torch.nn.Module,
+    cfg: tuple[int, int, int] | None,
+    cfg_src: str,
+    channel_sizes: dict[int, int],
+    rejected: list[str],
+) -> _Patchify:
+    """Without a patch convolution: ``config.patch_size`` with a reshape, where exactly one
+    channel axis of the input fits ``config.in_channels``; else LayoutUnknown with the why."""
     if cfg is not None and cfg[0]:
         c = getattr(getattr(model, "config", None), "in_channels", None)
         axes = [a for a, size in channel_sizes.items() if size == c]
@@ -299,7 +332,7 @@ def _patchify(model: torch.nn.Module, structure: Structure, x: torch.Tensor) -> 
             "patch_size"
         )
     extra = f" ({'; '.join(rejected)})" if rejected else ""
-    raise LayoutUnknown(f"structural: {name}: {why}{extra}. " + _LAYOUT_HINT)
+    raise LayoutUnknown(f"structural: {type(model).__name__}: {why}{extra}. " + _LAYOUT_HINT)
 
 
 def _tokens(size: int, patch: int, exact: bool, axis: str, source: str) -> int:
@@ -330,27 +363,7 @@ def _stem(
     """
     if patchify.conv is None:
         return patchify
-    inside = tuple(p + "." for p in structure.blocks)
-    ran: list[tuple[str, Any, tuple, tuple]] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and not (
-            name.startswith(inside)
-        ):
-            handles.append(
-                m.register_forward_hook(
-                    lambda mod, a, out, name=name: (
-                        ran.append((name, mod, tuple(a[0].shape), tuple(out.shape)))
-                        if a and isinstance(a[0], torch.Tensor) and isinstance(out, torch.Tensor)
-                        else None
-                    )
-                )
-            )
-    try:
-        _first_call(model, structure.attention, args, kwargs, 0)
-    finally:
-        for h in handles:
-            h.remove()
+    ran = _convolutions_run(model, structure, args, kwargs)
     start = next((i for i, r in enumerate(ran) if r[0] == patchify.conv), None)
     if start is None:
         return patchify  # the convolution did not run before the first attention: the probe says
@@ -364,11 +377,7 @@ def _stem(
         f"{n} (kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)})" for n, m, _, _ in chain
     )
     for n, m, _, _ in chain:
-        if (
-            tuple(m.kernel_size) != tuple(m.stride)
-            or any(int(p) for p in _padding(m))
-            or any(d != 1 for d in m.dilation)
-        ):
+        if not _cuts_disjoint_patches(m):
             raise LayoutUnknown(
                 f"structural: the patch-embedding stem {names}: {n} (padding {m.padding}, "
                 f"dilation {tuple(m.dilation)}) does not cut disjoint patches, so the token grid "
@@ -382,6 +391,44 @@ def _stem(
     return dataclasses.replace(
         patchify, patch=(patch[0], patch[1], patch[2]), source=f"stem {names}"
     )
+
+
+def _cuts_disjoint_patches(m: Any) -> bool:
+    """Kernel = stride, no padding, no dilation."""
+    return (
+        tuple(m.kernel_size) == tuple(m.stride)
+        and not any(int(p) for p in _padding(m))
+        and all(d == 1 for d in m.dilation)
+    )
+
+
+def _convolutions_run(
+    model: torch.nn.Module, structure: Structure, args: tuple, kwargs: dict
+) -> list[tuple[str, Any, tuple, tuple]]:
+    """``(name, conv, input shape, output shape)`` of each convolution outside the blocks, in
+    the order they ran up to the first candidate self-attention call."""
+    inside = tuple(p + "." for p in structure.blocks)
+    ran: list[tuple[str, Any, tuple, tuple]] = []
+
+    def record(name: str) -> Any:
+        def hook(mod: torch.nn.Module, a: tuple, out: Any) -> None:
+            if a and isinstance(a[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                ran.append((name, mod, tuple(a[0].shape), tuple(out.shape)))
+
+        return hook
+
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    handles = [
+        m.register_forward_hook(record(name))
+        for name, m in model.named_modules()
+        if isinstance(m, convs) and not name.startswith(inside)
+    ]
+    try:
+        _first_call(model, structure.attention, args, kwargs, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
 
 
 def _grid(x: torch.Tensor, patchify: _Patchify) -> tuple[int, int, int]:
