@@ -397,28 +397,26 @@ def test_sea_cache_disabled_leader_hook_runs_dense_with_the_cause(plain: dict) -
     tool="save / load (`torch.save(optimized.state_dict())`, loaded into a fresh model that is "
     "then optimized; `optimized.save_pretrained`)",
     packages=("torch", "diffusers"),
-    result="VMoBA, output equal; `optimized.state_dict()` keys carry the `_orig_mod.` prefix "
-    "(as `torch.compile`'s): strip it, or save `model.state_dict()` / `save_pretrained`",
+    result="VMoBA, output equal; `optimized.state_dict()` has the model's own keys (no "
+    "`_orig_mod.` prefix), so checkpoints load either way",
 )
 def test_saved_weights_load_into_a_fresh_model_that_runs_vmoba(plain: dict, tmp_path) -> None:
     """The weights saved from an optimized model load into a fresh model (whose own weights
-    differ), which optimized gives the same output and runs VMoBA. ``optimized.state_dict()``
-    names every weight ``_orig_mod.<name>`` (the wrapper's own module attribute, as
-    ``torch.compile``'s wrapper does); ``save_pretrained`` reaches the model's and writes plain
-    names."""
+    differ), which optimized gives the same output and runs VMoBA; so do the weights
+    ``save_pretrained`` writes (it reaches the model's)."""
     model, args, kwargs = _fresh(plain)
     opt = optimize(model, CONFIG, lowering="aot_eager")
     out = _run_twice(opt, model, args, kwargs)
     torch.save(opt.state_dict(), tmp_path / "weights.pt")
     opt.save_pretrained(tmp_path / "pretrained")
     saved = torch.load(tmp_path / "weights.pt")
-    assert list(saved) == [f"_orig_mod.{k}" for k in plain["weights"]]
+    assert list(saved) == list(plain["weights"])
 
     fresh, _, _ = tm.build("wan")
     with torch.no_grad():
         for p in fresh.parameters():
             p.mul_(0.5)  # a fresh model's weights are not the saved ones
-    fresh.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved.items()})
+    fresh.load_state_dict(saved)
     torch._dynamo.reset()
     loaded = optimize(fresh, CONFIG, lowering="aot_eager")
     assert max_err(_run_twice(loaded, fresh, args, kwargs), out) < ATOL_F32
@@ -434,15 +432,30 @@ def test_saved_weights_load_into_a_fresh_model_that_runs_vmoba(plain: dict, tmp_
     assert max_err(out, plain["dense"]) > 1e-4, "the test cannot tell VMoBA from dense"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optimized.state_dict() prefixes every key with '_orig_mod.' (the wrapper's "
-    "attribute), so it does not load into the model it came from; see the save/load row",
-)
 def test_optimized_state_dict_keys_are_the_models(plain: dict) -> None:
+    """``optimized.state_dict()`` has the model's keys, in order, so a checkpoint of either
+    loads into the other (strict); the wrapper's ``_orig_mod.`` keys load too; and inside a
+    parent module the keys are the parent's prefix plus the model's."""
     model, _, _ = _fresh(plain)
     opt = optimize(model, CONFIG, lowering="aot_eager")
     assert list(opt.state_dict()) == list(plain["weights"])
+    other, _, _ = _fresh(plain)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    opt.load_state_dict(other.state_dict())  # the plain model's keys, strict
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
+    prefixed = {"_orig_mod." + k: v for k, v in plain["weights"].items()}
+    opt.load_state_dict(prefixed)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain["weights"].items())
+    fresh, _, _ = _fresh(plain)
+    fresh.load_state_dict(opt.state_dict())  # and back into a plain model
+    parent = torch.nn.ModuleDict({"transformer": opt})
+    assert list(parent.state_dict()) == ["transformer." + k for k in plain["weights"]]
+    parent.load_state_dict(parent.state_dict())
 
 
 def _bf16(args: tuple) -> tuple:

@@ -81,12 +81,37 @@ def _refuse_regional(model: torch.nn.Module, regional: bool = False) -> None:
         )
 
 
+_WRAPPED = "_orig_mod."
+
+
+def _state_dict_without_wrapper(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict post-hook: ``<prefix>_orig_mod.<key>`` becomes ``<prefix><key>`` (order kept)."""
+    inner = prefix + _WRAPPED
+    items = [
+        (prefix + k[len(inner) :] if k.startswith(inner) else k, v) for k, v in state_dict.items()
+    ]
+    state_dict.clear()
+    state_dict.update(items)
+
+
+def _state_dict_into_wrapper(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Load pre-hook: the wrapped model's keys (``<prefix><key>``) load into ``_orig_mod``."""
+    inner = prefix + _WRAPPED
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + k[len(prefix) :]] = state_dict.pop(k)
+
+
 class VMoBAModule(torch.nn.Module):
     """A model compiled through the VMoBA backend (what :func:`optimize` returns).
 
-    Its parameters are the wrapped model's (``state_dict`` keys gain the ``_orig_mod.`` prefix,
-    as with ``torch.compile``); unknown attributes are looked up on the wrapped model, so
-    pipelines can use it in place of the model.
+    Its parameters are the wrapped model's, and so are its ``state_dict`` keys (no
+    ``_orig_mod.`` prefix, unlike ``torch.compile``'s wrapper): a checkpoint saved from either
+    loads into the other; ``load_state_dict`` also takes keys with the prefix. Unknown attributes
+    are looked up on the wrapped model, so pipelines can use it in place of the model.
 
     :meth:`restore` undoes :func:`optimize` and returns the model; used as a context manager
     (``with optimize(model) as opt:``) it restores on exit.
@@ -133,6 +158,8 @@ class VMoBAModule(torch.nn.Module):
         self.report.parallel = parallel.describe() if parallel is not None else None
         self._vmoba_numbering_warned: set[str] = set()
         self._vmoba_numbering_checked = 0  # graphs of the report the numbering check has seen
+        self.register_state_dict_post_hook(_state_dict_without_wrapper)
+        self.register_load_state_dict_pre_hook(_state_dict_into_wrapper)
         self._vmoba_account = Account(
             self.report, type(model).__name__, strict, self._vmoba_compile.recompile_limit
         )
