@@ -130,6 +130,20 @@ def _framewise_grid(model: torch.nn.Module, inputs: dict) -> tuple[int, int, int
     return _latent_grid(model, x, (1, p, p), _FRAMEWISE, exact=False)
 
 
+def _text_with_mask(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """``encoder_hidden_states`` ``[B, L, D]``, checked to come with its ``[B, L]``
+    ``encoder_attention_mask`` (the key padding the model builds from it)."""
+    text = require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
+    mask = require_tensor(model, inputs, "encoder_attention_mask", 2, "[B, L] (1 = valid)")
+    if tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(
+            f"{type(model).__name__} expects encoder_attention_mask of shape [B, L] = "
+            f"{tuple(text.shape[:2])} to match encoder_hidden_states; got "
+            f"{describe(mask)}. Pass the prompt attention mask the encoder returned."
+        )
+    return text
+
+
 def _transformer_blocks_attn1(model: torch.nn.Module) -> list[str]:
     """``transformer_blocks.N.attn1``: the video self-attention of most diffusers video DiTs."""
     return module_names(model, children(model, "transformer_blocks", "attn1"))
@@ -231,14 +245,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     def grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
         inputs = bind_inputs(model, args, kwargs)
         x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
-        text = require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
-        mask = require_tensor(model, inputs, "encoder_attention_mask", 2, "[B, L] (1 = valid)")
-        if tuple(mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(
-                f"{type(model).__name__} expects encoder_attention_mask of shape [B, L] = "
-                f"{tuple(text.shape[:2])} to match encoder_hidden_states; got "
-                f"{describe(mask)}. Pass the prompt attention mask the encoder returned."
-            )
+        _text_with_mask(model, inputs)  # checked: the key padding comes from this mask
         p, p_t = int(config_value(model, "patch_size")), int(config_value(model, "patch_size_t"))
         sources = ("config.patch_size_t", "config.patch_size", "config.patch_size")
         grid = _latent_grid(model, x, (p_t, p, p), sources, exact=False)
@@ -274,14 +281,7 @@ class HunyuanImageAdapter(ModelAdapter):
                 f"latents {_BCFHW} with a 3-entry config.patch_size."
             )
         x = require_tensor(model, inputs, "hidden_states", 5, _BCFHW)
-        text = require_tensor(model, inputs, "encoder_hidden_states", 3, "[B, L, D] (text)")
-        mask = require_tensor(model, inputs, "encoder_attention_mask", 2, "[B, L] (1 = valid)")
-        if tuple(mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(
-                f"{type(model).__name__} expects encoder_attention_mask of shape [B, L] = "
-                f"{tuple(text.shape[:2])} to match encoder_hidden_states; got "
-                f"{describe(mask)}. Pass the prompt attention mask the encoder returned."
-            )
+        text = _text_with_mask(model, inputs)
         patch = config_value(model, "patch_size")
         if not (isinstance(patch, (tuple, list)) and len(patch) == 3):
             raise NotImplementedError(

@@ -472,6 +472,24 @@ class _FirstSelfAttention(TorchFunctionMode):
 def _first_call(
     model: torch.nn.Module, modules: tuple[str, ...], args: tuple, kwargs: dict, n: int
 ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    """The first call :class:`_FirstSelfAttention` records (the forward stops there)."""
+    seen: tuple[str, torch.Tensor, torch.Tensor] | None = _probe_run(
+        model, modules, args, kwargs, _FirstSelfAttention, n
+    ).seen
+    return seen
+
+
+def _probe_run(
+    model: torch.nn.Module,
+    modules: tuple[str, ...],
+    args: tuple,
+    kwargs: dict,
+    mode_type: type,
+    n: int,
+) -> Any:
+    """Run the model eagerly (no grad, random state forked and reseeded, until done or
+    :class:`_Stop`) under ``mode_type(stack, n)``, where ``stack`` names the innermost of
+    ``modules`` running; returns the mode."""
     stack: list[str] = []
     handles = []
     wanted = set(modules)
@@ -479,7 +497,7 @@ def _first_call(
         if name in wanted:
             handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
             handles.append(m.register_forward_hook(_leave(stack), always_call=True))
-    mode = _FirstSelfAttention(stack, n)
+    mode = mode_type(stack, n)
     devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.is_cuda})
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
@@ -489,7 +507,7 @@ def _first_call(
     finally:
         for h in handles:
             h.remove()
-    return mode.seen
+    return mode
 
 
 def _leave(stack: list[str]):
@@ -540,23 +558,10 @@ def _trace(
     model: torch.nn.Module, modules: tuple[str, ...], args: tuple, kwargs: dict, n: int
 ) -> list[tuple[str, torch.Tensor]]:
     """Run the model under :class:`_TokenTrace`: its recorded calls, in order."""
-    stack: list[str] = []
-    handles = []
-    wanted = set(modules)
-    for name, m in model.named_modules():
-        if name in wanted:
-            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
-            handles.append(m.register_forward_hook(_leave(stack), always_call=True))
-    mode = _TokenTrace(stack, n)
-    devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.is_cuda})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
-            torch.manual_seed(0)  # the same dropout in every run
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return mode.calls
+    calls: list[tuple[str, torch.Tensor]] = _probe_run(
+        model, modules, args, kwargs, _TokenTrace, n
+    ).calls
+    return calls
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
