@@ -481,18 +481,6 @@ _SPECS: tuple[TinyFamily, ...] = (
         text_tokens=(12,),
     ),
     TinyFamily(
-        name="hunyuan_image",
-        adapter_family="hunyuan_image",
-        make=_diffusers("HunyuanImageTransformer2DModel"),
-        config=_HUNYUAN_IMAGE,
-        grids=(_G0, _G1),
-        patch=(1, 2, 2),
-        layout="BCFHW",
-        make_inputs=_hunyuan_image_inputs,
-        text_position="suffix",
-        text_tokens=(12,),
-    ),
-    TinyFamily(
         name="ltx_video",
         adapter_family="ltx_video",
         make=_diffusers("LTXVideoTransformer3DModel"),
@@ -611,6 +599,19 @@ _SPECS: tuple[TinyFamily, ...] = (
     ),
     _VIVIT_SPEC,
     dataclasses.replace(_VIVIT_SPEC, name="vivit_classification", make=_vivit_classification),
+    # Appended: test_api.sparse_config rotates its configs by a family's index.
+    TinyFamily(
+        name="hunyuan_image",
+        adapter_family="hunyuan_image",
+        make=_diffusers("HunyuanImageTransformer2DModel"),
+        config=_HUNYUAN_IMAGE,
+        grids=(_G0, _G1),
+        patch=(1, 2, 2),
+        layout="BCFHW",
+        make_inputs=_hunyuan_image_inputs,
+        text_position="suffix",
+        text_tokens=(12,),
+    ),
 )
 
 _BY_NAME = {s.name: s for s in _SPECS}
