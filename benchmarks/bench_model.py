@@ -695,7 +695,9 @@ def main() -> None:
         print(json.dumps(row))
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"header": header(device), "args": vars(args), "rows": [row]}, f, indent=1)
+                json.dump(
+                    {"header": header(device), "args": vars(args), "rows": [row]}, f, indent=1
+                )
         return
     variants = variants_of(args, cfg, device, dtype)
     how = (
