@@ -103,6 +103,66 @@ def _is_compat_row(node: ast.AST) -> bool:
     )
 
 
+def _decorator_nodes(fn: ast.FunctionDef) -> list[ast.AST]:
+    """Returns every node inside the decorators of ``fn``, decorator by decorator."""
+    return [n for deco in fn.decorator_list for n in ast.walk(deco)]
+
+
+def _case_calls(fn: ast.FunctionDef, path: str) -> list[tuple[ast.Call, str | None]]:
+    """Returns each ``compat_row`` call given as the ``marks=`` of a ``pytest.param`` in the
+    decorators of ``fn``, with that param's ``id``.
+
+    Raises:
+        ValueError: such a ``pytest.param`` without an ``id=``.
+    """
+    found: list[tuple[ast.Call, str | None]] = []
+    for node in _decorator_nodes(fn):
+        marks = [k.value for k in getattr(node, "keywords", []) if k.arg == "marks"]
+        if marks and _is_compat_row(marks[0]):
+            ids = [k.value for k in node.keywords if k.arg == "id"]
+            if not ids:
+                raise ValueError(f"{path}:{node.lineno}: pytest.param needs an id=")
+            found.append((marks[0], ast.literal_eval(ids[0])))
+    return found
+
+
+def _function_calls(fn: ast.FunctionDef, path: str) -> list[tuple[ast.Call, str | None]]:
+    """Returns the ``compat_row`` calls in the decorators of ``fn`` in line order, each with
+    its case id, or ``None`` for a call that marks the whole function."""
+    found = _case_calls(fn, path)
+    cased = {id(call) for call, _ in found}
+    found += [
+        (node, None)
+        for node in _decorator_nodes(fn)
+        if _is_compat_row(node) and id(node) not in cased
+    ]
+    return sorted(found, key=lambda f: f[0].lineno)
+
+
+def _file_rows(file: Path, root: Path) -> list[Row]:
+    """Returns the rows one test file declares, in line order.
+
+    Raises:
+        ValueError: a ``compat_row`` call outside a test function's decorators, or one
+            ``_case_calls`` or ``_literal_kwargs`` rejects.
+    """
+    path = file.relative_to(root).as_posix()
+    tree = ast.parse(file.read_text(), filename=path)
+    rows: list[Row] = []
+    placed: set[int] = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for call, case in _function_calls(fn, path):
+            placed.add(id(call))
+            kw = _literal_kwargs(call, f"{path}:{call.lineno}")
+            rows.append(Row(kw["tool"], tuple(kw["packages"]), kw["result"], path, fn.name, case))
+    stray = [n.lineno for n in ast.walk(tree) if _is_compat_row(n) and id(n) not in placed]
+    if stray:
+        raise ValueError(f"{path}: compat_row(...) outside a test's decorators, line {stray}")
+    return rows
+
+
 def declared_rows(root: Path = ROOT) -> list[Row]:
     """Every row the test files declare, in file and line order.
 
@@ -113,35 +173,9 @@ def declared_rows(root: Path = ROOT) -> list[Row]:
         ValueError: a ``compat_row`` call elsewhere, with non-literal arguments, or two rows for
             one tool.
     """
-    rows: list[Row] = []
-    for file in sorted((root / "tests").glob("test_*.py")):
-        path = file.relative_to(root).as_posix()
-        tree = ast.parse(file.read_text(), filename=path)
-        placed: set[int] = set()
-        for fn in ast.walk(tree):
-            if not isinstance(fn, ast.FunctionDef):
-                continue
-            found: list[tuple[ast.Call, str | None]] = []
-            for node in (n for deco in fn.decorator_list for n in ast.walk(deco)):
-                marks = [k.value for k in getattr(node, "keywords", []) if k.arg == "marks"]
-                if marks and _is_compat_row(marks[0]):  # pytest.param(..., id=, marks=row)
-                    ids = [k.value for k in node.keywords if k.arg == "id"]
-                    if not ids:
-                        raise ValueError(f"{path}:{node.lineno}: pytest.param needs an id=")
-                    found.append((marks[0], ast.literal_eval(ids[0])))
-            cased = {id(call) for call, _ in found}
-            for node in (n for deco in fn.decorator_list for n in ast.walk(deco)):
-                if _is_compat_row(node) and id(node) not in cased:  # on the function
-                    found.append((node, None))
-            for call, case in sorted(found, key=lambda f: f[0].lineno):
-                placed.add(id(call))
-                kw = _literal_kwargs(call, f"{path}:{call.lineno}")
-                rows.append(
-                    Row(kw["tool"], tuple(kw["packages"]), kw["result"], path, fn.name, case)
-                )
-        stray = [n.lineno for n in ast.walk(tree) if _is_compat_row(n) and id(n) not in placed]
-        if stray:
-            raise ValueError(f"{path}: compat_row(...) outside a test's decorators, line {stray}")
+    rows = [
+        row for file in sorted((root / "tests").glob("test_*.py")) for row in _file_rows(file, root)
+    ]
     tools = [r.tool for r in rows]
     twice = sorted({t for t in tools if tools.count(t) > 1})
     if twice:

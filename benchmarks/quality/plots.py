@@ -34,55 +34,71 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training(folder: str, table: list[dict]) -> list[str]:
-    """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
-    and validation points; a table over the steps every run reached with the final validation
-    the run wrote at its end (16 fixed batches), and the final validation of exported weights
-    computed apart (``final_val.jsonl``); their rows are appended to ``table``."""
+def _read_runs(folder: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Returns the training runs of ``folder`` by name (their step rows, without the final
+    validation rows) and, by name, the last final validation loss each run wrote (``"-"``
+    when none)."""
     runs, finals = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "train_*.jsonl"))):
         name = os.path.basename(path)[len("train_") : -len(".jsonl")]
         rows = read_jsonl(path)
         if any("loss" in r for r in rows):
-            runs[name] = [r for r in rows if "loss" in r]  # final validation rows apart
+            runs[name] = [r for r in rows if "loss" in r]
             done = [r["final_val_loss"] for r in rows if "final_val_loss" in r]
             finals[name] = f"{done[-1]:.5f}" if done else "-"
-    if not runs:
-        return []
-    common = min(len(rows) for rows in runs.values())
-    window = (max(common - 200, 1), common)  # the last 200 steps every run made
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines = [
-        f"| run | steps run | median step (s), steps >= 10 | first step (s, compile) "
-        f"| mean train loss, steps {window[0]}-{window[1] - 1} "
-        f"| mean of the last 5 one-batch val losses (steps) | final validation, 16 batches |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, rows in runs.items():
-        loss = [r["loss"] for r in rows]
-        k = 50
-        smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1])
-                  for i in range(len(loss))]  # fmt: skip
-        ax.plot(range(len(loss)), smooth, label=f"{name} train (avg {k})")
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if val:
-            ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{name} validation")
-        steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
-        mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
-        tail = val[-5:]
-        last = "-"
-        if tail:
-            last = f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
-        lines.append(
-            f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
-            f"| {mean:.4f} | {last} | {finals[name]} |"
-        )
-        table.append(
-            dict(kind="train", source=f"train_{name}.jsonl", name=name, steps=len(rows),
-                 median_step_s=f"{steps[len(steps) // 2]:.4f}",
-                 first_step_s=f"{rows[0]['step_s']:.1f}", mean_train_loss=f"{mean:.4f}",
-                 final_val_loss="" if finals[name] == "-" else finals[name])
-        )  # fmt: skip
+    return runs, finals
+
+
+def _moving_average(values: list[float], k: int) -> list[float]:
+    """Returns the mean of each value with up to ``k - 1`` values before it."""
+    return [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+            for i in range(len(values))]  # fmt: skip
+
+
+def _plot_run(ax, name: str, rows: list[dict]) -> list[tuple[int, float]]:
+    """Draws the run's smoothed train loss and its validation points on ``ax``; returns the
+    validation points as ``(step, val_loss)``."""
+    loss = [r["loss"] for r in rows]
+    k = 50
+    ax.plot(range(len(loss)), _moving_average(loss, k), label=f"{name} train (avg {k})")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="o", ls="--", label=f"{name} validation")
+    return val
+
+
+def _last_validations(val: list[tuple[int, float]]) -> str:
+    """Returns the mean of the last 5 validation losses with their steps, ``"-"`` if none."""
+    tail = val[-5:]
+    if not tail:
+        return "-"
+    return f"{sum(v for _, v in tail) / len(tail):.4f} ({tail[0][0]}-{tail[-1][0]})"
+
+
+def _run_row(
+    name: str, rows: list[dict], val: list[tuple[int, float]], window: tuple[int, int], final: str
+) -> tuple[str, dict]:
+    """Returns the markdown line and the CSV row of one training run: steps run, median step
+    time from step 10, first step time, mean train loss over ``window``, the last validations
+    and the final validation ``final``."""
+    loss = [r["loss"] for r in rows]
+    steps = sorted(r["step_s"] for r in rows if "val_loss" not in r and r["step"] >= 10)
+    mean = sum(loss[window[0] : window[1]]) / (window[1] - window[0])
+    line = (
+        f"| {name} | {len(rows)} | {steps[len(steps) // 2]:.4f} | {rows[0]['step_s']:.1f} "
+        f"| {mean:.4f} | {_last_validations(val)} | {final} |"
+    )
+    row = dict(kind="train", source=f"train_{name}.jsonl", name=name, steps=len(rows),
+               median_step_s=f"{steps[len(steps) // 2]:.4f}",
+               first_step_s=f"{rows[0]['step_s']:.1f}", mean_train_loss=f"{mean:.4f}",
+               final_val_loss="" if final == "-" else final)  # fmt: skip
+    return line, row
+
+
+def _exported_validation(folder: str, table: list[dict]) -> list[str]:
+    """Returns a markdown table per ``final_val*.jsonl`` of ``folder`` (the final validation of
+    exported weights); their rows are appended to ``table``."""
+    lines: list[str] = []
     for final in sorted(glob.glob(os.path.join(folder, "final_val*.jsonl"))):
         lines += [
             "",
@@ -99,6 +115,11 @@ def training(folder: str, table: list[dict]) -> list[str]:
                      name=os.path.basename(r["weights"]), knob=r["attention"], steps=r["step"],
                      final_val_loss=f"{r['final_val_loss']:.5f}")
             )  # fmt: skip
+    return lines
+
+
+def _save_loss_plot(fig, ax, folder: str) -> None:
+    """Labels the loss-curve axes and writes ``loss_curves.png`` into ``folder``."""
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
@@ -106,6 +127,32 @@ def training(folder: str, table: list[dict]) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "loss_curves.png"), dpi=120)
+
+
+def training(folder: str, table: list[dict]) -> list[str]:
+    """Train-loss curves (moving average of 50 steps; the same batches and noise in every run)
+    and validation points; a table over the steps every run reached with the final validation
+    the run wrote at its end (16 fixed batches), and the final validation of exported weights
+    computed apart (``final_val.jsonl``); their rows are appended to ``table``."""
+    runs, finals = _read_runs(folder)
+    if not runs:
+        return []
+    common = min(len(rows) for rows in runs.values())
+    window = (max(common - 200, 1), common)  # the last 200 steps every run made
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = [
+        f"| run | steps run | median step (s), steps >= 10 | first step (s, compile) "
+        f"| mean train loss, steps {window[0]}-{window[1] - 1} "
+        f"| mean of the last 5 one-batch val losses (steps) | final validation, 16 batches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in runs.items():
+        val = _plot_run(ax, name, rows)
+        line, row = _run_row(name, rows, val, window, finals[name])
+        lines.append(line)
+        table.append(row)
+    lines += _exported_validation(folder, table)
+    _save_loss_plot(fig, ax, folder)
     return lines
 
 
