@@ -490,7 +490,8 @@ class Placement:
         for name, example, common, parts in walks:
             steps = walk_source(name, frame)
             if steps is None or steps[-1][1] is not example:
-                return  # this frame does not give this graph's inputs: prove nothing by it
+                self.frame = None  # not this graph's frame: prove nothing by it
+                return
             for j in range(1, common + 1):
                 tied.append((steps[-1 - j][1], ".".join(parts[:-j])))
         for obj, path in tied:
@@ -527,6 +528,19 @@ class Placement:
         if steps is None:
             return None
         return self.objects.get(id(steps[-1][1]), (None, None))[1]
+
+    def reached(self, node: fx.Node) -> str:
+        """The names Dynamo reached ``node``'s modules by (innermost last), for the message of
+        a call left unproven: ``"; Dynamo reached it as L['self'].fn.__self__.attn1"``, or
+        ``"; no module around it (a frame of its own)"``."""
+        stack = node.meta.get("nn_module_stack") or {}
+        names = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
+        if not names:
+            return "; no module around it in its frame (a frame of its own, as a hook's)"
+        why = (
+            "" if self.frame is not None else " (the traced frame's objects could not be checked)"
+        )
+        return f"; Dynamo reached it as {' > '.join(names)}{why}"
 
     def place(self, node: fx.Node, known: Iterable[str]) -> str:
         """The module path of ``node``'s call (see the class)."""
@@ -640,7 +654,7 @@ def _check_module(module: str, ctx: CallContext) -> Skip | None:
     """With an adapter, only its video self-attention modules are rewritten; a call whose
     module is not proven (:data:`UNPROVEN_MODULE`) is not rewritten, with or without one."""
     if module == UNPROVEN_MODULE:
-        return SkipReason.MODULE_UNPROVEN.skip()
+        return SkipReason.MODULE_UNPROVEN.skip(reached="")
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
     why = ctx.grid.order_unproven(module) if ctx.layout is None and ctx.grid is not None else None
@@ -784,6 +798,8 @@ def rewrite_graph(
             module = placement.place(node, ctx.layer_of)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
+            if isinstance(choice, Skip) and choice.reason is SkipReason.MODULE_UNPROVEN:
+                choice = SkipReason.MODULE_UNPROVEN.skip(reached=placement.reached(node))
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
                 choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
             if isinstance(choice, Skip):
