@@ -373,7 +373,9 @@ def source_chain(source: str) -> tuple[str, ...] | None:
     return tuple(chain) if pos == len(rest) else None
 
 
-def walk_source(source: str, f_locals: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]] | None:
+def walk_source(
+    source: str, f_locals: Mapping[str, Any]
+) -> list[tuple[tuple[str, ...], Any]] | None:
     """The objects Dynamo's source name ``source`` reaches in a frame whose locals are
     ``f_locals``, walked access by access (attributes, string keys, int indices): for each
     prefix of its :func:`source_chain` (module containers dropped), that prefix and the object
@@ -389,8 +391,9 @@ def walk_source(source: str, f_locals: Mapping[str, Any]) -> list[tuple[tuple[st
     name = m.group(1)
     if name not in f_locals:
         return None
-    obj, chain = f_locals[name], (name,)
-    out = [(chain, obj)]
+    obj = f_locals[name]
+    chain: tuple[str, ...] = (name,)
+    out: list[tuple[tuple[str, ...], Any]] = [(chain, obj)]
     rest, pos = source[m.end() :], 0
     for item in _SOURCE_ITEM.finditer(rest):
         if item.start() != pos:
@@ -406,7 +409,7 @@ def walk_source(source: str, f_locals: Mapping[str, Any]) -> list[tuple[tuple[st
                 obj = obj[int(index)]
         except Exception:  # an access that fails here: not this frame's name
             return None
-        step = attr if attr is not None else key if key is not None else index
+        step: str = attr if attr is not None else key if key is not None else index
         if step not in _CONTAINERS:
             chain = (*chain, step)
             out.append((chain, obj))
@@ -461,12 +464,12 @@ class Placement:
         self.objects: dict[int, tuple[Any, str | None]] = {}
         self.frame = frame
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        walks = []
+        walks: list[tuple[str, Any, int, list[str]]] = []
         for node, example in zip(placeholders, example_inputs, strict=False):
             full = param_names.get(id(example))
             name = _source_name(node)
             chain = source_chain(name) if full is not None and name is not None else None
-            if chain is None or full is None:
+            if chain is None or full is None or name is None:
                 continue
             parts = full.split(".")
             common = 0
@@ -537,9 +540,7 @@ class Placement:
         names = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
         if not names:
             return "; no module around it in its frame (a frame of its own, as a hook's)"
-        why = (
-            "" if self.frame is not None else " (the traced frame's objects could not be checked)"
-        )
+        why = "" if self.frame is not None else " (the traced frame's objects could not be checked)"
         return f"; Dynamo reached it as {' > '.join(names)}{why}"
 
     def place(self, node: fx.Node, known: Iterable[str]) -> str:
