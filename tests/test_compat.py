@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from conftest import ATOL_F32, max_err
 from test_api import _CHUNKS, first, reference_forward
 
 from vmoba_compile import SkipReason, VideoLayout, VMoBAConfig, optimize
+from vmoba_compile.accounting import UNPROVEN_RAN
 from vmoba_compile.passes.rewrite import UNPROVEN_MODULE
 
 pytestmark = [
@@ -178,12 +180,21 @@ def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
 def test_hooks_on_every_leaf_stay_dense_with_the_reason(plain: dict, tool: Callable) -> None:
     """Hooks on every leaf module break the graph so that the attention's frame holds none of
     its module's parameters: its module is unproven, so the call is dense and the account says
-    why (not "not a video self-attention module")."""
-    opt, out = _with_tool(plain, tool)
+    why (not "not a video self-attention module"): how Dynamo reached it (a frame of its own).
+    The planned modules no VMoBA graph ran are warned about as such, naming the unproven calls
+    their block's graph ran, not blamed on a skip or an eager run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt, out = _with_tool(plain, tool)
     runs = opt.report.executions
     assert runs.get(UNPROVEN_MODULE) is not None, opt.report
     causes = " ".join(runs[UNPROVEN_MODULE].dense_causes)
     assert UNPROVEN.split(":")[0] in causes and "not a video self-attention" not in causes
+    assert "no module around it in its frame" in causes, causes
+    planned = [str(w.message) for w in caught if "VMoBA was planned" in str(w.message)]
+    assert planned, [str(w.message) for w in caught]
+    for msg in planned:
+        assert UNPROVEN_RAN in msg and "skipped it" not in msg, msg
     assert sum(e.vmoba_forward for e in runs.values()) == 0
     assert max_err(out, plain["dense"]) < ATOL_F32 * 10
 
