@@ -485,14 +485,16 @@ class Placement:
             self._tie_objects(walks, frame)
 
     def _tie_objects(self, walks: list[tuple[str, Any, int, list[str]]], frame: Any) -> None:
-        """The module objects the proven names reach in the frame, by identity: each parameter
-        input's name walked in the frame's locals must reach that very tensor (else the locals
-        are not this graph's frame, and no object is tied); the modules on its shared tail are
-        then the model's modules of those paths."""
+        """The module objects the proven names reach in the frame, by identity: a parameter
+        input's name walked in the frame's locals must reach that very tensor (one that
+        reaches another object means the locals are not this graph's frame: no object is
+        tied); the modules on its shared tail are then the model's modules of those paths."""
         tied: list[tuple[Any, str]] = []
         for name, example, common, parts in walks:
             steps = walk_source(name, frame)
-            if steps is None or steps[-1][1] is not example:
+            if steps is None:
+                continue  # not a chain of accesses (or not from a local here): ties nothing
+            if steps[-1][1] is not example:
                 self.frame = None  # not this graph's frame: prove nothing by it
                 return
             for j in range(1, common + 1):
@@ -534,8 +536,8 @@ class Placement:
 
     def reached(self, node: fx.Node) -> str:
         """The names Dynamo reached ``node``'s modules by (innermost last), for the message of
-        a call left unproven: ``"; Dynamo reached it as L['self'].fn.__self__.attn1"``, or
-        ``"; no module around it (a frame of its own)"``."""
+        a call left unproven: ``"; Dynamo reached it as L['self'] > L['self'].fn.__self__.attn1"``,
+        or, with no module around the call, that it ran in a frame of its own."""
         stack = node.meta.get("nn_module_stack") or {}
         names = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
         if not names:
