@@ -4,7 +4,7 @@ A test declares the row it asserts with :func:`compat_row`, a mark on the test f
 of its ``pytest.param`` cases::
 
     @compat_row(tool="first-block cache", packages=("diffusers",), result="VMoBA in ...")
-    def test_first_block_cache_runs_vmoba_in_the_first_block(plain): ...
+    def test_first_block_cache_runs_vmoba_in_every_block(plain): ...
 
     @pytest.mark.parametrize("tool", [pytest.param(f, id="cast", marks=compat_row(...))])
 

@@ -19,6 +19,7 @@ __all__ = [
     "hash_for_files",
     "is_compiling",
     "mha_targets",
+    "traced_frame_locals",
 ]
 
 try:
@@ -60,6 +61,25 @@ def is_compiling() -> bool:
         return True
     keys = torch._C._TorchDispatchModeKey
     return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.FUNCTIONAL))
+
+
+def traced_frame_locals() -> dict[str, Any] | None:
+    """The locals of the frame whose graph a backend is compiling (what Dynamo's source names
+    ``L['self']``, ``L['args']`` name), or None outside a Dynamo compile (a graph handed to the
+    pass by hand) or where this torch keeps them elsewhere.
+
+    Dynamo calls the backend from the translator of the frame it traced (its root
+    ``InstructionTranslator``, the current one while the graph compiles); ``f_locals`` are the
+    frame's locals as its guards read them.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):  # no translator now, or none of that name
+        return None
+    f_locals = getattr(tx, "f_locals", None)
+    return f_locals if isinstance(f_locals, dict) else None
 
 
 @functools.cache

@@ -20,11 +20,20 @@ from typing import Any
 import torch
 
 from .passes import AttentionCall, RewriteReport
-from .passes.rewrite import CURRENT_CONTEXT
+from .passes.rewrite import CURRENT_CONTEXT, UNPROVEN_MODULE
 
-__all__ = ["CONTROLS", "Account", "forward_codes", "in_backward", "why_no_graph"]
+__all__ = ["CONTROLS", "UNPROVEN_RAN", "Account", "forward_codes", "in_backward", "why_no_graph"]
 
 CONTROLS = "kept dense by the runtime controls (a dense warm-up step or dense_layers)"
+
+#: Why planned calls ran in no VMoBA graph, where a compiled graph of the same block call ran
+#: attention calls whose module the pass could not prove (``MODULE_UNPROVEN``).
+UNPROVEN_RAN = (
+    "no VMoBA graph ran it as its module, while a compiled graph of this call ran attention "
+    f"call(s) whose module was unproven, counted dense under '{UNPROVEN_MODULE}' with "
+    "MODULE_UNPROVEN (its reason names how Dynamo reached them): most likely these calls, run "
+    "dense there; they are not known to be skipped or run eagerly"
+)
 
 
 def in_backward() -> bool:
@@ -195,11 +204,18 @@ class Account:
     ) -> None:
         """``modules`` were planned to run VMoBA in this call but no compiled graph ran them:
         counted dense where the cause proves it (:func:`why_no_graph`), else counted as not run
-        in a graph; warned once per cause either way."""
+        in a graph (``no_graph``: planned calls no VMoBA graph ran as their module, not runs);
+        warned once per cause either way. Where a graph of this call (the block call, under
+        regional compilation) ran calls counted under the unproven module, the warning says
+        so (:data:`UNPROVEN_RAN`) instead of blaming a skip or an eager run: those calls have
+        no proven module, so they cannot be counted as these modules' runs."""
         cause, proven = why_no_graph(codes, where, self.limit)
         if proven:
             self.ran_dense(modules, cause, planned=True)
             return
+        ctx = CURRENT_CONTEXT.get()
+        if ctx is not None and UNPROVEN_MODULE in ctx.ran:
+            cause = UNPROVEN_RAN
         for module in modules:
             self.report.ran(module).no_graph += 1
         self._warn(

@@ -28,10 +28,10 @@ class SkipReason(enum.Enum):
     NOT_SELF_ATTENTION = "not a video self-attention module of {family}"
     MODULE_UNPROVEN = (
         "its module could not be identified: the graph holding it has none of the module's "
-        "parameters under the name Dynamo reached it by (hooks that wrap forwards or sit on "
-        "every leaf module: diffusers' leaf-level group offloading or first-block cache, "
-        "accelerate's cpu_offload). Use block-level hooks "
-        "(enable_group_offload(offload_type='block_level')) or none"
+        "parameters under the name Dynamo reached it by, nor does that name reach, in the "
+        "traced frame, a module object its parameters prove (hooks on every leaf module: "
+        "diffusers' leaf-level group offloading, accelerate's cpu_offload). Use block-level "
+        "hooks (enable_group_offload(offload_type='block_level')) or none{reached}"
     )
     # the layout of the call's length
     LAYOUT_MISMATCH = "{tokens} tokens do not match the layout's {expected} ({layout})"

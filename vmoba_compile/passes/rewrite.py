@@ -24,7 +24,7 @@ import dataclasses
 import inspect
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -373,6 +373,51 @@ def source_chain(source: str) -> tuple[str, ...] | None:
     return tuple(chain) if pos == len(rest) else None
 
 
+def walk_source(
+    source: str, f_locals: Mapping[str, Any]
+) -> list[tuple[tuple[str, ...], Any]] | None:
+    """The objects Dynamo's source name ``source`` reaches in a frame whose locals are
+    ``f_locals``, walked access by access (attributes, string keys, int indices): for each
+    prefix of its :func:`source_chain` (module containers dropped), that prefix and the object
+    it reaches; the last is what the whole name reaches. None when the name is not a chain of
+    accesses from a local (``L['self']``), or an access fails (the name is another frame's).
+
+    Dynamo writes a source as a Python expression over the frame's locals (its guards evaluate
+    it); walking the chain gives what evaluating it gives, without evaluating any code.
+    """
+    m = _SOURCE_BASE.match(source)
+    if m is None or m.group(1) is None or not source.startswith("L["):
+        return None
+    name = m.group(1)
+    if name not in f_locals:
+        return None
+    obj = f_locals[name]
+    chain: tuple[str, ...] = (name,)
+    out: list[tuple[tuple[str, ...], Any]] = [(chain, obj)]
+    rest, pos = source[m.end() :], 0
+    for item in _SOURCE_ITEM.finditer(rest):
+        if item.start() != pos:
+            return None
+        pos = item.end()
+        attr, key, index = item.groups()
+        try:
+            if attr is not None:
+                obj = getattr(obj, attr)
+            elif key is not None:
+                obj = obj[key]
+            else:
+                obj = obj[int(index)]
+        except Exception:  # an access that fails here: not this frame's name
+            return None
+        step: str = attr if attr is not None else key if key is not None else index
+        if step not in _CONTAINERS:
+            chain = (*chain, step)
+            out.append((chain, obj))
+    if pos != len(rest) or out[-1][1] is not obj:  # not a chain, or it ends in a container
+        return None
+    return out
+
+
 def _source_name(node: fx.Node) -> str | None:
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
@@ -388,7 +433,15 @@ class Placement:
     an attention processor ``L['attn']``): names, not modules. The graph's parameter inputs tie
     those names to objects: a parameter reached as ``<chain>.to_q.weight`` that is the model's
     ``blocks.0.attn1.to_q.weight`` (the same tensor, by ``id``) proves that ``<chain>`` is the
-    module ``blocks.0.attn1``. A call is placed in the innermost module of its
+    module ``blocks.0.attn1``. Dynamo gives a tensor one name, the first it reached it by, so
+    a module reached again by another name (diffusers' ``HookRegistry`` wraps a block's
+    ``forward`` in ``functools.partial(rewritten_forward, block)``, a closure over the hook's
+    ``fn_ref``: first-block cache's later blocks call ``L['self'].forward.func.__closure__[0].
+    cell_contents.original_forward.__self__.attn1`` while their parameters come in as
+    ``L['self']._modules['attn1']...``) is tied by identity: both names are walked in the
+    traced frame's locals (:func:`walk_source`, no code evaluated; each parameter input's name
+    must reach that very tensor), and a name reaching the same module object as a proven name
+    is that module. A call is placed in the innermost module of its
     ``nn_module_stack`` so proven; with no stack (the frame is an attention processor's or a
     hook's function), in the one video self-attention module among the frame's own locals (or
     its one module); a call in the model's own forward keeps the name ``"?"`` (no module), and a
@@ -399,15 +452,24 @@ class Placement:
     """
 
     def __init__(
-        self, gm: fx.GraphModule, example_inputs: Sequence[Any], param_names: dict[int, str]
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        param_names: dict[int, str],
+        frame: Mapping[str, Any] | None = None,
     ) -> None:
         self.paths: dict[tuple[str, ...], str | None] = {}  # chain -> path (None: ambiguous)
+        # id(module object) -> path (None: ambiguous), the objects the proven names reach in
+        # the traced frame (``frame``: its locals); the objects are kept alive with the ids.
+        self.objects: dict[int, tuple[Any, str | None]] = {}
+        self.frame = frame
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        walks: list[tuple[str, Any, int, list[str]]] = []
         for node, example in zip(placeholders, example_inputs, strict=False):
             full = param_names.get(id(example))
             name = _source_name(node)
             chain = source_chain(name) if full is not None and name is not None else None
-            if chain is None or full is None:
+            if chain is None or full is None or name is None:
                 continue
             parts = full.split(".")
             common = 0
@@ -418,6 +480,29 @@ class Placement:
                 common += 1
             for j in range(1, common + 1):  # every module on the shared tail, and its head
                 self._prove(chain[:-j], ".".join(parts[:-j]))
+            walks.append((name, example, common, parts))
+        if frame is not None:
+            self._tie_objects(walks, frame)
+
+    def _tie_objects(self, walks: list[tuple[str, Any, int, list[str]]], frame: Any) -> None:
+        """The module objects the proven names reach in the frame, by identity: a parameter
+        input's name walked in the frame's locals must reach that very tensor (one that
+        reaches another object means the locals are not this graph's frame: no object is
+        tied); the modules on its shared tail are then the model's modules of those paths."""
+        tied: list[tuple[Any, str]] = []
+        for name, example, common, parts in walks:
+            steps = walk_source(name, frame)
+            if steps is None:
+                continue  # not a chain of accesses (or not from a local here): ties nothing
+            if steps[-1][1] is not example:
+                self.frame = None  # not this graph's frame: prove nothing by it
+                return
+            for j in range(1, common + 1):
+                tied.append((steps[-1 - j][1], ".".join(parts[:-j])))
+        for obj, path in tied:
+            if isinstance(obj, torch.nn.Module):
+                seen = self.objects.get(id(obj), (obj, path))[1]
+                self.objects[id(obj)] = (obj, path if seen == path else None)
 
     @property
     def frame_prefix(self) -> str:
@@ -435,8 +520,30 @@ class Placement:
             self.paths[chain] = path
 
     def module_of(self, source: str) -> str | None:
+        """The model path of the module Dynamo names ``source``: proven by the parameter
+        inputs under that name, else by identity, the object the name reaches in the traced
+        frame being one the proven names reach (diffusers' hook closure
+        ``L['self'].forward.func.__closure__[0].cell_contents.original_forward.__self__.attn1``
+        is the ``L['self']._modules['attn1']`` the parameters come in by)."""
         chain = source_chain(source)
-        return self.paths.get(chain) if chain is not None else None
+        path = self.paths.get(chain) if chain is not None else None
+        if path is not None or self.frame is None or not self.objects:
+            return path
+        steps = walk_source(source, self.frame)
+        if steps is None:
+            return None
+        return self.objects.get(id(steps[-1][1]), (None, None))[1]
+
+    def reached(self, node: fx.Node) -> str:
+        """The names Dynamo reached ``node``'s modules by (innermost last), for the message of
+        a call left unproven: ``"; Dynamo reached it as L['self'] > L['self'].fn.__self__.attn1"``,
+        or, with no module around the call, that it ran in a frame of its own."""
+        stack = node.meta.get("nn_module_stack") or {}
+        names = [v[0] for v in stack.values() if isinstance(v, tuple) and isinstance(v[0], str)]
+        if not names:
+            return "; no module around it in its frame (a frame of its own, as a hook's)"
+        why = "" if self.frame is not None else " (the traced frame's objects could not be checked)"
+        return f"; Dynamo reached it as {' > '.join(names)}{why}"
 
     def place(self, node: fx.Node, known: Iterable[str]) -> str:
         """The module path of ``node``'s call (see the class)."""
@@ -550,7 +657,7 @@ def _check_module(module: str, ctx: CallContext) -> Skip | None:
     """With an adapter, only its video self-attention modules are rewritten; a call whose
     module is not proven (:data:`UNPROVEN_MODULE`) is not rewritten, with or without one."""
     if module == UNPROVEN_MODULE:
-        return SkipReason.MODULE_UNPROVEN.skip()
+        return SkipReason.MODULE_UNPROVEN.skip(reached="")
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
     why = ctx.grid.order_unproven(module) if ctx.layout is None and ctx.grid is not None else None
@@ -665,7 +772,7 @@ def rewrite_graph(
     """
     calls: list[AttentionCall] = []
     counter = iter(range(1 << 30))
-    placement = Placement(gm, example_inputs, ctx.param_names)
+    placement = Placement(gm, example_inputs, ctx.param_names, _compat.traced_frame_locals())
     prefix = placement.frame_prefix
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
@@ -694,6 +801,8 @@ def rewrite_graph(
             module = placement.place(node, ctx.layer_of)
             shape = _shape_text(values["query"], values["key"])
             choice = decide(values, module, ctx, lambda: next(counter))
+            if isinstance(choice, Skip) and choice.reason is SkipReason.MODULE_UNPROVEN:
+                choice = SkipReason.MODULE_UNPROVEN.skip(reached=placement.reached(node))
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
                 choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
             if isinstance(choice, Skip):
