@@ -29,6 +29,7 @@ from .rewrite import (
     _rewrite_reason,
     _shape_text,
     _source_name,
+    access,
     decide,
     decide_kernel,
 )
@@ -189,20 +190,15 @@ def _frame_object(source: str, frame_self: Any) -> Any | None:
         return None
     obj, pos = frame_self, m.end()
     while pos < len(source):
-        access = _ACCESS.match(source, pos)
-        if access is None:
+        step = _ACCESS.match(source, pos)
+        if step is None:
             return None
-        attr, _, key, index = access.groups()
+        attr, _, key, index = step.groups()
         try:
-            if attr is not None:
-                obj = getattr(obj, attr)
-            elif key is not None:
-                obj = obj[key]
-            else:
-                obj = obj[int(index)]
+            obj = access(obj, attr, key, index)
         except Exception:  # an access that fails (another frame's locals): no object
             return None
-        pos = access.end()
+        pos = step.end()
     return obj
 
 

@@ -373,6 +373,18 @@ def source_chain(source: str) -> tuple[str, ...] | None:
     return tuple(chain) if pos == len(rest) else None
 
 
+def access(obj: Any, attr: str | None, key: str | None, index: str | None) -> Any:
+    """One access of a Dynamo source name: ``obj.attr``, ``obj[key]`` or ``obj[int(index)]``,
+    whichever is given; raises what the access raises."""
+    if attr is not None:
+        return getattr(obj, attr)
+    if key is not None:
+        return obj[key]
+    if index is None:
+        raise ValueError("a source access names no attribute, key or index")
+    return obj[int(index)]
+
+
 def walk_source(
     source: str, f_locals: Mapping[str, Any]
 ) -> list[tuple[tuple[str, ...], Any]] | None:
@@ -401,12 +413,7 @@ def walk_source(
         pos = item.end()
         attr, key, index = item.groups()
         try:
-            if attr is not None:
-                obj = getattr(obj, attr)
-            elif key is not None:
-                obj = obj[key]
-            else:
-                obj = obj[int(index)]
+            obj = access(obj, attr, key, index)
         except Exception:  # an access that fails here: not this frame's name
             return None
         step: str = attr if attr is not None else key if key is not None else index
