@@ -224,7 +224,8 @@ def other_attention_call(
         shape, why = "?", SkipReason.NO_SHAPES.skip()
     else:
         b, h, sq, d, sk = dims
-        shape, why = f"[{b}, {h}, {sq}, {d}] kv {sk}", _not_planned(sq, sk, module, ctx)
+        reached = placement.reached(node) if module == UNPROVEN_MODULE else ""
+        shape, why = f"[{b}, {h}, {sq}, {d}] kv {sk}", _not_planned(sq, sk, module, ctx, reached)
     also = "" if why is None else f"; as scaled_dot_product_attention it would be dense too: {why}"
     return AttentionCall.dense(module, shape, reason.skip(also=also, **details), why is None)
 
@@ -275,13 +276,13 @@ def _mha_dims(node: fx.Node) -> tuple[Any, Any, Any, Any, Any] | None:
     return b, heads, sq, q.shape[-1] // heads, sk
 
 
-def _not_planned(sq: Any, sk: Any, module: str, ctx: CallContext) -> Skip | None:
+def _not_planned(sq: Any, sk: Any, module: str, ctx: CallContext, reached: str = "") -> Skip | None:
     """None when a call of this module and these lengths is video self-attention the pass
     would rewrite were it SDPA (the module and layout rules of :func:`decide`), else the rule
     it breaks."""
     if not _same(sq, sk):
         return SkipReason.CROSS_ATTENTION.skip(queries=sq, keys=sk)
-    skip = _check_module(module, ctx)
+    skip = _check_module(module, ctx, reached)
     if skip is not None:
         return skip
     layout = _static_layout(sq, ctx) if isinstance(sq, int) else _dynamic_layout(sq, ctx)
@@ -595,7 +596,11 @@ def _shape_text(q: Any, k: Any) -> str:
 
 
 def decide(
-    args: dict[str, Any], module: str, ctx: CallContext, next_layer: Callable[[], int]
+    args: dict[str, Any],
+    module: str,
+    ctx: CallContext,
+    next_layer: Callable[[], int],
+    reached: str = "",
 ) -> _Rewrite | Skip:
     """Rewrite this SDPA call (and how), or why it stays dense.
 
@@ -609,9 +614,11 @@ def decide(
         ctx: the call context.
         next_layer: numbers a call whose module has no layer index (explicit layouts on models
             without an adapter), in graph order.
+        reached: for a call of :data:`UNPROVEN_MODULE`, how Dynamo reached it
+            (:meth:`Placement.reached`), for its message.
     """
     q, k, v = args["query"], args["key"], args["value"]
-    skip = _check_shapes(q, k, v) or _check_semantics(args) or _check_module(module, ctx)
+    skip = _check_shapes(q, k, v) or _check_semantics(args) or _check_module(module, ctx, reached)
     if skip is not None:
         return skip
     sq = q.shape[2]
@@ -660,11 +667,11 @@ def _check_semantics(args: dict[str, Any]) -> Skip | None:
     return None
 
 
-def _check_module(module: str, ctx: CallContext) -> Skip | None:
+def _check_module(module: str, ctx: CallContext, reached: str = "") -> Skip | None:
     """With an adapter, only its video self-attention modules are rewritten; a call whose
     module is not proven (:data:`UNPROVEN_MODULE`) is not rewritten, with or without one."""
     if module == UNPROVEN_MODULE:
-        return SkipReason.MODULE_UNPROVEN.skip(reached="")
+        return SkipReason.MODULE_UNPROVEN.skip(reached=reached)
     if ctx.family is not None and module not in ctx.layer_of:
         return SkipReason.NOT_SELF_ATTENTION.skip(family=ctx.family)
     why = ctx.grid.order_unproven(module) if ctx.layout is None and ctx.grid is not None else None
@@ -807,9 +814,8 @@ def rewrite_graph(
                 continue
             module = placement.place(node, ctx.layer_of)
             shape = _shape_text(values["query"], values["key"])
-            choice = decide(values, module, ctx, lambda: next(counter))
-            if isinstance(choice, Skip) and choice.reason is SkipReason.MODULE_UNPROVEN:
-                choice = SkipReason.MODULE_UNPROVEN.skip(reached=placement.reached(node))
+            reached = placement.reached(node) if module == UNPROVEN_MODULE else ""
+            choice = decide(values, module, ctx, lambda: next(counter), reached)
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
                 choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
             if isinstance(choice, Skip):
