@@ -9,7 +9,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ from .config import Kernel, VMoBAConfig
 from .controls import VMoBAControls
 from .kernels import choice as kernel_choice
 from .layout import VideoLayout
+from .numbering import LayerNumbering
 from .options import (
     RECOMPILE_LIMIT,
     CompileOptions,
@@ -129,7 +130,7 @@ class VMoBAModule(torch.nn.Module):
         adapter: ModelAdapter | None,
         strict: bool,
         compile_options: CompileOptions,
-        layer_of: dict[str, int] | None = None,
+        layer_of: Mapping[str, int] | None = None,
         blocks: dict[str, tuple[int, ...]] | None = None,
         parallel: ParallelPlan | None = None,
     ) -> None:
@@ -301,7 +302,7 @@ class VMoBAModule(torch.nn.Module):
             self._vmoba_adapter,
             self._vmoba_strict,
             self._vmoba_compile,
-            dict(self._vmoba_layer_of),
+            _numbering_copy(self._vmoba_layer_of),
             blocks,
         )
         twin.vmoba = copy.copy(self.vmoba)
@@ -436,7 +437,7 @@ def _refuse_wrapper_patches(owner: VMoBAModule) -> None:
 
 
 def _regional_blocks(
-    model: torch.nn.Module, layer_of: dict[str, int], regional: bool | None
+    model: torch.nn.Module, layer_of: Mapping[str, int], regional: bool | None
 ) -> dict[str, tuple[int, ...]] | None:
     """The blocks to compile one by one, or None to compile the whole model.
 
@@ -473,20 +474,24 @@ def _attention_modules(
     return names
 
 
-def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> dict[str, int]:
+def _layer_numbering(model: torch.nn.Module, adapter: ModelAdapter | None) -> LayerNumbering:
     """Module path -> layer index: the adapter's self-attention modules, in model order.
 
     Without an adapter (explicit layout), the outermost modules whose class name contains
     "Attention", except those marked as cross-attention, are numbered in ``named_modules()``
     order; calls in other modules are numbered in graph order (whole-model compile) or stay
-    dense (``LAYER_UNNUMBERED``, block by block). A numbered module whose calls all turn out to
-    be cross-attention is warned about at run time (:meth:`VMoBAModule._check_numbering`).
+    dense (``LAYER_UNNUMBERED``, block by block). Such a numbering (and the structural
+    adapter's) takes a module out once a compiled graph shows its call to be cross-attention
+    (:mod:`vmoba_compile.numbering`); a numbered module whose calls all turn out to be
+    cross-attention and could not be taken out is warned about at run time
+    (:meth:`VMoBAModule._check_numbering`).
     """
     if adapter is not None:
         names = adapter.self_attention_modules(model)
     else:
         names = _attention_modules(model, self_only=True)
-    return {n: i for i, n in enumerate(names)}
+    # Candidates by class name (no family adapter) learn which of them are cross-attention.
+    return LayerNumbering(names, learns=adapter is None or adapter.family == "structural")
 
 
 def _context(
@@ -698,6 +703,11 @@ def explain(
         owner._orig_mod, backend=VMoBABackend(report.add, apply=False), dynamic=False
     )
     ctx = _context(owner, args, kwargs, owner.vmoba.dense_layers)
+    ctx.layer_of = _numbering_copy(owner._vmoba_layer_of)  # explain's trace learns on its own
     with _call_scope(ctx), torch.no_grad():
         fn(*args, **kwargs)
     return report
+
+
+def _numbering_copy(layer_of: Mapping[str, int]) -> Mapping[str, int]:
+    return layer_of.copy() if isinstance(layer_of, LayerNumbering) else dict(layer_of)

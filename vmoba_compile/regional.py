@@ -29,13 +29,14 @@ import dataclasses
 import logging
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .accounting import CONTROLS, Account, forward_codes, in_backward
-from .passes import AttentionCall
+from .numbering import LayerNumbering
+from .passes import AttentionCall, SkipReason
 from .passes.rewrite import CURRENT_CONTEXT, CallContext
 
 __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
@@ -43,7 +44,23 @@ __all__ = ["BlockCall", "RegionalBlocks", "find_blocks"]
 logger = logging.getLogger(__name__)
 
 
-def find_blocks(model: torch.nn.Module, layer_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def _candidates(layer_of: Mapping[str, int]) -> list[str]:
+    """The numbered modules in their first order (a learning numbering's candidates)."""
+    if isinstance(layer_of, LayerNumbering):
+        return list(layer_of.candidates)
+    return [p for p, _ in sorted(layer_of.items(), key=lambda kv: kv[1])]
+
+
+def _part(path: str, ctx: CallContext) -> str:
+    """What module ``path`` runs in this call: its partition, ``"dense"``, or ``"cross"``
+    where the layer numbering took it out."""
+    layer = ctx.layer_of.get(path)
+    if layer is None:
+        return "cross"
+    return "dense" if layer in ctx.dense_layers else ctx.config.partition_for(layer).value
+
+
+def find_blocks(model: torch.nn.Module, layer_of: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """The repeated block of each VMoBA layer: the outermost entry of a ``ModuleList`` (or
     ``Sequential``) above its self-attention module.
 
@@ -194,21 +211,25 @@ class RegionalBlocks:
         compile_variant: Callable[..., Callable[..., Any]],
         report_add: Callable[[str, list[AttentionCall]], None],
         account: Account,
-        layer_of: dict[str, int],
+        layer_of: Mapping[str, int],
     ) -> None:
         self.paths = list(blocks)
         self.layers = [blocks[p] for p in self.paths]
         self.modules = [model.get_submodule(p) for p in self.paths]
         self._index = {id(m): i for i, m in enumerate(self.modules)}
+        self._path_index = {p: i for i, p in enumerate(self.paths)}
         self._compile_variant = compile_variant
         self._report_add = report_add
         self._account = account
-        path_of = {layer: path for path, layer in layer_of.items()}
-        # Per block: (path, layer index, module) of each of its video self-attention modules.
+        # ``blocks`` holds the numbering's first indices: the candidates' places in model order.
+        path_of = dict(enumerate(_candidates(layer_of)))
+        # Per block: (path, module) of each of its video self-attention candidates; their layer
+        # indices are looked up when the block is called (a learning numbering may change them).
         self._attention = [
-            [(path_of[layer], layer, model.get_submodule(path_of[layer])) for layer in layers]
+            [(path_of[layer], model.get_submodule(path_of[layer])) for layer in layers]
             for layers in self.layers
         ]
+        self._reported: set[tuple[tuple, int]] = set()  # (variant, block) in the report
         self._running: list[int] = []  # the blocks whose call is running, innermost last
         self._codes: dict[tuple, Any] = {}  # variant key -> the code object Dynamo compiles
         self.variants: dict[tuple, Callable[..., Any]] = {}
@@ -237,13 +258,11 @@ class RegionalBlocks:
         return self._index[id(block)]
 
     def key(self, index: int, ctx: CallContext) -> tuple:
-        """What block ``index`` runs in this call: ``("dense",)``, or its layers' partitions,
-        the grid, the text flag and the block's class (blocks of two classes, as
-        HunyuanVideo's double- and single-stream blocks, never share a variant)."""
-        parts = tuple(
-            "dense" if layer in ctx.dense_layers else ctx.config.partition_for(layer).value
-            for layer in self.layers[index]
-        )
+        """What block ``index`` runs in this call: ``("dense",)``, or its layers' partitions
+        (``"cross"`` for a module the numbering took out), the grid, the text flag and the
+        block's class (blocks of two classes, as HunyuanVideo's double- and single-stream
+        blocks, never share a variant)."""
+        parts = tuple(_part(path, ctx) for path, _ in self._attention[index])
         if all(p == "dense" for p in parts):
             return ("dense",)
         cls = type(self.modules[index])
@@ -263,19 +282,26 @@ class RegionalBlocks:
 
             def on_graph(where: str, calls: list[AttentionCall]) -> None:
                 ctx = CURRENT_CONTEXT.get()
-                shared = [i for i in range(len(self.paths)) if ctx and self.key(i, ctx) == key]
-                n = len(shared) or 1
+                traced = self._running[-1] if self._running else index
+                # The blocks of the traced block's key as it stands after the trace (a
+                # learning numbering may have marked cross-attention modules in it).
+                now = self.key(traced, ctx) if ctx is not None else key
+                shared = [i for i in range(len(self.paths)) if self._final(i, now, ctx)]
+                shared = sorted({traced, *shared})
+                self._reported.update((key, i) for i in shared)
+                n = len(shared)
                 self._report_add(
-                    f"{where}; block {self.paths[index]}'s graph, run by {n} block"
+                    f"{where}; block {self.paths[traced]}'s graph, run by {n} block"
                     + ("s" if n > 1 else ""),
-                    self._expand(index, shared or [index], calls, ctx),
+                    self._expand(shared, calls, ctx),
                 )
 
             def on_run(calls: list[AttentionCall], out: Any) -> None:
-                # The graph's calls carry the compiling block's paths; count them for the
-                # block running it.
+                # The graph's calls carry the paths of the block Dynamo traced; count them for
+                # the block running it.
                 running = self._running[-1] if self._running else index
-                self._account.graph_ran(calls, out, lambda m: self._moved(m, index, running))
+                self._learn(key, running, calls)
+                self._account.graph_ran(calls, out, lambda m: self._moved(m, running))
 
             logger.info(
                 "compiling block variant %d, %s, on block %s (blocks of the same variant reuse it)",
@@ -289,27 +315,68 @@ class RegionalBlocks:
             self.variants[key] = fn
         return fn
 
+    def _final(self, i: int, key: tuple, ctx: CallContext | None) -> bool:
+        """Block ``i`` runs ``key`` in this call, and its layer indices are final."""
+        if ctx is None or self.key(i, ctx) != key:
+            return False
+        final = getattr(ctx.layer_of, "final", None)
+        return final is None or all(final(p) for p, _ in self._attention[i])
+
+    def _learn(self, key: tuple, dst: int, calls: list[AttentionCall]) -> None:
+        """Block ``dst`` ran a graph of variant ``key``: that graph's calls are block ``dst``'s
+        calls, so what they show about the layer numbering holds for block ``dst``'s modules
+        (:mod:`vmoba_compile.numbering`), and the variant serves the key the block has now (the
+        same partitions, its cross-attention modules marked). A block whose run the report
+        does not list yet gets its lines."""
+        ctx = CURRENT_CONTEXT.get()
+        numbering = ctx.layer_of if ctx is not None else None
+        if ctx is None or not isinstance(numbering, LayerNumbering):
+            return
+        moved = [dataclasses.replace(c, module=self._moved(c.module, dst)) for c in calls]
+        for c in moved:
+            if c.skip is SkipReason.CROSS_ATTENTION:
+                numbering.learn_cross(c.module)
+            elif c.module in numbering:
+                numbering.hold(c.module)
+        now = self.key(dst, ctx)
+        if now != key and now not in self.variants:
+            self.variants[now], self._codes[now] = self.variants[key], self._codes[key]
+        if (key, dst) not in self._reported:
+            self._reported.add((key, dst))
+            src = next((p for c in calls for p in [self._block_path(c.module)] if p), "?")
+            where = f"{ctx.describe()}; block {self.paths[dst]} ran block {src}'s graph"
+            self._report_add(where, self._expand([dst], calls, ctx))
+
     def _expand(
-        self, index: int, shared: list[int], calls: list[AttentionCall], ctx: CallContext | None
+        self, shared: list[int], calls: list[AttentionCall], ctx: CallContext | None
     ) -> list[AttentionCall]:
-        """The decisions of block ``index``'s graph, repeated for every block that runs it
-        (module path and layer index of each)."""
+        """The decisions of one block's graph, repeated for every block of ``shared`` (module
+        path and layer index of each)."""
         layer_of = ctx.layer_of if ctx is not None else {}
         out = []
         for i in shared:
             for c in calls:
-                module = self._moved(c.module, index, i)
+                module = self._moved(c.module, i)
                 layer = layer_of.get(module, c.layer_index) if c.rewritten else None
                 out.append(dataclasses.replace(c, module=module, layer_index=layer))
         return out
 
-    def _moved(self, module: str, src: int, dst: int) -> str:
-        """``module``'s path inside block ``src`` as the same module's path inside block
-        ``dst`` (a path outside block ``src`` unchanged)."""
-        prefix = self.paths[src] + "."
-        if not module.startswith(prefix):
-            return module
-        return self.paths[dst] + "." + module[len(prefix) :]
+    def _block_path(self, module: str) -> str | None:
+        """The block ``module`` lies in (or is), or None."""
+        parts = module.split(".")
+        return next(
+            (".".join(parts[:i]) for i in range(1, len(parts) + 1)
+             if ".".join(parts[:i]) in self._path_index),
+            None,
+        )  # fmt: skip
+
+    def _moved(self, module: str, dst: int) -> str:
+        """``module``'s path inside the block it lies in (the block whose call Dynamo traced:
+        the variant's first block, or another one where a guard recompiled it) as the same
+        module's path inside block ``dst``; a path outside every block unchanged, as is the
+        block itself where it is the attention module."""
+        block = self._block_path(module)
+        return module if block is None else self.paths[dst] + module[len(block) :]
 
     def call(self, index: int, args: tuple, kwargs: dict) -> Any:
         """Block ``index`` called inside this model's forward: its variant, remembered for a
@@ -341,12 +408,12 @@ class RegionalBlocks:
     def _settle(self, index: int, key: tuple, ctx: CallContext) -> None:
         """After a call of block ``index``: its video self-attention modules that no compiled
         graph ran (``ctx.ran``) ran dense, or not at all; count them, with the cause."""
-        attention = self._attention[index]
+        numbered = [(p, m) for p, m in self._attention[index] if p in ctx.layer_of]
         if key == ("dense",):
-            self._account.ran_dense([p for p, _, _ in attention], CONTROLS, planned=False)
+            self._account.ran_dense([p for p, _ in numbered], CONTROLS, planned=False)
             return
         dense = ctx.dense_layers
-        missing = [(p, m) for p, layer, m in attention if layer not in dense and p not in ctx.ran]
+        missing = [(p, m) for p, m in numbered if ctx.layer_of[p] not in dense and p not in ctx.ran]
         if not missing:
             return
         block = self.modules[index]

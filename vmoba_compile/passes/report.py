@@ -70,6 +70,11 @@ class SkipReason(enum.Enum):
         "and with it the partition, is unknown. Use optimize(..., regional=False), which "
         "numbers such calls in graph order, or name the module's class ...Attention"
     )
+    LAYER_TAKEN_OUT = (
+        "{module} made a cross-attention call first, so the layer numbering took it out "
+        "(layer indices count video self-attention modules only) and this self-attention call "
+        "of it has no layer. Give self- and cross-attention separate modules"
+    )
     UNRECOGNIZED_ARGUMENTS = "unrecognized arguments ({error})"
     SHARED_FRAME = (
         "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "

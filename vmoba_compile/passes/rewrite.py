@@ -36,6 +36,7 @@ from ..attention import kernel_for, plan_for, text_key_mask_from_padding, vmoba_
 from ..config import VMoBAConfig
 from ..kernels import KernelChoice, kernel_text
 from ..layout import TextPosition, VideoLayout
+from ..numbering import LayerNumbering
 from .report import AttentionCall, Skip, SkipReason
 
 __all__ = [
@@ -73,7 +74,8 @@ class CallContext:
     Attributes:
         config: the VMoBA configuration.
         family: the adapter's family, or None with an explicit layout.
-        layer_of: module path -> VMoBA layer index (model order).
+        layer_of: module path -> VMoBA layer index (model order); a
+            :class:`~vmoba_compile.numbering.LayerNumbering` learns from the graphs' calls.
         grid: the adapter's video grid of this call (None with an explicit layout or when the
             adapter could not tell, see ``grid_error``).
         layout: the explicit layout (``optimize(layout=...)``), or None.
@@ -92,7 +94,7 @@ class CallContext:
 
     config: VMoBAConfig
     family: str | None
-    layer_of: dict[str, int]
+    layer_of: Mapping[str, int]
     grid: Any = None
     layout: VideoLayout | None = None
     grid_error: str | None = None
@@ -701,9 +703,24 @@ def _check_mask(
     return None
 
 
+def _note_numbering(module: str, choice: Any, ctx: CallContext) -> None:
+    """What a learning layer numbering (:mod:`vmoba_compile.numbering`) takes from one decided
+    call: a candidate's cross-attention call takes it out; any other decision of a numbered
+    module fixes its index (the graph holds it)."""
+    numbering = ctx.layer_of
+    if not isinstance(numbering, LayerNumbering):
+        return
+    if isinstance(choice, Skip) and choice.reason is SkipReason.CROSS_ATTENTION:
+        numbering.learn_cross(module)
+    else:
+        numbering.hold(module)
+
+
 def _resolve_layer(module: str, ctx: CallContext, next_layer: Callable[[], int]) -> int | Skip:
     """The call's VMoBA layer index, unless the runtime controls keep that layer dense."""
     layer = ctx.layer_of.get(module)
+    if layer is None and module in getattr(ctx.layer_of, "cross", ()):
+        return SkipReason.LAYER_TAKEN_OUT.skip(module=module)
     if layer is None:
         if ctx.regional is not None:  # a block's graph: its graph order is not the model's
             return SkipReason.LAYER_UNNUMBERED.skip(module=module)
@@ -816,6 +833,7 @@ def rewrite_graph(
             shape = _shape_text(values["query"], values["key"])
             reached = placement.reached(node) if module == UNPROVEN_MODULE else ""
             choice = decide(values, module, ctx, lambda: next(counter), reached)
+            _note_numbering(module, choice, ctx)
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
                 choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
             if isinstance(choice, Skip):
