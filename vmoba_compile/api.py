@@ -145,6 +145,7 @@ class VMoBAModule(torch.nn.Module):
         self._vmoba_modules = tuple(model.modules())
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         self._vmoba_param_names = {id(t): n for n, t in named}
+        self._vmoba_module_names = {id(m): n for n, m in model.named_modules()}
         self._vmoba_compiled: dict[Any, tuple[Any, VMoBABackend | None]] = {}
         self._vmoba_restored = False
         self.vmoba = VMoBAControls()
@@ -505,6 +506,7 @@ def _context(
         layout=owner._vmoba_layout,
         dense_layers=dense_layers,
         param_names=owner._vmoba_param_names,
+        module_names=owner._vmoba_module_names,
         data_dependent_text=bool(adapter is not None and adapter.data_dependent_text),
     )
     if owner._vmoba_layout is None and adapter is not None:

@@ -315,6 +315,19 @@ class RegionalBlocks:
             self.variants[key] = fn
         return fn
 
+    def sole_module_why(self, module: str, ctx: CallContext) -> str | None:
+        """None where the block being traced holds ``module`` and no other module of the layer
+        numbering (``ctx.layer_of``); else why not."""
+        if not self._running:
+            return "no block call is running"
+        index = self._running[-1]
+        numbered = [p for p, _ in self._attention[index] if p in ctx.layer_of]
+        if module not in numbered:
+            return f"it is not in the block being compiled ({self.paths[index]})"
+        if len(numbered) > 1:
+            return f"its block {self.paths[index]} has {len(numbered)} numbered modules"
+        return None
+
     def _final(self, i: int, key: tuple, ctx: CallContext | None) -> bool:
         """Block ``i`` runs ``key`` in this call, and its layer indices are final."""
         if ctx is None or self.key(i, ctx) != key:

@@ -76,6 +76,14 @@ class SkipReason(enum.Enum):
         "of it has no layer. Give self- and cross-attention separate modules"
     )
     UNRECOGNIZED_ARGUMENTS = "unrecognized arguments ({error})"
+    LOCAL_MODULE_SHARED = (
+        "its frame has no module around the call (hooks on every leaf module: diffusers' "
+        "leaf-level group offloading, accelerate's cpu_offload, run each layer's processor in "
+        "a frame of its own) and its one video self-attention module among the frame's locals "
+        "is {module}, but {why}, so one compiled graph of that frame may serve several layers "
+        "with different partitions. Compile block by block (optimize's default where the blocks "
+        "are in a ModuleList), one video self-attention module per block"
+    )
     SHARED_FRAME = (
         "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "
         "that graph for sibling blocks, so one layer's partition cannot be fixed. Remove the "
@@ -341,7 +349,12 @@ class RewriteReport:
                 f"all {len(self.graphs)} graphs: {len(self.rewritten)} of {len(calls)} attention "
                 f"calls rewritten"
             )
+        empty = sum(not calls for _, calls in self.graphs)
+        if empty:
+            lines.append(f"{empty} graphs hold no attention call (graph breaks): not listed")
         for n, (where, calls) in enumerate(self.graphs, 1):
+            if not calls:
+                continue
             done = sum(c.rewritten for c in calls)
             lines.append(f"graph {n} ({where}): {done} of {len(calls)} attention calls rewritten")
             width = max([len(c.module) for c in calls] + [6])

@@ -83,6 +83,7 @@ class CallContext:
         dense_layers: layer indices kept dense by the runtime controls.
         data_dependent_text: the adapter's flag (text count known at run time only).
         param_names: ``id(parameter or buffer) -> name`` in the model (see :class:`Placement`).
+        module_names: ``id(module) -> path`` in the model (see :class:`Placement`).
         regional: the optimized model's :class:`~vmoba_compile.regional.RegionalBlocks` when
             its blocks are compiled one variant at a time (a block's frame is then expected).
         calls: decisions of the graphs compiled during this forward call.
@@ -101,6 +102,7 @@ class CallContext:
     dense_layers: frozenset[int] = frozenset()
     data_dependent_text: bool = False
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    module_names: dict[int, str] = dataclasses.field(default_factory=dict)
     regional: Any = None
     calls: list[AttentionCall] = dataclasses.field(default_factory=list)
     parallel: Any = None
@@ -467,8 +469,11 @@ class Placement:
         example_inputs: Sequence[Any],
         param_names: dict[int, str],
         frame: Mapping[str, Any] | None = None,
+        module_names: Mapping[int, str] | None = None,
     ) -> None:
         self.paths: dict[tuple[str, ...], str | None] = {}  # chain -> path (None: ambiguous)
+        self.module_names = module_names or {}
+        self.by_local: set[str] = set()  # nodes placed by a module among the frame's locals
         # id(module object) -> path (None: ambiguous), the objects the proven names reach in
         # the traced frame (``frame``: its locals); the objects are kept alive with the ids.
         self.objects: dict[int, tuple[Any, str | None]] = {}
@@ -544,6 +549,18 @@ class Placement:
             return None
         return self.objects.get(id(steps[-1][1]), (None, None))[1]
 
+    def _local_module(self, known: set[str]) -> str | None:
+        """The module of the model among the traced frame's locals, by identity (an attention
+        processor's ``attn``): the one of ``known`` (the video self-attention modules), else
+        the only one; or None."""
+        if self.frame is None:
+            return None
+        found = {self.module_names.get(id(v)) for v in self.frame.values()} - {None}
+        mine = found & known
+        if len(mine) == 1 or len(found) == 1:
+            return (mine or found).pop()
+        return None
+
     def reached(self, node: fx.Node) -> str:
         """The names Dynamo reached ``node``'s modules by (innermost last), for the message of
         a call left unproven: ``"; Dynamo reached it as L['self'] > L['self'].fn.__self__.attn1"``,
@@ -571,6 +588,10 @@ class Placement:
             mine = heads & known
             if len(mine) == 1 or len(heads) == 1:
                 return (mine or heads).pop()
+            local = self._local_module(known) if not heads else None
+            if local is not None:
+                self.by_local.add(node.name)
+                return local
             return UNPROVEN_MODULE  # a frame of its own (hooks between leaves): whose, unknown
         if proven:
             return proven[-1]
@@ -703,6 +724,28 @@ def _check_mask(
     return None
 
 
+def _local_placement(module: str, ctx: CallContext, choice: Any) -> tuple[str, Any]:
+    """The module and decision of a call placed by its frame's local module
+    (:meth:`Placement.place`). Dynamo may reuse the frame's graph for any call whose guards
+    pass (it does not guard on which module the local is), but each block variant compiles
+    with its own backend (Dynamo keeps a graph for the backend that compiled it) and gives its
+    blocks the same partitions: block by block, the graph runs in the traced block's place in
+    other blocks of its variant, and holds the right partition wherever it runs if that block
+    holds ``module`` and no other numbered self-attention module. With the whole model
+    compiled, the graph may run for any layer: its module is unproven, and it stays dense."""
+    if ctx.regional is None:
+        why = SkipReason.LOCAL_MODULE_SHARED.skip(
+            module=module, why="the whole model is compiled with one backend"
+        )
+        return UNPROVEN_MODULE, choice if isinstance(choice, Skip) else why
+    if isinstance(choice, Skip):
+        return module, choice
+    reason = ctx.regional.sole_module_why(module, ctx)
+    if reason is None:
+        return module, choice
+    return module, SkipReason.LOCAL_MODULE_SHARED.skip(module=module, why=reason)
+
+
 def _note_numbering(module: str, choice: Any, ctx: CallContext) -> None:
     """What a learning layer numbering (:mod:`vmoba_compile.numbering`) takes from one decided
     call: a candidate's cross-attention call takes it out; any other decision of a numbered
@@ -803,7 +846,9 @@ def rewrite_graph(
     """
     calls: list[AttentionCall] = []
     counter = iter(range(1 << 30))
-    placement = Placement(gm, example_inputs, ctx.param_names, _compat.traced_frame_locals())
+    placement = Placement(
+        gm, example_inputs, ctx.param_names, _compat.traced_frame_locals(), ctx.module_names
+    )
     prefix = placement.frame_prefix
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
@@ -833,6 +878,8 @@ def rewrite_graph(
             shape = _shape_text(values["query"], values["key"])
             reached = placement.reached(node) if module == UNPROVEN_MODULE else ""
             choice = decide(values, module, ctx, lambda: next(counter), reached)
+            if node.name in placement.by_local:
+                module, choice = _local_placement(module, ctx, choice)
             _note_numbering(module, choice, ctx)
             if prefix and ctx.regional is None and not isinstance(choice, Skip):
                 choice = SkipReason.SHARED_FRAME.skip(frame=prefix.rstrip("."))
