@@ -165,6 +165,16 @@ def _group_offload_streams(model: torch.nn.Module) -> None:
     )
 
 
+def _leaf_offload_streams(model: torch.nn.Module) -> None:
+    model.to("cpu")  # hooks on every leaf: each attention call runs in its processor's frame
+    model.enable_group_offload(
+        torch.device("cuda"),
+        offload_device=torch.device("cpu"),
+        offload_type="leaf_level",
+        use_stream=True,
+    )
+
+
 def _first_block_cache(model: torch.nn.Module) -> None:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
@@ -174,13 +184,14 @@ def _first_block_cache(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("kernel", ["triton", "flash"])
 @pytest.mark.parametrize(
     "tool",
-    [_fuse_qkv, _group_offload_streams, _first_block_cache],
-    ids=["fused_qkv", "group_offload_streams", "first_block_cache"],
+    [_fuse_qkv, _group_offload_streams, _leaf_offload_streams, _first_block_cache],
+    ids=["fused_qkv", "group_offload_streams", "leaf_offload_streams", "first_block_cache"],
 )
 def test_user_stacks_run_vmoba_on_cuda(tool, kernel: str) -> None:
     """The CPU suite's stacks where their CUDA paths differ (tests/test_compat.py): diffusers'
     fused QKV projections (v a view at an offset into the fused output) on the Triton and FA4
-    kernels; block-level group offloading with CUDA streams; the first-block cache. The
+    kernels; block-level and leaf-level group offloading with CUDA streams (leaf level: each
+    call placed in its processor frame's local module); the first-block cache. The
     account (``report.executions``) must show VMoBA where the CPU suite shows it, on the kernel
     asked for, and the output must be the reference's with those layers (bf16 bound of the
     other tests here)."""
