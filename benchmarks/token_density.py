@@ -33,7 +33,8 @@ def qk_inputs(kind: str, layout: VideoLayout, heads: int, dim: int, seed: int = 
     if kind == "random":
         return noise[0], noise[1]
     t, y, x = layout.frames, layout.height, layout.width
-    coarse = torch.randn(1, heads * dim, max(t // 4, 1), max(y // 6, 1), max(x // 8, 1), generator=g)
+    coarse_grid = (max(t // 4, 1), max(y // 6, 1), max(x // 8, 1))
+    coarse = torch.randn(1, heads * dim, *coarse_grid, generator=g)
     field = F.interpolate(coarse, size=(t, y, x), mode="trilinear", align_corners=False)
     field = field / field.std()
     base = field.reshape(heads, dim, t * y * x).transpose(1, 2)[None]  # [1, H, N, D]

@@ -87,9 +87,9 @@ def _float64_kernel(q, k, v, pieces, scale):
     return out.to(q.dtype)
 
 
-def _sorted_attention(q, k, v, *, layout, config, layer_index, scale, text_key_mask):
+def _sorted_attention(q, k, v, *, layout, config, layer_index, scale, text_key_mask, seen=None):
     """vmoba_attention's TOKEN steps with the sorted rows, the kernel replaced by the float64
-    stand-in."""
+    stand-in; ``seen`` (a list) receives the rows' order."""
     plan = plan_for(layout, config, layer_index)
     idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
@@ -98,6 +98,8 @@ def _sorted_attention(q, k, v, *, layout, config, layer_index, scale, text_key_m
     pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=text_key_mask,
                          q_real=rows.q_real)  # fmt: skip
     out = _float64_kernel(sorted_queries(qp, rows), kp, vp, pieces, scale)
+    if seen is not None:
+        seen.append(rows.order)
     return unpermute(unsort_rows(out, rows), plan, idx)
 
 
@@ -125,6 +127,40 @@ def test_sorted_rows_equal_the_reference_forward_and_backward(case) -> None:
         assert max_err(got, want) < ATOL_F32, (name, max_err(got, want))
 
 
+def _smooth_case(layout, heads: int = 2, dim: int = 8, seed: int = 0):
+    """q = k: a few sinusoids along the token order plus a little noise (nearby tokens select
+    alike), and random v."""
+    g = torch.Generator().manual_seed(seed)
+    n = layout.video_tokens
+    base = torch.sin(torch.linspace(0, 6.28, n)[:, None] * torch.arange(1, dim + 1))
+    q = base.expand(1, heads, n, dim) + 0.1 * torch.randn(1, heads, n, dim, generator=g)
+    return q, torch.randn(1, heads, n, dim, generator=g)
+
+
+def test_gradients_through_the_lexicographic_order() -> None:
+    """Where the lexicographic order wins (1D, a few chunks), the rows reach the kernel out of
+    chunk order, and the output and gradients still equal the reference."""
+    from vmoba_compile import VideoLayout
+
+    layout = VideoLayout(4, 8, 16)
+    q, v = _smooth_case(layout)
+    cfg = VMoBAConfig(granularity="token", block_size=16, chunk_1d=(1,), threshold=0.3)
+    kw = dict(layout=layout, config=cfg, layer_index=0, scale=None, text_key_mask=None)
+    leaves = [x.clone().requires_grad_() for x in (q, q, v)]
+    seen: list[torch.Tensor] = []
+    out = _sorted_attention(*leaves, **kw, seen=seen)
+    natural = torch.arange(seen[0].shape[-1])
+    assert not torch.equal(seen[0], natural.expand_as(seen[0])), "the order stayed natural"
+    ref_in = [x.detach().double().requires_grad_() for x in (q, q, v)]
+    ref = vmoba_reference(*ref_in, **kw)
+    g = torch.randn_like(out)
+    assert max_err(out, ref) < ATOL_F32
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert max_err(got, want) < ATOL_F32, (name, max_err(got, want))
+
+
 def test_token_order_puts_real_rows_first_in_lexicographic_order() -> None:
     g = torch.Generator().manual_seed(0)
     sel = torch.rand(2, 3, 40, 70, generator=g) < 0.3  # 70 columns: two sort keys
@@ -142,20 +178,19 @@ def test_token_order_puts_real_rows_first_in_lexicographic_order() -> None:
 
 
 def test_sorted_rows_make_blocks_uniform_on_a_smooth_field() -> None:
-    """The point of the sort: on inputs with locality the sorted block tables list fewer blocks
-    and more of them full (the numbers at Wan's grid are in docs/design.md)."""
+    """The point of the sort: never more blocks than the chunk order, and on a 1D layer with
+    locality fewer blocks and more of them full (the numbers at Wan's grid: docs/design.md)."""
     from vmoba_compile import VideoLayout
     from vmoba_compile.diagnostics import token_block_density
 
     layout = VideoLayout(4, 8, 16)
-    base = torch.linspace(0, 6.28, layout.video_tokens)[:, None] * torch.arange(1, 9)
-    q = torch.sin(base).expand(1, 2, -1, -1) + 0.1 * torch.randn(1, 2, layout.video_tokens, 8)
+    q, _ = _smooth_case(layout)
     cfg = VMoBAConfig(granularity="token", block_size=16, chunk_1d=(1,), chunk_2d=(4, 4),
                       chunk_3d=(2, 4, 4), threshold=0.3)  # fmt: skip
-    for layer in range(3):
-        d = token_block_density(q, q, layout=layout, config=cfg, layer_index=layer)
-        assert d["token"] <= d["block_sorted"] < d["block_natural"], d
-        assert d["full_sorted"] >= d["full_natural"], d
+    for layer in (2, 1, 0):  # 1D last: there the sort wins
+        d0 = d = token_block_density(q, q, layout=layout, config=cfg, layer_index=layer)
+        assert d["token"] <= d["block_sorted"] <= d["block_natural"], d
+    assert d0["block_sorted"] < d0["block_natural"] and d0["full_sorted"] > d0["full_natural"]
 
 
 def test_token_order_value_is_checked() -> None:
@@ -163,3 +198,32 @@ def test_token_order_value_is_checked() -> None:
     assert VMoBAConfig(token_order="NATURAL").token_order.value == "natural"
     with pytest.raises(ValueError, match=r"token_order must be one of 'sorted', 'natural'"):
         VMoBAConfig(token_order="random")
+
+
+@pytest.mark.compiled
+def test_the_fa4_op_takes_the_sorted_rows_on_cpu_flex() -> None:
+    """Kernel.FLASH's op gets the same sorted rows and mask pieces (its plumbing run with
+    FlexAttention's CPU kernel inside, as in tests/test_kernels.py): text prefix, masked text
+    keys, GQA, B = 2, ragged chunks."""
+    from vmoba_compile import VideoLayout
+    from vmoba_compile.kernels import flash_block_sparse
+
+    layout = VideoLayout(5, 6, 7, text_tokens=10, text_position="prefix")
+    cfg = VMoBAConfig(chunk_1d=(1,), chunk_2d=(3, 4), block_size=16, granularity="token",
+                      threshold=0.3)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, layout.seq_len, 8, generator=g)
+    k, v = (torch.randn(2, 2, layout.seq_len, 8, generator=g) for _ in range(2))
+    tkm = torch.arange(10).expand(2, 10) < torch.tensor([[7], [10]])
+    for layer in (0, 1):
+        plan = plan_for(layout, cfg, layer)
+        idx = plan_index(plan, q.device)
+        qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
+        sel = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=False).sel
+        rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+        pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=tkm,
+                             q_tables=False, q_real=rows.q_real)  # fmt: skip
+        out = flash_block_sparse(sorted_queries(qp, rows), kp, vp, pieces, None, backend="DEFAULT")
+        out = unpermute(unsort_rows(out, rows), plan, idx)
+        kw = dict(layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
+        assert max_err(out, vmoba_reference(q, k, v, **kw)) < ATOL_F32, layer

@@ -181,10 +181,11 @@ class VMoBAConfig:
             bf16/fp16 call of a supported head dim, and FlexAttention's Triton kernel otherwise;
             ``"flash"`` requires FlashAttention-4 (an error says why it cannot run);
             ``"triton"`` always uses Triton. The rewrite report says which kernel each call got.
-        token_order: TOKEN granularity only: ``"sorted"`` (default) reorders each head's video
-            query rows by their selection before the kernel and back after it, so that a query
-            block's rows select nearly the same chunks and the block mask approaches the token
-            density (:func:`vmoba_compile.attention.token_order`); ``"natural"`` keeps the
+        token_order: TOKEN granularity only: ``"sorted"`` (default) hands each head's video
+            query rows to the kernel grouped by selection (lexicographic order of their chunk
+            rows, where that makes the query blocks' unions cost fewer key blocks than the
+            chunk order does) and puts the output rows back, so that the block mask approaches
+            the token density (:mod:`vmoba_compile.token_rows`); ``"natural"`` keeps the
             padded chunk order. The result is the same up to float rounding.
     """
 

@@ -63,17 +63,18 @@ def token_order(sel: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 class SortedRows(NamedTuple):
-    """One call's row permutation over the whole padded sequence.
+    """One call's row permutation over the whole padded sequence (``order``, not ``index``:
+    a tuple has an ``index`` method).
 
     Attributes:
-        index: ``[B, H, S_pad]`` int64, the padded slot of each sorted row (the video slots
-            sorted by :func:`token_order`, every later slot in place).
+        order: ``[B, H, S_pad]`` int64, the padded slot of each sorted row (the video slots
+            in the order :func:`sort_rows` picks, every later slot in place).
         inverse: ``[B, H, S_pad]`` int64, the sorted row of each padded slot.
         sel: ``[B, H, U, C]`` the selection in sorted row order.
         q_real: ``[S_pad]`` bool, sorted rows holding real tokens (the same for every head).
     """
 
-    index: torch.Tensor
+    order: torch.Tensor
     inverse: torch.Tensor
     sel: torch.Tensor
     q_real: torch.Tensor
@@ -94,11 +95,12 @@ def sort_rows(
     a padded sequence whose slots hold real tokens where ``real`` (``[S_pad]``) is True.
 
     Each head takes the order under which its query blocks' unions cost the fewer key blocks
-    (``chunk_blocks``: ``[C]`` blocks of ``block_size`` slots in each chunk): :func:`token_order`, or the padded chunk
-    order with the padding slots moved after the real ones (the same order where no chunk ends
-    in padding). The lexicographic order groups rows well where a row selects a few of a few
-    dozen chunks (1D layers); over 100+ chunks (2D, 3D) neighbouring tokens can share more than
-    equal prefixes do, and the chunk order stays (docs/design.md, TOKEN granularity).
+    (``chunk_blocks``: ``[C]`` blocks of ``block_size`` slots in each chunk):
+    :func:`token_order`, or the padded chunk order with the padding slots moved after the real
+    ones (the same order where no chunk ends in padding). The lexicographic order groups rows
+    well where a row selects a few of a few dozen chunks (1D layers); over 100+ chunks (2D, 3D)
+    neighbouring tokens can share more than equal prefixes do, and the chunk order stays
+    (docs/design.md, TOKEN granularity).
     """
     b, h, u, _ = sel.shape
     video = real[:u]
@@ -143,9 +145,9 @@ class _Rows(torch.autograd.Function):
 
 def sorted_queries(x: torch.Tensor, rows: SortedRows) -> torch.Tensor:
     """``[B, H, S_pad, D]`` in padded order -> the same rows in sorted order."""
-    return _Rows.apply(x, rows.index, rows.inverse)
+    return _Rows.apply(x, rows.order, rows.inverse)
 
 
 def unsort_rows(x: torch.Tensor, rows: SortedRows) -> torch.Tensor:
     """Inverse of :func:`sorted_queries`: sorted rows back to their padded slots."""
-    return _Rows.apply(x, rows.inverse, rows.index)
+    return _Rows.apply(x, rows.inverse, rows.order)
