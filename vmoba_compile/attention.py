@@ -1,4 +1,5 @@
-"""``vmoba_attention``: permute -> select -> BlockMask -> flex_attention -> unpermute.
+"""``vmoba_attention``: permute -> select -> BlockMask -> flex_attention -> unpermute (TOKEN
+granularity: the query rows sorted per head around the kernel, :mod:`vmoba_compile.token_rows`).
 
 The only caller of ``flex_attention`` in the package. Shape legend: B batch, H query heads, Hkv
 key/value heads (GQA when ``Hkv < H``), S tokens in the call, D head dim.

@@ -105,9 +105,9 @@ def mask_pieces(
         q_tables: build the query-side tables too. Only the backward kernel reads them; an
             inference call skips their two sorts (the mask then has ``q_indices=None``, which
             FlexAttention accepts without gradients and refuses, loudly, with them).
-        q_real: ``[S_pad]`` bool, the query slots holding real tokens where the query rows are
-            not in the keys' order (TOKEN granularity's sorted rows: real rows first in the
-            video range); None: ``idx.real``, the keys' own.
+        q_real: ``[S_pad]`` or ``[B, H, S_pad]`` bool, the query rows holding real tokens
+            where the query rows are not in the keys' order (TOKEN granularity's sorted rows,
+            :mod:`vmoba_compile.token_rows`); None: ``idx.real``, the keys' own.
 
     Returns:
         The :class:`MaskPieces` of a ``[B, H, S_pad, S_pad]`` mask.
@@ -150,7 +150,8 @@ def mask_pieces(
     # real query token of the block selected it (then the block can be full).
     if token_level:
         per_tok = sel_ext.reshape(b, h, nb, bs, words * _BITS)
-        slot_real = (real if q_real is None else q_real).reshape(nb, bs, 1)
+        q_real = real if q_real is None else q_real
+        slot_real = q_real.reshape(*q_real.shape[:-1], nb, bs, 1)
         any_c = (per_tok & slot_real).any(dim=3)
         all_c = (per_tok | ~slot_real).all(dim=3)
     else:

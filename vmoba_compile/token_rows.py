@@ -71,7 +71,9 @@ class SortedRows(NamedTuple):
             in the order :func:`sort_rows` picks, every later slot in place).
         inverse: ``[B, H, S_pad]`` int64, the sorted row of each padded slot.
         sel: ``[B, H, U, C]`` the selection in sorted row order.
-        q_real: ``[S_pad]`` bool, sorted rows holding real tokens (the same for every head).
+        q_real: ``[B, H, S_pad]`` bool, sorted rows holding real tokens (a prefix of the video
+            rows where the head took the lexicographic order, the keys' own ``real`` where it
+            kept the chunk order).
     """
 
     order: torch.Tensor
@@ -96,11 +98,10 @@ def sort_rows(
 
     Each head takes the order under which its query blocks' unions cost the fewer key blocks
     (``chunk_blocks``: ``[C]`` blocks of ``block_size`` slots in each chunk):
-    :func:`token_order`, or the padded chunk order with the padding slots moved after the real
-    ones (the same order where no chunk ends in padding). The lexicographic order groups rows
-    well where a row selects a few of a few dozen chunks (1D layers); over 100+ chunks (2D, 3D)
-    neighbouring tokens can share more than equal prefixes do, and the chunk order stays
-    (docs/design.md, TOKEN granularity).
+    :func:`token_order` (padding slots last), or the padded chunk order itself. The
+    lexicographic order groups rows well where a row selects a few of a few dozen chunks (1D
+    layers); over 100+ chunks (2D, 3D) neighbouring tokens can share more than equal prefixes
+    do, and the chunk order stays (docs/design.md, TOKEN granularity).
     """
     b, h, u, _ = sel.shape
     video = real[:u]
@@ -108,17 +109,19 @@ def sort_rows(
     video_real = torch.arange(u, device=sel.device) < n
     weight = chunk_blocks.to(torch.float32)
     lex = token_order(sel, video)
-    natural = torch.argsort((~video).to(torch.int32), stable=True).expand(b, h, -1)
-    cost = []
-    for order in (lex, natural):
-        rows = torch.gather(sel, 2, order[..., None].expand_as(sel))
-        cost.append(_computed_blocks(rows, video_real, weight, block_size))
-    order = torch.where((cost[0] < cost[1])[..., None], lex, natural)
+    lex_sel = torch.gather(sel, 2, lex[..., None].expand_as(sel))
+    cost_lex = _computed_blocks(lex_sel, video_real, weight, block_size)
+    take_lex = cost_lex < _computed_blocks(sel, video, weight, block_size)  # [B, H]
+    natural = torch.arange(u, device=sel.device).expand(b, h, -1)
+    order = torch.where(take_lex[..., None], lex, natural)
     rest = torch.arange(u, real.shape[0], device=sel.device).expand(b, h, -1)
     index = torch.cat([order, rest], dim=-1)
     inverse = torch.argsort(index, dim=-1)
-    sel_sorted = torch.gather(sel, 2, order[..., None].expand_as(sel))
-    return SortedRows(index, inverse, sel_sorted, torch.cat([video_real, real[u:]]))
+    sel_sorted = torch.where(take_lex[..., None, None], lex_sel, sel)
+    q_real = torch.cat(
+        [torch.where(take_lex[..., None], video_real, video), real[u:].expand(b, h, -1)], dim=-1
+    )
+    return SortedRows(index, inverse, sel_sorted, q_real)
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
