@@ -227,3 +227,30 @@ def test_the_fa4_op_takes_the_sorted_rows_on_cpu_flex() -> None:
         out = unpermute(unsort_rows(out, rows), plan, idx)
         kw = dict(layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
         assert max_err(out, vmoba_reference(q, k, v, **kw)) < ATOL_F32, layer
+
+
+@pytest.mark.compiled
+def test_the_row_sort_and_its_gradient_trace_into_one_graph() -> None:
+    """sort_rows, the gathers and their backward under torch.compile (AOTAutograd, fullgraph):
+    the same values and gradients as eager."""
+    from vmoba_compile import VideoLayout
+
+    layout = VideoLayout(4, 8, 16)
+    cfg = VMoBAConfig(granularity="token", block_size=16, chunk_1d=(1,), threshold=0.3)
+    plan = plan_for(layout, cfg, 0)
+    idx = plan_index(plan, torch.device("cpu"))
+    q, _ = _smooth_case(layout)
+    qp = permute(q, plan, idx)
+    weight = torch.randn_like(qp)
+
+    def through_rows(x):
+        sel = plan_blocks(x, x, plan, cfg, idx=idx, q_tables=False).sel
+        rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+        return unsort_rows(sorted_queries(x, rows) * weight, rows)
+
+    x = qp.detach().requires_grad_()
+    eager = through_rows(x)
+    (want,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(through_rows, backend="aot_eager", fullgraph=True)(x)
+    (got,) = torch.autograd.grad(compiled.square().sum(), x)
+    assert torch.equal(compiled, eager) and torch.equal(got, want)
