@@ -24,9 +24,9 @@ from .attention import (
     text_key_mask_from_padding,
     vmoba_attention,
 )
-from .config import Granularity, VMoBAConfig
+from .config import Granularity, TokenOrder, VMoBAConfig
 from .layout import VideoLayout
-from .masks import mask_pieces, plan_index
+from .masks import block_mask_from_pieces, mask_pieces, plan_index
 from .passes import Skip
 from .passes.rewrite import CallContext, bind_sdpa, decide
 from .token_rows import sort_rows
@@ -328,9 +328,25 @@ def block_density(
 
     1.0 when every chunk is kept (the op then runs dense SDPA). Padding can make it exceed the
     share of chunks selected: the kernel runs on the padded sequence, dense on the real one.
+    TOKEN granularity: the mask on the rows in the order ``config.token_order`` gives them.
     """
     built = _block_mask(q, k, layout, config, layer_index, text_key_mask)
-    return 1.0 if built is None else mask_density(built[2], layout.seq_len)
+    if built is None:
+        return 1.0
+    plan, idx, bm = built
+    if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
+        bm = _sorted_block_mask(q, k, plan, idx, config, text_key_mask)
+    return mask_density(bm, layout.seq_len)
+
+
+def _sorted_block_mask(q, k, plan, idx, config, text_key_mask):
+    """The BlockMask a TOKEN call with sorted query rows hands the kernel."""
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    sel = plan_blocks(qp, kp, plan, config, text_key_mask, idx, q_tables=False).sel
+    rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+    pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=text_key_mask,
+                         q_tables=False, q_real=rows.q_real)  # fmt: skip
+    return block_mask_from_pieces(pieces)
 
 
 def mask_density(block_mask, seq_len: int) -> float:
