@@ -1,7 +1,9 @@
 """One attention layer at Wan-2.1-1.3B shapes: VMoBA vs dense attention, on a GPU.
 
 Run: ``python benchmarks/bench_attention.py [--grids 24x36x64,...] [--batch 1] [--layers 0,1,2]
-[--configs NAME,...] [--sweep] [--jobs 12] [--out FILE] [--md FILE]``. ``--sweep`` runs the
+[--configs NAME,...] [--sweep] [--jobs 12] [--out FILE] [--md FILE]``. TOKEN granularity's
+sorted query rows against the chunk order and cuDNN: ``--grids 24x36x64 --configs
+token-thr0.4,token-thr0.4-natural,token-thr0.25,token-thr0.25-natural``. ``--sweep`` runs the
 token-count sweep (4K to 76K tokens) instead of ``--grids``, ``--md`` appends the table (with
 header and command), ``--jobs`` compiles everything first in parallel processes.
 Rows are printed as JSON lines as they are measured, so a run cut short still reports.
@@ -31,10 +33,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention
 from vmoba_compile.attention import kernel_for, permute, plan_blocks, plan_for
-from vmoba_compile.config import Kernel
+from vmoba_compile.config import Granularity, Kernel, TokenOrder
 from vmoba_compile.diagnostics import mask_density
 from vmoba_compile.kernels import flash_unavailable
-from vmoba_compile.masks import plan_index
+from vmoba_compile.masks import build_block_mask, plan_index
+from vmoba_compile.token_rows import sort_rows, sorted_queries
 
 
 def header(args) -> str:
@@ -117,6 +120,13 @@ CONFIGS = {
     "block-topk": VMoBAConfig(selection="topk", topk=4),
     "token-thr0.4": VMoBAConfig(granularity="token"),
     "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
+    # TOKEN granularity's query rows sorted per head (the default, token_order="sorted") against
+    # the padded chunk order; 0.25 is FastVideo's VMoBA threshold.
+    "token-thr0.4-natural": VMoBAConfig(granularity="token", token_order="natural"),
+    "token-thr0.25": VMoBAConfig(granularity="token", threshold=0.25),
+    "token-thr0.25-natural": VMoBAConfig(
+        granularity="token", threshold=0.25, token_order="natural"
+    ),
     # The default config on each kernel (the ones above run kernel="auto": FlashAttention-4
     # where it is installed and chosen, vmoba_compile.kernels.choose_kernel).
     "block-thr0.4-triton": VMoBAConfig(kernel="triton"),
@@ -145,6 +155,18 @@ def config_named(name: str) -> VMoBAConfig:
     base, _, kopt = name.partition("+")
     cfg = CONFIGS[base]
     return dataclasses.replace(cfg, kernel_options=KERNEL_OPTIONS[kopt]) if kopt else cfg
+
+
+def op_mask(qp, kp, plan, cfg, idx, q_tables: bool = False):
+    """``(q rows, BlockMask)`` as the op hands them to the kernel: for TOKEN granularity with
+    ``token_order="sorted"`` the rows sorted per head and the mask built on them."""
+    bp = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=q_tables)
+    if cfg.granularity is not Granularity.TOKEN or cfg.token_order is not TokenOrder.SORTED:
+        return qp, bp.block_mask
+    rows = sort_rows(bp.sel, idx.real, idx.onehot.sum(0), plan.block_size)
+    bm = build_block_mask(plan, idx, rows.sel, token_level=True, q_tables=q_tables,
+                          q_real=rows.q_real)  # fmt: skip
+    return sorted_queries(qp, rows), bm
 
 
 SWEEP_GRIDS = "4x32x32,8x32x32,16x32x32,16x40x52,24x36x64,21x45x80"  # 4K ... 76K tokens
@@ -247,15 +269,14 @@ def bench_grid(
                 # tensors are returned.
                 idx = plan_index(plan, q.device)
                 qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-                sel = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=False)
-                bm = sel.block_mask
+                bm = op_mask(qp, kp, plan, cfg, idx)[1]
                 return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
 
             tc = time.perf_counter()
             op_c = torch.compile(op, dynamic=False)
             with torch.no_grad():
                 qp, kp, vp = (permute(z, plan) for z in (q, k, v))
-                bm = plan_blocks(qp, kp, plan, cfg, q_tables=False).block_mask
+                qp, bm = op_mask(qp, kp, plan, cfg, plan_index(plan, q.device))
                 density = mask_density(bm, s)
                 out = op_c(q, k, v)
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())

@@ -1,4 +1,5 @@
-"""``vmoba_attention``: permute -> select -> BlockMask -> flex_attention -> unpermute.
+"""``vmoba_attention``: permute -> select -> BlockMask -> flex_attention -> unpermute (TOKEN
+granularity: the query rows sorted per head around the kernel, :mod:`vmoba_compile.token_rows`).
 
 The only caller of ``flex_attention`` in the package. Shape legend: B batch, H query heads, Hkv
 key/value heads (GQA when ``Hkv < H``), S tokens in the call, D head dim.
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _compat
-from .config import Granularity, Kernel, Partition, VMoBAConfig
+from .config import Granularity, Kernel, Partition, TokenOrder, VMoBAConfig
 from .kernels import KernelChoice, choose_kernel, flash_block_sparse, kernel_input
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
 from .masks import build_block_mask, mask_pieces, plan_index
 from .selection import chunk_keys, gates, select
+from .token_rows import SortedRows, sort_rows, sorted_queries, unsort_rows
 
 __all__ = [
     "BlockPlan",
@@ -387,17 +389,35 @@ def vmoba_attention(
     idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     sel = _select(qp, kp, plan, config, idx)[0]
-    token_level = config.granularity is Granularity.TOKEN
-    if choice.kernel is Kernel.FLASH:
-        pieces = mask_pieces(
-            plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
-            q_tables=backward,
-        )  # fmt: skip
-        out = flash_block_sparse(qp, kp, vp, pieces, scale, slot_real=idx.real)
-    else:
-        bm = build_block_mask(
-            plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask,
-            q_tables=backward,
-        )  # fmt: skip
-        out = _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(q.device.type, backward))
+    rows = _sorted_rows(config, sel, plan, idx)
+    if rows is not None:
+        qp, sel = sorted_queries(qp, rows), rows.sel
+    out = _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_mask,
+                        backward, None if rows is None else rows.q_real)  # fmt: skip
+    if rows is not None:
+        out = unsort_rows(out, rows)
     return unpermute(out, plan, idx)
+
+
+def _sorted_rows(
+    config: VMoBAConfig, sel: torch.Tensor, plan: ChunkPlan | LayerPlan, idx: PlanIndex
+) -> SortedRows | None:
+    """The query rows' sorted order (TOKEN granularity with ``token_order="sorted"``), or None:
+    the kernel then reads the rows in the padded chunk order."""
+    if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
+        return sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+    return None
+
+
+def _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_mask, backward,
+                  q_real):  # fmt: skip
+    """The block-sparse attention of permuted ``qp`` / ``kp`` / ``vp`` under selection ``sel``
+    on the chosen kernel; ``q_real``: see :func:`~vmoba_compile.masks.mask_pieces`."""
+    token_level = config.granularity is Granularity.TOKEN
+    kw = dict(token_level=token_level, text_key_mask=text_key_mask, q_tables=backward,
+              q_real=q_real)  # fmt: skip
+    if choice.kernel is Kernel.FLASH:
+        pieces = mask_pieces(plan, idx, sel, **kw)
+        return flash_block_sparse(qp, kp, vp, pieces, scale, slot_real=idx.real)
+    bm = build_block_mask(plan, idx, sel, **kw)
+    return _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(qp.device.type, backward))

@@ -20,6 +20,7 @@ __all__ = [
     "Partition",
     "Scope",
     "Selection",
+    "TokenOrder",
     "VMoBAConfig",
 ]
 
@@ -54,6 +55,13 @@ class Granularity(str, Enum):
 
     BLOCK = "block"  # one query block of `block_size` tokens inside one chunk: the fast mode
     TOKEN = "token"  # one query token: exactly the paper's semantics
+
+
+class TokenOrder(str, Enum):
+    """In what order TOKEN granularity hands the video query rows of each head to the kernel."""
+
+    SORTED = "sorted"  # grouped by selection pattern per head: nearly uniform query blocks
+    NATURAL = "natural"  # the padded chunk order (every block partial, union mask near dense)
 
 
 class Kernel(str, Enum):
@@ -173,6 +181,12 @@ class VMoBAConfig:
             bf16/fp16 call of a supported head dim, and FlexAttention's Triton kernel otherwise;
             ``"flash"`` requires FlashAttention-4 (an error says why it cannot run);
             ``"triton"`` always uses Triton. The rewrite report says which kernel each call got.
+        token_order: TOKEN granularity only: ``"sorted"`` (default) hands each head's video
+            query rows to the kernel grouped by selection (lexicographic order of their chunk
+            rows, where that makes the query blocks' unions cost fewer key blocks than the
+            chunk order does) and puts the output rows back, so that the block mask approaches
+            the token density (:mod:`vmoba_compile.token_rows`); ``"natural"`` keeps the
+            padded chunk order. The result is the same up to float rounding.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
@@ -188,6 +202,7 @@ class VMoBAConfig:
     target_chunk_blocks: int = 4
     kernel_options: tuple[tuple[str, int | bool], ...] | None = None
     kernel: Kernel = Kernel.AUTO
+    token_order: TokenOrder = TokenOrder.SORTED
 
     if TYPE_CHECKING:
         # What the constructor accepts (the dataclass's generated __init__ at run time; the
@@ -210,6 +225,7 @@ class VMoBAConfig:
             | Sequence[tuple[str, int | bool]]
             | None = None,
             kernel: Kernel | str = ...,
+            token_order: TokenOrder | str = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -230,6 +246,7 @@ class VMoBAConfig:
             ("scope", Scope),
             ("granularity", Granularity),
             ("kernel", Kernel),
+            ("token_order", TokenOrder),
         ):
             object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
         if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:

@@ -24,11 +24,12 @@ from .attention import (
     text_key_mask_from_padding,
     vmoba_attention,
 )
-from .config import VMoBAConfig
+from .config import Granularity, TokenOrder, VMoBAConfig
 from .layout import VideoLayout
-from .masks import plan_index
+from .masks import block_mask_from_pieces, mask_pieces, plan_index
 from .passes import Skip
 from .passes.rewrite import CallContext, bind_sdpa, decide
+from .token_rows import sort_rows
 
 __all__ = [
     "CapturedCall",
@@ -38,6 +39,7 @@ __all__ = [
     "mask_density",
     "capture_attention",
     "selection_maps",
+    "token_block_density",
     "vmoba_eager",
 ]
 
@@ -326,9 +328,25 @@ def block_density(
 
     1.0 when every chunk is kept (the op then runs dense SDPA). Padding can make it exceed the
     share of chunks selected: the kernel runs on the padded sequence, dense on the real one.
+    TOKEN granularity: the mask on the rows in the order ``config.token_order`` gives them.
     """
     built = _block_mask(q, k, layout, config, layer_index, text_key_mask)
-    return 1.0 if built is None else mask_density(built[2], layout.seq_len)
+    if built is None:
+        return 1.0
+    plan, idx, bm = built
+    if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
+        bm = _sorted_block_mask(q, k, plan, idx, config, text_key_mask)
+    return mask_density(bm, layout.seq_len)
+
+
+def _sorted_block_mask(q, k, plan, idx, config, text_key_mask):
+    """The BlockMask a TOKEN call with sorted query rows hands the kernel."""
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    sel = plan_blocks(qp, kp, plan, config, text_key_mask, idx, q_tables=False).sel
+    rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+    pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=text_key_mask,
+                         q_tables=False, q_real=rows.q_real)  # fmt: skip
+    return block_mask_from_pieces(pieces)
 
 
 def mask_density(block_mask, seq_len: int) -> float:
@@ -338,3 +356,60 @@ def mask_density(block_mask, seq_len: int) -> float:
     b, h = dense.shape[:2]
     n = -(-seq_len // block_mask.BLOCK_SIZE[0])
     return float(dense.sum()) / (b * h * n * n)
+
+
+def _video_blocks(tables: dict[str, torch.Tensor], nvb: int) -> tuple[int, int]:
+    """(partial, full) blocks that the key-side tables list between video query blocks and
+    video key blocks (the first ``nvb`` of each)."""
+    counts = []
+    for name in ("kv", "full_kv"):
+        num, ind = tables[f"{name}_num_blocks"], tables[f"{name}_indices"]
+        listed = torch.arange(ind.shape[-1], device=ind.device) < num[..., None]
+        counts.append(int((listed & (ind < nvb))[:, :, :nvb].sum()))
+    return counts[0], counts[1]
+
+
+@torch.no_grad()
+def token_block_density(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    layout: VideoLayout,
+    config: VMoBAConfig,
+    layer_index: int,
+) -> dict[str, float]:
+    """The work of one TOKEN-granularity call, with the query rows in the padded chunk order
+    (``natural``) and sorted by selection (``sorted``, :mod:`vmoba_compile.token_rows`).
+
+    A proxy of kernel time that needs no GPU: the block tables are those the op hands the
+    kernel. Video query and key blocks only (text rows and columns, the same in both orders,
+    left out).
+
+    Returns:
+        ``token``: selected (video query, video key) token pairs over all of them; for each order
+        ``block_<order>``: video block pairs the kernel computes over all of them (padded
+        chunk blocks); ``full_<order>``: the share of those that are full (no ``mask_mod``).
+        Averaged over batch and heads.
+
+    Raises:
+        ValueError: ``config`` is not TOKEN granularity, or keeps every chunk.
+    """
+    plan = plan_for(layout, config, layer_index)
+    if config.granularity is not Granularity.TOKEN or config.keeps_all_chunks(plan.num_chunks):
+        raise ValueError(f"token_block_density needs a sparse TOKEN config; got {config!r}.")
+    idx = plan_index(plan, q.device)
+    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    sel = plan_blocks(qp, kp, plan, config, idx=idx, q_tables=False).sel
+    nvb, nv = plan.num_video_blocks, plan.video_padded
+    real = idx.real[:nv]
+    n = int(real.sum())
+    b, h = sel.shape[:2]
+    pairs = (sel.double() @ idx.sizes.double()) * real
+    out = {"token": float(pairs.sum()) / (b * h * n * n)}
+    rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+    for order, s, q_real in (("natural", sel, None), ("sorted", rows.sel, rows.q_real)):
+        pieces = mask_pieces(plan, idx, s, token_level=True, q_tables=False, q_real=q_real)
+        partial, full = _video_blocks(pieces.tables, nvb)
+        out[f"block_{order}"] = (partial + full) / (b * h * nvb * nvb)
+        out[f"full_{order}"] = full / max(partial + full, 1)
+    return out

@@ -66,6 +66,7 @@ def build_block_mask(
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
     q_tables: bool = True,
+    q_real: torch.Tensor | None = None,
 ) -> BlockMask:
     """Turn a chunk selection into a BlockMask over the padded sequence.
 
@@ -73,8 +74,9 @@ def build_block_mask(
     (:func:`materialize_pieces`) and put together (:func:`block_mask_from_pieces`).
     """
     pieces = mask_pieces(
-        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables
-    )
+        plan, idx, sel, token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables,
+        q_real=q_real,
+    )  # fmt: skip
     return block_mask_from_pieces(materialize_pieces(pieces))
 
 
@@ -86,6 +88,7 @@ def mask_pieces(
     token_level: bool,
     text_key_mask: torch.Tensor | None = None,
     q_tables: bool = True,
+    q_real: torch.Tensor | None = None,
 ) -> MaskPieces:
     """The block tables and ``mask_mod`` tensors of a chunk selection over the padded sequence
     (a kernel that takes them through an opaque op of its own, :mod:`vmoba_compile.kernels`,
@@ -102,6 +105,9 @@ def mask_pieces(
         q_tables: build the query-side tables too. Only the backward kernel reads them; an
             inference call skips their two sorts (the mask then has ``q_indices=None``, which
             FlexAttention accepts without gradients and refuses, loudly, with them).
+        q_real: ``[S_pad]`` or ``[B, H, S_pad]`` bool, the query rows holding real tokens
+            where the query rows are not in the keys' order (TOKEN granularity's sorted rows,
+            :mod:`vmoba_compile.token_rows`); None: ``idx.real``, the keys' own.
 
     Returns:
         The :class:`MaskPieces` of a ``[B, H, S_pad, S_pad]`` mask.
@@ -144,7 +150,8 @@ def mask_pieces(
     # real query token of the block selected it (then the block can be full).
     if token_level:
         per_tok = sel_ext.reshape(b, h, nb, bs, words * _BITS)
-        slot_real = real.reshape(nb, bs, 1)
+        q_real = real if q_real is None else q_real
+        slot_real = q_real.reshape(*q_real.shape[:-1], nb, bs, 1)
         any_c = (per_tok & slot_real).any(dim=3)
         all_c = (per_tok | ~slot_real).all(dim=3)
     else:
