@@ -45,6 +45,9 @@ WAN_1_3B = dict(
     rope_max_seq_len=1024,
     eps=1e-6,
 )
+# Wan 2.1 14B (its diffusers config): 40 heads x 128, 40 layers; random weights.
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64)
 
 
@@ -548,8 +551,15 @@ def markdown_table(runs: list[dict]) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--grid", default="24x36x64", help="frames x height x width in tokens")
-    p.add_argument("--layers", type=int, default=30)
+    p.add_argument(
+        "--grid", default="24x36x64",
+        help="frames x height x width in tokens (480p: 24x36x64; 720p, 81 frames: 21x45x80)",
+    )  # fmt: skip
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="1.3b",
+        help="the Wan 2.1 config: 1.3b (12 heads, 30 layers) or 14b (40 heads, 40 layers)",
+    )  # fmt: skip
+    p.add_argument("--layers", type=int, default=None, help="default: the preset's")
     p.add_argument("--steps", type=int, default=20, help="timed forward calls")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (0: none)")
     p.add_argument("--variant", choices=["dense", "vmoba", "both"], default="both")
@@ -617,6 +627,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def variants_of(args, cfg, device, dtype) -> list:
     """The runs to measure, ``(name, build)``: ``build()`` returns the eager model and the
     compiled one."""
@@ -633,7 +653,11 @@ def variants_of(args, cfg, device, dtype) -> list:
 
     def build():
         torch.manual_seed(0)
-        m = WanTransformer3DModel(**cfg).to(device, dtype).eval()
+        if args.tiny:
+            m = WanTransformer3DModel(**cfg).to(device, dtype).eval()
+        else:  # made on the GPU in bf16: the 14B config's float32 weights would not fit
+            with torch.device(device), _default_dtype(dtype):
+                m = WanTransformer3DModel(**cfg).eval()
         if args.train_steps and not args.no_checkpointing:
             m.enable_gradient_checkpointing()  # only active with gradients: inference unchanged
         return m
@@ -683,7 +707,8 @@ def main() -> None:
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = dict(TINY if args.tiny else WAN_1_3B, num_layers=args.layers)
+    cfg = dict(TINY if args.tiny else PRESETS[args.preset])
+    cfg["num_layers"] = args.layers = args.layers or cfg["num_layers"]
     t, h, w = (int(v) for v in args.grid.split("x"))
     inputs = wan_inputs(args.grid, device, dtype, cfg["text_dim"], args.text)
     if args.probe:
@@ -705,7 +730,11 @@ def main() -> None:
         if args.regional
         else "dense whole model; VMoBA " + ("whole model" if args.whole_model else "default")
     )
-    print(header(device), f"| grid {args.grid} = {t * h * w} tokens | {args.layers} layers | {how}")
+    print(
+        header(device),
+        f"| Wan {args.preset} config | grid {args.grid} = {t * h * w} tokens "
+        f"| {args.layers} layers | {how}",
+    )
     opts = (args.steps, args.train_steps, not args.no_forward, args.profile, args.memory)
     opts += (args.memory_dump, args.lr)
     with contextlib.ExitStack() as stack:
