@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import ATOL_F32, max_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import layouts
+from strategies import configs, layouts
 from torch.nn.attention.flex_attention import create_mask
 
 from vmoba_compile import VMoBAConfig, vmoba_attention, vmoba_reference
@@ -28,18 +28,7 @@ def token_cases(draw):
     """A ragged layout with text on either side, a sparse TOKEN config, GQA, B = 2, an optional
     text key mask and scale, and seeded q, k, v."""
     layout = draw(layouts(max_side=7, max_text=12))
-    t, y, x = layout.frames, layout.height, layout.width
-    config = VMoBAConfig(
-        chunk_1d=(draw(st.integers(1, t)),),
-        chunk_2d=(draw(st.integers(1, y)), draw(st.integers(1, x))),
-        chunk_3d=(draw(st.integers(1, t)), draw(st.integers(1, y)), draw(st.integers(1, x))),
-        selection=draw(st.sampled_from(["topk", "threshold"])),
-        topk=draw(st.integers(1, 4)),
-        threshold=draw(st.sampled_from([0.05, 0.25, 0.5])),
-        scope=draw(st.sampled_from(["query", "head"])),
-        granularity="token",
-        block_size=16,
-    )
+    config = draw(configs(layout, granularity="token", block_size=16))
     layer = draw(st.integers(0, 2))
     hkv = draw(st.sampled_from([1, 2, 4]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
@@ -87,16 +76,25 @@ def _float64_kernel(q, k, v, pieces, scale):
     return out.to(q.dtype)
 
 
-def _sorted_attention(q, k, v, *, layout, config, layer_index, scale, text_key_mask, seen=None):
-    """vmoba_attention's TOKEN steps with the sorted rows, the kernel replaced by the float64
-    stand-in; ``seen`` (a list) receives the rows' order."""
+def _sorted_steps(q, k, v, layout, config, layer_index, text_key_mask, q_tables=True):
+    """vmoba_attention's TOKEN steps up to the kernel, with the sorted rows:
+    ``(plan, idx, permuted q/k/v, rows, mask pieces)``."""
     plan = plan_for(layout, config, layer_index)
     idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
     sel = plan_blocks(qp, kp, plan, config, idx=idx, q_tables=False).sel
     rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
     pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=text_key_mask,
-                         q_real=rows.q_real)  # fmt: skip
+                         q_tables=q_tables, q_real=rows.q_real)  # fmt: skip
+    return plan, idx, (qp, kp, vp), rows, pieces
+
+
+def _sorted_attention(q, k, v, *, layout, config, layer_index, scale, text_key_mask, seen=None):
+    """vmoba_attention's TOKEN steps with the sorted rows, the kernel replaced by the float64
+    stand-in; ``seen`` (a list) receives the rows' order."""
+    plan, idx, (qp, kp, vp), rows, pieces = _sorted_steps(
+        q, k, v, layout, config, layer_index, text_key_mask
+    )
     out = _float64_kernel(sorted_queries(qp, rows), kp, vp, pieces, scale)
     if seen is not None:
         seen.append(rows.order)
@@ -223,13 +221,9 @@ def test_the_fa4_op_takes_the_sorted_rows_on_cpu_flex() -> None:
     k, v = (torch.randn(2, 2, layout.seq_len, 8, generator=g) for _ in range(2))
     tkm = torch.arange(10).expand(2, 10) < torch.tensor([[7], [10]])
     for layer in (0, 1):
-        plan = plan_for(layout, cfg, layer)
-        idx = plan_index(plan, q.device)
-        qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
-        sel = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=False).sel
-        rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
-        pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=tkm,
-                             q_tables=False, q_real=rows.q_real)  # fmt: skip
+        plan, idx, (qp, kp, vp), rows, pieces = _sorted_steps(
+            q, k, v, layout, cfg, layer, tkm, q_tables=False
+        )
         out = flash_block_sparse(sorted_queries(qp, rows), kp, vp, pieces, None, backend="DEFAULT")
         out = unpermute(unsort_rows(out, rows), plan, idx)
         kw = dict(layout=layout, config=cfg, layer_index=layer, text_key_mask=tkm)
