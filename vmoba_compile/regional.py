@@ -346,6 +346,10 @@ class RegionalBlocks:
         if ctx is None or not isinstance(numbering, LayerNumbering):
             return
         moved = [dataclasses.replace(c, module=self._moved(c.module, dst)) for c in calls]
+        if ctx.parallel is not None:  # its graphs decide without learning: their indices hold
+            for c in moved:
+                if c.skip is not SkipReason.CROSS_ATTENTION and c.module in numbering:
+                    numbering.hold(c.module)
         for c in moved:
             if c.skip is SkipReason.CROSS_ATTENTION:
                 numbering.learn_cross(c.module)
