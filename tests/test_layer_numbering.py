@@ -70,7 +70,7 @@ blocks_strategy = st.lists(
 ).filter(lambda bs: any("self" in b for b in bs))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=blocks_strategy,
     schedule=st.sampled_from([("1d", "2d", "3d"), ("3d", "1d"), ("2d", "1d", "3d")]),
