@@ -3,7 +3,7 @@
 Run: ``python benchmarks/bench_attention.py [--grids 24x36x64,...] [--batch 1] [--layers 0,1,2]
 [--configs NAME,...] [--sweep] [--jobs 12] [--out FILE] [--md FILE]``. TOKEN granularity's
 sorted query rows against the chunk order and cuDNN: ``--grids 24x36x64 --configs
-token-thr0.4,token-thr0.4-natural,token-thr0.25,token-thr0.25-natural``. ``--sweep`` runs the
+token-thr0.4,token-thr0.4-sorted,token-thr0.25,token-thr0.25-sorted``. ``--sweep`` runs the
 token-count sweep (4K to 76K tokens) instead of ``--grids``, ``--md`` appends the table (with
 header and command), ``--jobs`` compiles everything first in parallel processes.
 Rows are printed as JSON lines as they are measured, so a run cut short still reports.
@@ -120,13 +120,11 @@ CONFIGS = {
     "block-topk": VMoBAConfig(selection="topk", topk=4),
     "token-thr0.4": VMoBAConfig(granularity="token"),
     "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
-    # TOKEN granularity's query rows sorted per head (the default, token_order="sorted") against
-    # the padded chunk order; 0.25 is FastVideo's VMoBA threshold.
-    "token-thr0.4-natural": VMoBAConfig(granularity="token", token_order="natural"),
+    # TOKEN granularity's query rows sorted per head (token_order="sorted") against the padded
+    # chunk order (the default); 0.25 is FastVideo's VMoBA threshold.
+    "token-thr0.4-sorted": VMoBAConfig(granularity="token", token_order="sorted"),
     "token-thr0.25": VMoBAConfig(granularity="token", threshold=0.25),
-    "token-thr0.25-natural": VMoBAConfig(
-        granularity="token", threshold=0.25, token_order="natural"
-    ),
+    "token-thr0.25-sorted": VMoBAConfig(granularity="token", threshold=0.25, token_order="sorted"),
     # The default config on each kernel (the ones above run kernel="auto": FlashAttention-4
     # where it is installed and chosen, vmoba_compile.kernels.choose_kernel).
     "block-thr0.4-triton": VMoBAConfig(kernel="triton"),
