@@ -549,6 +549,21 @@ class Placement:
             return None
         return self.objects.get(id(steps[-1][1]), (None, None))[1]
 
+    def _place_without_stack(self, node: fx.Node, known: set[str], prefix: str) -> str:
+        """A call with no module around it: in the model's own forward (``"?"``), the frame's
+        one proven head module, else the frame's local module (recorded in ``by_local``)."""
+        heads = {p for c, p in self.paths.items() if len(c) == 1 and p is not None}
+        if heads == {""}:  # the model's own forward: no module around the call
+            return owner_path(node, known, prefix)
+        mine = heads & known
+        if len(mine) == 1 or len(heads) == 1:
+            return (mine or heads).pop()
+        local = self._local_module(known) if not heads else None
+        if local is not None:
+            self.by_local.add(node.name)
+            return local
+        return UNPROVEN_MODULE  # a frame of its own (hooks between leaves): whose, unknown
+
     def _local_module(self, known: set[str]) -> str | None:
         """The module of the model among the traced frame's locals, by identity (an attention
         processor's ``attn``): the one of ``known`` (the video self-attention modules), else
@@ -582,17 +597,7 @@ class Placement:
             if p in known:
                 return p
         if not stack:
-            heads = {p for c, p in self.paths.items() if len(c) == 1 and p is not None}
-            if heads == {""}:  # the model's own forward: no module around the call
-                return owner_path(node, known, prefix)
-            mine = heads & known
-            if len(mine) == 1 or len(heads) == 1:
-                return (mine or heads).pop()
-            local = self._local_module(known) if not heads else None
-            if local is not None:
-                self.by_local.add(node.name)
-                return local
-            return UNPROVEN_MODULE  # a frame of its own (hooks between leaves): whose, unknown
+            return self._place_without_stack(node, known, prefix)
         if proven:
             return proven[-1]
         named = owner_path(node, known, prefix)
