@@ -26,14 +26,19 @@ class ToyBlock(torch.nn.Module):
     """Attention modules of the given kinds, registered in that order and called in ``order``
     (registration order by default)."""
 
-    def __init__(self, kinds: list[str], order: list[int] | None = None) -> None:
+    def __init__(
+        self, kinds: list[str], order: list[int] | None = None, graph_break: bool = False
+    ) -> None:
         super().__init__()
         self.attns = torch.nn.ModuleList(ToyAttention(k) for k in kinds)
         self.order = order if order is not None else list(range(len(kinds)))
+        self.graph_break = graph_break  # between the calls: each in a graph of its own
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         for i in self.order:
             x = self.attns[i](x, ctx)
+            if self.graph_break:
+                torch._dynamo.graph_break()
         return x
 
 
@@ -107,14 +112,23 @@ def test_unmarked_cross_attention_takes_no_layer(blocks, schedule, regional) -> 
     )
 
 
-def test_a_numbering_never_moves_an_index_a_graph_holds() -> None:
-    """A cross-attention module called after a later-numbered self-attention module: taking it
-    out would move the index the compiled graph already holds, so the numbering stays and the
-    run-time warning names the module and the fix."""
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_a_numbering_never_moves_an_index_a_graph_holds(graph_break: bool) -> None:
+    """A cross-attention module numbered before a self-attention module it runs after: in one
+    graph, the graph's cross-attention calls are learned before any call is decided, so the
+    self-attention module gets layer 0. In graphs of their own (a graph break between them),
+    taking it out would move the index the first graph already holds: the numbering stays and
+    the run-time warning names the module and the fix."""
     model = ToyDiT([["self"], ["self"]])
-    model.blocks[0] = ToyBlock(["cross", "self"], order=[1, 0])  # registered first, called last
+    model.blocks[0] = ToyBlock(["cross", "self"], order=[1, 0], graph_break=graph_break)
     opt = optimize(model, VMoBAConfig(**_CHUNKS), layout=TOY_LAYOUT, lowering="aot_eager")
     x, c = toy_inputs()
+    if not graph_break:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            opt(x, c)
+        assert _plan(opt) == [("blocks.0.attns.1", 0, "1d"), ("blocks.1.attns.0", 1, "2d")]
+        return
     with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"blocks\.0\.attns\.0 is numbered"):
         opt(x, c)
     assert _plan(opt) == [("blocks.0.attns.1", 1, "2d"), ("blocks.1.attns.0", 2, "3d")]

@@ -9,10 +9,11 @@ the 1D-2D-3D schedule, so a two-partition schedule could run 1D in every self-at
 Here such a numbering *learns*: when a compiled graph shows a candidate's call to be
 cross-attention (its query and key lengths differ), the module leaves the numbering and the
 modules after it move up one index, so layer indices count video self-attention modules only.
-A graph holds the layer index it was compiled with, so an index that a compiled graph already
-holds never changes: where learning would move one (a cross-attention module that runs after
-a later-numbered self-attention module, or one that also made a self-attention call), the
-numbering stays as it is, and the optimized model's run-time warning names the module and the
+A graph's cross-attention calls are learned before any of its calls is decided. A graph holds
+the layer index it was compiled with, so an index that a compiled graph already holds never
+changes: where learning would move one (a cross-attention module compiled in a later graph
+than a later-numbered self-attention module that runs before it, or one that also made a
+self-attention call), the numbering stays as it is, and the optimized model's run-time warning names the module and the
 fix (mark it as cross-attention). Blocks compiled one variant at a time find their variant by
 the numbering as it stands when they are called (:class:`~vmoba_compile.regional.RegionalBlocks`).
 """

@@ -751,6 +751,30 @@ def _local_placement(module: str, ctx: CallContext, choice: Any) -> tuple[str, A
     return module, SkipReason.LOCAL_MODULE_SHARED.skip(module=module, why=reason)
 
 
+def _learn_cross_calls(gm: fx.GraphModule, placement: Placement, ctx: CallContext) -> None:
+    """A learning numbering first learns every cross-attention call of the graph, so that no
+    call of the graph is decided by an index its own cross-attention calls move (a
+    cross-attention module numbered before a self-attention module it runs after)."""
+    if not isinstance(ctx.layer_of, LayerNumbering) or ctx.parallel is not None:
+        return
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            if not is_sdpa(node):
+                continue
+            try:
+                q, k = (_value(a) for a in list(_bind(node).values())[:2])
+            except TypeError:
+                continue
+            if _has_shapes(q, k) and not _same(q.shape[-2], k.shape[-2]):
+                ctx.layer_of.learn_cross(placement.place(node, ctx.layer_of))
+
+
+def _has_shapes(*xs: Any) -> bool:
+    return all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in xs)
+
+
 def _note_numbering(module: str, choice: Any, ctx: CallContext) -> None:
     """What a learning layer numbering (:mod:`vmoba_compile.numbering`) takes from one decided
     call: a candidate's cross-attention call takes it out; any other decision of a numbered
@@ -855,6 +879,7 @@ def rewrite_graph(
         gm, example_inputs, ctx.param_names, _compat.traced_frame_locals(), ctx.module_names
     )
     prefix = placement.frame_prefix
+    _learn_cross_calls(gm, placement, ctx)
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
             continue
