@@ -32,12 +32,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention
-from vmoba_compile.attention import kernel_for, permute, plan_blocks, plan_for
-from vmoba_compile.config import Granularity, Kernel, TokenOrder
+from vmoba_compile.attention import kernel_for, kernel_mask, permute, plan_for
+from vmoba_compile.config import Kernel
 from vmoba_compile.diagnostics import mask_density
 from vmoba_compile.kernels import flash_unavailable
-from vmoba_compile.masks import build_block_mask, plan_index
-from vmoba_compile.token_rows import sort_rows, sorted_queries
+from vmoba_compile.masks import plan_index
+from vmoba_compile.token_rows import sorted_queries
 
 
 def header(args) -> str:
@@ -158,13 +158,8 @@ def config_named(name: str) -> VMoBAConfig:
 def op_mask(qp, kp, plan, cfg, idx, q_tables: bool = False):
     """``(q rows, BlockMask)`` as the op hands them to the kernel: for TOKEN granularity with
     ``token_order="sorted"`` the rows sorted per head and the mask built on them."""
-    bp = plan_blocks(qp, kp, plan, cfg, idx=idx, q_tables=q_tables)
-    if cfg.granularity is not Granularity.TOKEN or cfg.token_order is not TokenOrder.SORTED:
-        return qp, bp.block_mask
-    rows = sort_rows(bp.sel, idx.real, idx.onehot.sum(0), plan.block_size)
-    bm = build_block_mask(plan, idx, rows.sel, token_level=True, q_tables=q_tables,
-                          q_real=rows.q_real)  # fmt: skip
-    return sorted_queries(qp, rows), bm
+    rows, bm = kernel_mask(qp, kp, plan, cfg, idx, q_tables=q_tables)
+    return (qp if rows is None else sorted_queries(qp, rows)), bm
 
 
 SWEEP_GRIDS = "4x32x32,8x32x32,16x32x32,16x40x52,24x36x64,21x45x80"  # 4K ... 76K tokens

@@ -27,6 +27,7 @@ __all__ = [
     "kernel_for",
     "layer_plan",
     "permute",
+    "kernel_mask",
     "plan_blocks",
     "plan_for",
     "text_key_mask_from_padding",
@@ -397,6 +398,28 @@ def vmoba_attention(
     if rows is not None:
         out = unsort_rows(out, rows)
     return unpermute(out, plan, idx)
+
+
+def kernel_mask(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    plan: ChunkPlan | LayerPlan,
+    config: VMoBAConfig,
+    idx: PlanIndex,
+    text_key_mask: torch.Tensor | None = None,
+    q_tables: bool = True,
+) -> tuple[SortedRows | None, BlockMask]:
+    """The query rows' order (None: the padded chunk order) and the FlexAttention mask the op
+    hands the kernel for permuted ``qp`` / ``kp`` (with ``token_order="sorted"`` the mask is
+    over the sorted rows; :func:`plan_blocks`'s mask is always in chunk order)."""
+    sel = _select(qp, kp, plan, config, idx)[0]
+    rows = _sorted_rows(config, sel, plan, idx)
+    bm = build_block_mask(
+        plan, idx, sel if rows is None else rows.sel,
+        token_level=config.granularity is Granularity.TOKEN, text_key_mask=text_key_mask,
+        q_tables=q_tables, q_real=None if rows is None else rows.q_real,
+    )  # fmt: skip
+    return rows, bm
 
 
 def _sorted_rows(

@@ -18,15 +18,16 @@ from torch.overrides import TorchFunctionMode
 
 from .adapters.registry import find_adapter
 from .attention import (
+    kernel_mask,
     permute,
     plan_blocks,
     plan_for,
     text_key_mask_from_padding,
     vmoba_attention,
 )
-from .config import Granularity, TokenOrder, VMoBAConfig
+from .config import Granularity, VMoBAConfig
 from .layout import VideoLayout
-from .masks import block_mask_from_pieces, mask_pieces, plan_index
+from .masks import mask_pieces, plan_index
 from .passes import Skip
 from .passes.rewrite import CallContext, bind_sdpa, decide
 from .token_rows import sort_rows
@@ -238,14 +239,17 @@ def selection_maps(
     ]
 
 
-def _block_mask(q, k, layout, config, layer_index, text_key_mask=None):
-    """``(plan, index tensors, BlockMask)`` of one call as the op builds them, or None when the
-    layer keeps every chunk (the op then runs dense SDPA)."""
+def _block_mask(q, k, layout, config, layer_index, text_key_mask=None, as_kernel=False):
+    """``(plan, index tensors, BlockMask)`` of one call as the op builds them (in chunk order,
+    or with ``as_kernel`` over the rows the kernel reads), or None when the layer keeps every
+    chunk (the op then runs dense SDPA)."""
     plan = plan_for(layout, config, layer_index)
     if config.keeps_all_chunks(plan.num_chunks):
         return None
     idx = plan_index(plan, q.device)
     qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+    if as_kernel:
+        return plan, idx, kernel_mask(qp, kp, plan, config, idx, text_key_mask)[1]
     return plan, idx, plan_blocks(qp, kp, plan, config, text_key_mask, idx).block_mask
 
 
@@ -330,23 +334,8 @@ def block_density(
     share of chunks selected: the kernel runs on the padded sequence, dense on the real one.
     TOKEN granularity: the mask on the rows in the order ``config.token_order`` gives them.
     """
-    built = _block_mask(q, k, layout, config, layer_index, text_key_mask)
-    if built is None:
-        return 1.0
-    plan, idx, bm = built
-    if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
-        bm = _sorted_block_mask(q, k, plan, idx, config, text_key_mask)
-    return mask_density(bm, layout.seq_len)
-
-
-def _sorted_block_mask(q, k, plan, idx, config, text_key_mask):
-    """The BlockMask a TOKEN call with sorted query rows hands the kernel."""
-    qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-    sel = plan_blocks(qp, kp, plan, config, text_key_mask, idx, q_tables=False).sel
-    rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
-    pieces = mask_pieces(plan, idx, rows.sel, token_level=True, text_key_mask=text_key_mask,
-                         q_tables=False, q_real=rows.q_real)  # fmt: skip
-    return block_mask_from_pieces(pieces)
+    built = _block_mask(q, k, layout, config, layer_index, text_key_mask, as_kernel=True)
+    return 1.0 if built is None else mask_density(built[2], layout.seq_len)
 
 
 def mask_density(block_mask, seq_len: int) -> float:

@@ -13,9 +13,10 @@ A graph's cross-attention calls are learned before any of its calls is decided. 
 the layer index it was compiled with, so an index that a compiled graph already holds never
 changes: where learning would move one (a cross-attention module compiled in a later graph
 than a later-numbered self-attention module that runs before it, or one that also made a
-self-attention call), the numbering stays as it is, and the optimized model's run-time warning names the module and the
-fix (mark it as cross-attention). Blocks compiled one variant at a time find their variant by
-the numbering as it stands when they are called (:class:`~vmoba_compile.regional.RegionalBlocks`).
+self-attention call), the numbering stays as it is, and the optimized model's run-time warning
+names the module and the fix (mark it as cross-attention). Blocks compiled one variant at a
+time find their variant by the numbering as it stands when they are called
+(:class:`~vmoba_compile.regional.RegionalBlocks`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class LayerNumbering(Mapping[str, int]):
         """A compiled graph decided a call of ``module`` by its index: the index is fixed."""
         if module in self._index:
             self._held.setdefault(module, self._index[module])
+
+    def note(self, module: str, cross: bool) -> None:
+        """What one decided call of ``module`` teaches: a cross-attention call takes the
+        module out (:meth:`learn_cross`); any other decision fixes its index (:meth:`hold`)."""
+        if cross:
+            self.learn_cross(module)
+        else:
+            self.hold(module)
 
     def learn_cross(self, module: str) -> bool:
         """A compiled graph showed a call of candidate ``module`` to be cross-attention: take

@@ -351,10 +351,7 @@ class RegionalBlocks:
                 if c.skip is not SkipReason.CROSS_ATTENTION and c.module in numbering:
                     numbering.hold(c.module)
         for c in moved:
-            if c.skip is SkipReason.CROSS_ATTENTION:
-                numbering.learn_cross(c.module)
-            elif c.module in numbering:
-                numbering.hold(c.module)
+            numbering.note(c.module, c.skip is SkipReason.CROSS_ATTENTION)
         now = self.key(dst, ctx)
         if now != key and now not in self.variants:
             self.variants[now], self._codes[now] = self.variants[key], self._codes[key]

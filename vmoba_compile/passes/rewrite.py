@@ -782,10 +782,7 @@ def _note_numbering(module: str, choice: Any, ctx: CallContext) -> None:
     numbering = ctx.layer_of
     if not isinstance(numbering, LayerNumbering):
         return
-    if isinstance(choice, Skip) and choice.reason is SkipReason.CROSS_ATTENTION:
-        numbering.learn_cross(module)
-    else:
-        numbering.hold(module)
+    numbering.note(module, isinstance(choice, Skip) and choice.reason is SkipReason.CROSS_ATTENTION)
 
 
 def _resolve_layer(module: str, ctx: CallContext, next_layer: Callable[[], int]) -> int | Skip:
