@@ -63,6 +63,19 @@ The versions are those installed where the table was generated: the `compat` ext
 when every test case declaring it passed, else FAILED (or skipped / not run);
 `tests/test_docs.py` checks that the rows are exactly those the tests declare.
 
+**On CUDA**, the stacks whose CUDA paths differ run in `scripts/gpu_check.sh`'s `stacks` shard
+(`tests/test_api_gpu.py::test_user_stacks_run_vmoba_on_cuda`). On an NVIDIA H100 80GB HBM3
+(torch 2.11.0+cu130, Triton 3.6.0, bf16, library at 0139d21) fused QKV, block-level group
+offloading with CUDA streams and the first-block cache ran VMoBA with the reference's output.
+Hooks on every leaf module did not: leaf-level group offloading ran VMoBA in every layer by the
+account, but its output was 1.0e-2 (without streams) and 2.3e-2 (with CUDA streams) from the
+float64 VMoBA reference, where the test allows 1e-2. The same stack compiled dense was 3.9e-3
+from eager dense, and on CPU in bf16 the leaf-level VMoBA output is 3.8e-3 from the reference,
+so the cause lies in the CUDA path of calls placed by their frame's local module, not yet
+isolated. Until it is, such calls stay dense on CUDA with the reason `LOCAL_PLACEMENT_CUDA`
+(the leaf-level and `accelerate.cpu_offload` rows below hold on CPU). Block-level offloading
+runs VMoBA on CUDA.
+
 | tool | version | result | test |
 |---|---|---|---|
 """

@@ -166,8 +166,9 @@ def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
             marks=compat_row(
                 tool="group offloading, leaf level",
                 packages=("diffusers",),
-                result="VMoBA, output equal (block by block, the default); with the whole model "
-                "compiled, dense with the reason (`LOCAL_MODULE_SHARED`)",
+                result="on CPU: VMoBA, output equal (block by block, the default); with the "
+                "whole model compiled, dense with the reason (`LOCAL_MODULE_SHARED`); on CUDA: "
+                "dense with the reason (`LOCAL_PLACEMENT_CUDA`, see above)",
             ),
         ),
         pytest.param(
@@ -176,8 +177,9 @@ def test_pyramid_broadcast_reuse_is_counted_not_hidden(plain: dict) -> None:
             marks=compat_row(
                 tool="`accelerate.cpu_offload`",
                 packages=("accelerate",),
-                result="VMoBA, output equal (block by block, the default); with the whole model "
-                "compiled, dense with the reason (`LOCAL_MODULE_SHARED`)",
+                result="on CPU: VMoBA, output equal (block by block, the default); with the "
+                "whole model compiled, dense with the reason (`LOCAL_MODULE_SHARED`); on CUDA: "
+                "dense with the reason (`LOCAL_PLACEMENT_CUDA`, see above)",
             ),
         ),
     ],
@@ -207,6 +209,27 @@ def test_hooks_on_every_leaf_run_vmoba_block_by_block(plain: dict, tool: Callabl
     assert "the whole model is compiled with one backend" in causes, causes
     assert not [w for w in caught if "VMoBA was planned" in str(w.message)]
     assert max_err(out, plain["dense"]) < ATOL_F32 * 10
+
+
+def test_calls_placed_by_a_frame_local_stay_dense_off_the_cpu() -> None:
+    """A call placed by its frame's local module (the leaf hooks above) runs VMoBA on CPU only:
+    on CUDA the output was measured off the reference (docs/compatibility.md), so on any other
+    device, or one the graph does not show, the decision is dense with the reason, while the
+    same decision on CPU is kept."""
+    from types import SimpleNamespace
+
+    from vmoba_compile.passes import Skip
+    from vmoba_compile.passes.rewrite import _local_placement
+
+    choice = object()  # a VMoBA decision the rule must keep or replace
+    ctx = SimpleNamespace(regional=SimpleNamespace(sole_module_why=lambda module, ctx: None))
+    module = "blocks.0.attn1"
+    assert _local_placement(module, ctx, choice, torch.device("cpu")) == (module, choice)
+    for device in (torch.device("cuda"), torch.device("meta"), None):
+        placed, decided = _local_placement(module, ctx, choice, device)
+        assert placed == module and isinstance(decided, Skip), device
+        assert decided.reason is SkipReason.LOCAL_PLACEMENT_CUDA, device
+        assert module in decided.message and "offload_type='block_level'" in decided.message
 
 
 @compat_row(

@@ -84,6 +84,14 @@ class SkipReason(enum.Enum):
         "with different partitions. Compile block by block (optimize's default where the blocks "
         "are in a ModuleList), one video self-attention module per block"
     )
+    LOCAL_PLACEMENT_CUDA = (
+        "its frame has no module around the call (hooks on every leaf module: diffusers' "
+        "leaf-level group offloading, accelerate's cpu_offload) and it is placed by the frame's "
+        "local module {module}, a placement proven on CPU only: on {device} the optimized "
+        "model's output was measured off the VMoBA reference (docs/compatibility.md), so the "
+        "call stays dense there. Block-level group offloading (offload_type='block_level') "
+        "runs VMoBA on CUDA"
+    )
     SHARED_FRAME = (
         "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "
         "that graph for sibling blocks, so one layer's partition cannot be fixed. Remove the "
