@@ -51,7 +51,7 @@ def header(args) -> str:
     )
     return (
         f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
-        f"{triton.__version__} | git {sha or '?'} | bf16 | B={args.batch} H=12 "
+        f"{triton.__version__} | git {sha or '?'} | bf16 | B={args.batch} H={args.heads} "
         f"D=128 | do_bench median, warmup 25 ms, rep 100 ms"
     )
 
@@ -193,6 +193,7 @@ def bench_grid(
     *,
     baselines: bool = True,
     compile_only: bool = False,
+    heads: int = 12,
 ) -> list[dict]:
     """Dense baselines and every (config, layer) of one grid; returns one row per measurement.
 
@@ -204,7 +205,7 @@ def bench_grid(
     layout = VideoLayout(t, y, x)
     s = layout.seq_len
     q, k, v = (
-        torch.randn(batch, 12, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.randn(batch, heads, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for _ in range(3)
     )
     with torch.no_grad():
@@ -224,7 +225,7 @@ def bench_grid(
 
     timer = (lambda fn, bwd: run_once(fn, bwd)) if compile_only else bench
     rows, base = [], {}
-    common = dict(grid=grid, batch=batch, tokens=s)
+    common = dict(grid=grid, batch=batch, tokens=s, heads=heads)
     if baselines:
         dense_fns = [
             ("cudnn", cudnn),
@@ -352,7 +353,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def warm_up(grids, batches, configs, layers, jobs: int) -> None:
+def warm_up(grids, batches, configs, layers, jobs: int, heads: int = 12) -> None:
     """Compile every unit of the run in parallel processes (compilation is CPU-bound, so they
     use the host's cores); the timed run then loads the compiled code from the caches.
 
@@ -377,7 +378,7 @@ def warm_up(grids, batches, configs, layers, jobs: int) -> None:
     t0 = time.perf_counter()
 
     def one(unit):
-        cmd = [sys.executable, __file__, "--compile-only", *unit]
+        cmd = [sys.executable, __file__, "--compile-only", "--heads", str(heads), *unit]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(f"warm-up {unit} failed:\n{done.stderr[-2000:]}", flush=True)
@@ -397,6 +398,10 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help=f"grids {SWEEP_GRIDS}")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--layers", default="0,1,2", help="layer indices (partitions 1d, 2d, 3d)")
+    p.add_argument(
+        "--heads", type=int, default=12,
+        help="attention heads of 128 (Wan-1.3B: 12, Wan-14B: 40)",
+    )  # fmt: skip
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument(
@@ -421,7 +426,7 @@ def main() -> None:
     grids = (SWEEP_GRIDS if args.sweep else args.grids).split(",")
     batches = [int(v) for v in args.batch.split(",")]
     if args.jobs > 1:
-        warm_up(grids, batches, wanted, layers, args.jobs)
+        warm_up(grids, batches, wanted, layers, args.jobs, args.heads)
         if args.compile_only:
             return
     if not args.compile_only:
@@ -431,7 +436,7 @@ def main() -> None:
         for grid in grids:
             rows += bench_grid(
                 grid, batch, configs, layers, baselines=not args.no_baselines,
-                compile_only=args.compile_only,
+                compile_only=args.compile_only, heads=args.heads,
             )  # fmt: skip
             torch.cuda.empty_cache()
     if args.compile_only:

@@ -618,6 +618,11 @@ def parse_args() -> argparse.Namespace:
         help="time the structural fallback's token-order probe on this model (what a model no "
         "adapter names pays once per input shape) against one eager dense forward, and exit",
     )  # fmt: skip
+    p.add_argument(
+        "--float8", choices=["none", "train", "dynamic"], default="none",
+        help="torchao float8 on the blocks' linears, both variants: train (Float8Linear) or "
+        "dynamic (float8 weights and dynamic activations, inference; Hopper)",
+    )  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny dims, aot_eager")
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -660,6 +665,7 @@ def variants_of(args, cfg, device, dtype) -> list:
                 m = WanTransformer3DModel(**cfg).eval()
         if args.train_steps and not args.no_checkpointing:
             m.enable_gradient_checkpointing()  # only active with gradients: inference unchanged
+        float8_linears(m, args.float8)
         return m
 
     def dense():
@@ -680,6 +686,37 @@ def variants_of(args, cfg, device, dtype) -> list:
     if args.variant != "both":
         variants = variants[:1] if args.variant == "dense" else variants[1:]
     return variants
+
+
+def _block_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """The linears float8 takes: the transformer blocks' (attention, feed-forward), whose
+    dims are multiples of 16; the embedders and the output projection stay in bf16, as in
+    torchao's recipes."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and fqn.startswith("blocks.")
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def float8_linears(model: torch.nn.Module, how: str) -> None:
+    """torchao float8 on the blocks' linears, before compiling (the user's order: quantize,
+    then optimize): ``train`` swaps them for ``Float8Linear`` (dynamic tensorwise scaling,
+    forward and backward); ``dynamic`` quantizes the weights to float8 and each activation
+    dynamically (inference; CUDA compute capability >= 8.9)."""
+    if how == "none":
+        return
+    if not any(_block_linear(m, n) for n, m in model.named_modules()):
+        raise ValueError(f"--float8 {how}: no linear of the blocks has dims divisible by 16")
+    if how == "train":
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=_block_linear)
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(), filter_fn=_block_linear)
 
 
 def print_rows(rows: list[dict]) -> None:

@@ -30,7 +30,7 @@ shard() {  # shard NAME FILE [pytest -k expression]
   echo "== $name: $(tail -1 "$LOGS/gpu_tests_$name.log")"
 }
 BENCH_ARGS=(--grids "${BENCH_GRIDS:-24x36x64}" --configs "${BENCH_CONFIGS:-}"
-  --layers "${BENCH_LAYERS:-0,1,2}" --batch "${BENCH_BATCH:-1}")
+  --layers "${BENCH_LAYERS:-0,1,2}" --batch "${BENCH_BATCH:-1}" --heads "${BENCH_HEADS:-12}")
 pids=()
 if [[ " $PARTS " == *" bench "* || " $PARTS " == *" warm "* ]]; then  # compile alongside the tests
   python3 benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --compile-only --jobs "${BENCH_JOBS:-8}" \

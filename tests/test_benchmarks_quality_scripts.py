@@ -54,16 +54,20 @@ def test_train_resumes_and_evaluate_reports(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_model_tiny_reports_both_variants_without_recompiles(tmp_path) -> None:
+@pytest.mark.parametrize("float8", ["none", "train"])
+def test_bench_model_tiny_reports_both_variants_without_recompiles(tmp_path, float8) -> None:
     """The end-to-end benchmark's CPU smoke run (aot_eager, tiny dims): both variants train,
     the VMoBA one with every layer's call rewritten, neither recompiles across steps, and
-    --profile prints the profiler's tables. (The 2x4x4 grid keeps every chunk, so the rewritten
+    --profile prints the profiler's tables; with --float8 train the blocks' linears are
+    torchao's Float8Linear in both variants. (The 2x4x4 grid keeps every chunk, so the rewritten
     calls take the op's dense path: CPU FlexAttention has no backward.)"""
     out = tmp_path / "m.json"
     text = _run(
         "benchmarks/bench_model.py", "--tiny", "--grid", "2x4x4", "--layers", "2", "--steps", "2",
-        "--train-steps", "2", "--no-forward", "--profile", "--out", str(out),
+        "--train-steps", "2", "--no-forward", "--profile", "--out", str(out), "--float8", float8,
     )  # fmt: skip
+    # Float8Linear's matmuls are aten::_scaled_mm (float8 operands, their scales)
+    assert ("aten::_scaled_mm" in text) == (float8 == "train")
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense torch.compile", "vmoba optimize"]
     assert all(r["train_recompiles"] == 0 and r["train_step_ms"] > 0 for r in rows)
