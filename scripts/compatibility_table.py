@@ -73,8 +73,8 @@ float64 VMoBA reference, where the test allows 1e-2. The same stack compiled den
 from eager dense, and on CPU in bf16 the leaf-level VMoBA output is 3.8e-3 from the reference,
 so the cause lies in the CUDA path of calls placed by their frame's local module, not yet
 isolated. Until it is, such calls stay dense on CUDA with the reason `LOCAL_PLACEMENT_CUDA`
-(the leaf-level and `accelerate.cpu_offload` rows below hold on CPU). Block-level offloading
-runs VMoBA on CUDA.
+(`tests/test_compat.py::test_calls_placed_by_a_frame_local_stay_dense_off_the_cpu` asserts
+the rule on CPU). Block-level offloading runs VMoBA on CUDA.
 
 | tool | version | result | test |
 |---|---|---|---|

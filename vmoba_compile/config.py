@@ -181,14 +181,14 @@ class VMoBAConfig:
             bf16/fp16 call of a supported head dim, and FlexAttention's Triton kernel otherwise;
             ``"flash"`` requires FlashAttention-4 (an error says why it cannot run);
             ``"triton"`` always uses Triton. The rewrite report says which kernel each call got.
-        token_order: TOKEN granularity only: ``"natural"`` (default) keeps the padded chunk
-            order; ``"sorted"`` (opt-in: its block counts are measured on CPU, its GPU time
-            not yet, docs/design.md) hands each head's video
+        token_order: TOKEN granularity only: ``"sorted"`` (default; on an H100 faster than
+            the chunk order in every partition, forward and training, benchmarks/README.md)
+            hands each head's video
             query rows to the kernel grouped by selection (lexicographic order of their chunk
             rows, where that makes the query blocks' unions cost fewer key blocks than the
             chunk order does) and puts the output rows back, so that the block mask approaches
             the token density (:mod:`vmoba_compile.token_rows`). The result is the same up to
-            float rounding.
+            float rounding. ``"natural"`` keeps the padded chunk order.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)
@@ -204,7 +204,7 @@ class VMoBAConfig:
     target_chunk_blocks: int = 4
     kernel_options: tuple[tuple[str, int | bool], ...] | None = None
     kernel: Kernel = Kernel.AUTO
-    token_order: TokenOrder = TokenOrder.NATURAL
+    token_order: TokenOrder = TokenOrder.SORTED
 
     if TYPE_CHECKING:
         # What the constructor accepts (the dataclass's generated __init__ at run time; the
