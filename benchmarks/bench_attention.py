@@ -118,12 +118,12 @@ CONFIGS = {
     "block-thr0.4": VMoBAConfig(),
     "block-thr0.4-head": VMoBAConfig(scope="head"),
     "block-topk": VMoBAConfig(selection="topk", topk=4),
-    "token-thr0.4": VMoBAConfig(granularity="token"),
-    "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token"),
-    # TOKEN granularity's query rows sorted per head (token_order="sorted") against the padded
-    # chunk order (the default); 0.25 is FastVideo's VMoBA threshold.
+    # TOKEN granularity in the padded chunk order (token_order="natural") and with the query
+    # rows sorted per head (the default); 0.25 is FastVideo's VMoBA threshold.
+    "token-thr0.4": VMoBAConfig(granularity="token", token_order="natural"),
+    "token-topk": VMoBAConfig(selection="topk", topk=4, granularity="token", token_order="natural"),
     "token-thr0.4-sorted": VMoBAConfig(granularity="token", token_order="sorted"),
-    "token-thr0.25": VMoBAConfig(granularity="token", threshold=0.25),
+    "token-thr0.25": VMoBAConfig(granularity="token", threshold=0.25, token_order="natural"),
     "token-thr0.25-sorted": VMoBAConfig(granularity="token", threshold=0.25, token_order="sorted"),
     # The default config on each kernel (the ones above run kernel="auto": FlashAttention-4
     # where it is installed and chosen, vmoba_compile.kernels.choose_kernel).
