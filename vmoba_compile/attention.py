@@ -389,10 +389,9 @@ def vmoba_attention(
         raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
     idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
-    sel = _select(qp, kp, plan, config, idx)[0]
-    rows = _sorted_rows(config, sel, plan, idx)
+    rows, sel = _kernel_selection(qp, kp, plan, config, idx)
     if rows is not None:
-        qp, sel = sorted_queries(qp, rows), rows.sel
+        qp = sorted_queries(qp, rows)
     out = _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_mask,
                         backward, None if rows is None else rows.q_real)  # fmt: skip
     if rows is not None:
@@ -412,33 +411,38 @@ def kernel_mask(
     """The query rows' order (None: the padded chunk order) and the FlexAttention mask the op
     hands the kernel for permuted ``qp`` / ``kp`` (with ``token_order="sorted"`` the mask is
     over the sorted rows; :func:`plan_blocks`'s mask is always in chunk order)."""
-    sel = _select(qp, kp, plan, config, idx)[0]
-    rows = _sorted_rows(config, sel, plan, idx)
-    bm = build_block_mask(
-        plan, idx, sel if rows is None else rows.sel,
-        token_level=config.granularity is Granularity.TOKEN, text_key_mask=text_key_mask,
-        q_tables=q_tables, q_real=None if rows is None else rows.q_real,
-    )  # fmt: skip
+    rows, sel = _kernel_selection(qp, kp, plan, config, idx)
+    q_real = None if rows is None else rows.q_real
+    bm = build_block_mask(plan, idx, sel, **_mask_kwargs(config, text_key_mask, q_tables, q_real))
     return rows, bm
 
 
-def _sorted_rows(
-    config: VMoBAConfig, sel: torch.Tensor, plan: ChunkPlan | LayerPlan, idx: PlanIndex
-) -> SortedRows | None:
-    """The query rows' sorted order (TOKEN granularity with ``token_order="sorted"``), or None:
-    the kernel then reads the rows in the padded chunk order."""
+def _kernel_selection(
+    qp: torch.Tensor, kp: torch.Tensor, plan: ChunkPlan | LayerPlan, config: VMoBAConfig,
+    idx: PlanIndex,
+) -> tuple[SortedRows | None, torch.Tensor]:  # fmt: skip
+    """The selection in the rows the kernel reads: with TOKEN granularity and
+    ``token_order="sorted"`` the query rows' sorted order and the selection on them, else None
+    and the selection in the padded chunk order."""
+    sel = _select(qp, kp, plan, config, idx)[0]
     if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
-        return sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
-    return None
+        rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
+        return rows, rows.sel
+    return None, sel
+
+
+def _mask_kwargs(config: VMoBAConfig, text_key_mask, q_tables: bool, q_real) -> dict:
+    """The mask builders' keyword arguments (:func:`~vmoba_compile.masks.mask_pieces`)."""
+    token_level = config.granularity is Granularity.TOKEN
+    return dict(token_level=token_level, text_key_mask=text_key_mask, q_tables=q_tables,
+                q_real=q_real)  # fmt: skip
 
 
 def _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_mask, backward,
                   q_real):  # fmt: skip
     """The block-sparse attention of permuted ``qp`` / ``kp`` / ``vp`` under selection ``sel``
     on the chosen kernel; ``q_real``: see :func:`~vmoba_compile.masks.mask_pieces`."""
-    token_level = config.granularity is Granularity.TOKEN
-    kw = dict(token_level=token_level, text_key_mask=text_key_mask, q_tables=backward,
-              q_real=q_real)  # fmt: skip
+    kw = _mask_kwargs(config, text_key_mask, backward, q_real)
     if choice.kernel is Kernel.FLASH:
         pieces = mask_pieces(plan, idx, sel, **kw)
         return flash_block_sparse(qp, kp, vp, pieces, scale, slot_real=idx.real)

@@ -87,10 +87,10 @@ class SkipReason(enum.Enum):
     LOCAL_PLACEMENT_CUDA = (
         "its frame has no module around the call (hooks on every leaf module: diffusers' "
         "leaf-level group offloading, accelerate's cpu_offload) and it is placed by the frame's "
-        "local module {module}, a placement proven on CPU only: on {device} the optimized "
-        "model's output was measured off the VMoBA reference (docs/compatibility.md), so the "
-        "call stays dense there. Block-level group offloading (offload_type='block_level') "
-        "runs VMoBA on CUDA"
+        "local module {module}, a placement proven on CPU only: on CUDA the optimized model's "
+        "output was measured off the VMoBA reference (docs/compatibility.md), so off the CPU "
+        "the call stays dense. Block-level group offloading (offload_type='block_level') runs "
+        "VMoBA on CUDA"
     )
     SHARED_FRAME = (
         "compiled in a frame of {frame} alone (a graph break in a parent module); Dynamo reuses "

@@ -750,8 +750,7 @@ def _local_placement(
     if isinstance(choice, Skip):
         return module, choice
     if device is None or device.type != "cpu":
-        where = "an unknown device" if device is None else device.type.upper()
-        return module, SkipReason.LOCAL_PLACEMENT_CUDA.skip(module=module, device=where)
+        return module, SkipReason.LOCAL_PLACEMENT_CUDA.skip(module=module)
     reason = ctx.regional.sole_module_why(module, ctx)
     if reason is None:
         return module, choice
@@ -771,15 +770,13 @@ def _learn_cross_calls(gm: fx.GraphModule, placement: Placement, ctx: CallContex
             if not is_sdpa(node):
                 continue
             try:
-                q, k = (_value(a) for a in list(_bind(node).values())[:2])
+                bound = _bind(node)
             except TypeError:
                 continue
-            if _has_shapes(q, k) and not _same(q.shape[-2], k.shape[-2]):
+            qkv = (_value(bound[name]) for name in ("query", "key", "value"))
+            skip = _check_shapes(*qkv)  # the rule decide() applies
+            if skip is not None and skip.reason is SkipReason.CROSS_ATTENTION:
                 ctx.layer_of.learn_cross(placement.place(node, ctx.layer_of))
-
-
-def _has_shapes(*xs: Any) -> bool:
-    return all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in xs)
 
 
 def _note_numbering(module: str, choice: Any, ctx: CallContext) -> None:
