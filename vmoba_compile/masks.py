@@ -35,6 +35,7 @@ __all__ = [
     "materialize_for_mask_mod",
     "materialize_pieces",
     "plan_index",
+    "text_key_ok",
 ]
 
 
@@ -56,6 +57,23 @@ def dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     want = torch.arange(1, nk + 1, dtype=torch.int32, device=dense.device).expand_as(running)
     idx = torch.searchsorted(running, want.contiguous(), out_int32=True)
     return running[..., -1].contiguous(), idx.clamp_(max=nk - 1)
+
+
+def text_key_ok(
+    plan: ChunkPlan | LayerPlan, text_key_mask: torch.Tensor, batch: int, device: torch.device
+) -> torch.Tensor:
+    """``[B, S_pad]`` bool per key slot: False for masked text keys (``text_key_mask``,
+    ``[B, L]``) and the padding after the text; True on every video slot."""
+    bs, nb = plan.block_size, plan.num_blocks
+    pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
+    return torch.cat(
+        [
+            torch.ones(batch, plan.video_padded, dtype=torch.bool, device=device),
+            text_key_mask.to(device=device, dtype=torch.bool).expand(batch, -1),
+            torch.zeros(batch, pad, dtype=torch.bool, device=device),
+        ],
+        dim=1,
+    )
 
 
 def build_block_mask(
@@ -176,17 +194,7 @@ def mask_pieces(
 
     # key_ok: per key slot, False for masked text keys and the padding after the text (only with
     # a text key mask; video padding slots stay True, their column is never selected).
-    key_ok = None
-    if text_key_mask is not None:
-        pad = nb * bs - plan.video_padded - text_key_mask.shape[1]
-        key_ok = torch.cat(
-            [
-                torch.ones(b, plan.video_padded, dtype=torch.bool, device=device),
-                text_key_mask.to(device=device, dtype=torch.bool),
-                torch.zeros(b, pad, dtype=torch.bool, device=device),
-            ],
-            dim=1,
-        )
+    key_ok = None if text_key_mask is None else text_key_ok(plan, text_key_mask, b, device)
     # The selection as bits, one contiguous [B, H, R] int32 table per word (mask_mod indexes with
     # tensors only: a constant word index among them makes Dynamo's indexing data-dependent).
     # Indexing the bool table by (query, column) instead was one gather per score element: with
