@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention
 from vmoba_compile.attention import kernel_for, kernel_mask, permute, plan_for
-from vmoba_compile.config import Kernel
+from vmoba_compile.config import Kernel, TokenOrder
 from vmoba_compile.diagnostics import mask_density
 from vmoba_compile.kernels import flash_unavailable
 from vmoba_compile.masks import plan_index
@@ -125,6 +125,9 @@ CONFIGS = {
     "token-thr0.4-sorted": VMoBAConfig(granularity="token", token_order="sorted"),
     "token-thr0.25": VMoBAConfig(granularity="token", threshold=0.25, token_order="natural"),
     "token-thr0.25-sorted": VMoBAConfig(granularity="token", threshold=0.25, token_order="sorted"),
+    # (query, chunk) pairs merged by log-sum-exp on FA4 (MoBA's formulation)
+    "token-thr0.4-pairs": VMoBAConfig(granularity="token", token_order="pairs"),
+    "token-thr0.25-pairs": VMoBAConfig(granularity="token", threshold=0.25, token_order="pairs"),
     # The default config on each kernel (the ones above run kernel="auto": FlashAttention-4
     # where it is installed and chosen, vmoba_compile.kernels.choose_kernel).
     "block-thr0.4-triton": VMoBAConfig(kernel="triton"),
@@ -155,6 +158,28 @@ def config_named(name: str) -> VMoBAConfig:
     return dataclasses.replace(cfg, kernel_options=KERNEL_OPTIONS[kopt]) if kopt else cfg
 
 
+def pairs_density(qp, kp, plan, cfg, idx) -> float:
+    """The block density the pairs formulation computes (:mod:`vmoba_compile.token_pairs`):
+    key blocks its gathered query blocks attend over the dense block pairs of the call."""
+    from vmoba_compile.attention import _select
+    from vmoba_compile.token_pairs import chunk_block_ranges, pair_rows
+
+    sel = _select(qp, kp, plan, cfg, idx)[0]
+    nvb, bs = plan.num_video_blocks, plan.block_size
+    ntb = plan.num_blocks - nvb - plan.num_pad_blocks
+    r = (nvb + ntb) * bs
+    b, h, u, c = sel.shape
+    if r > u:
+        sel = torch.cat([sel, sel.new_ones(b, h, r - u, c)], dim=2)
+    blocks = idx.real.expand(b, -1).reshape(b, -1, bs)
+    work = 0
+    for head in range(h):  # one head at a time: the dense block maps are large
+        rows = pair_rows(sel[:, head : head + 1], idx.real[:r], chunk_block_ranges(idx.onehot),
+                         blocks.any(-1), blocks.all(-1), nvb, ntb, bs)  # fmt: skip
+        work += int(rows.tables[0].sum() + rows.tables[2].sum())
+    return work / (b * h * (nvb + ntb) ** 2)
+
+
 def op_mask(qp, kp, plan, cfg, idx, q_tables: bool = False):
     """``(q rows, BlockMask)`` as the op hands them to the kernel: for TOKEN granularity with
     ``token_order="sorted"`` the rows sorted per head and the mask built on them."""
@@ -183,6 +208,79 @@ def paper_selection(q: torch.Tensor, k: torch.Tensor, plan, threshold: float) ->
     keep_sorted = (vals.cumsum(-1) / vals.sum(-1, keepdim=True)) <= threshold
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return keep.view_as(gates)
+
+
+def _bench_layer(q, k, v, layout, cname, cfg, layer, *, flex, timer, base, dense_out, common,
+                 compile_only) -> list[dict]:  # fmt: skip
+    """The rows of one (config, layer) of :func:`bench_grid`."""
+    s, rows = layout.seq_len, []
+    torch._dynamo.reset()  # past Dynamo's recompile limit (8) flex would run unfused
+    plan = plan_for(layout, cfg, layer)
+
+    def op(q, k, v, cfg=cfg, layer=layer):
+        return vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
+
+    def select_and_mask(cfg=cfg, plan=plan):
+        # The op's forward mask, built as the op builds it (cached index tensors, no
+        # query-side tables); a BlockMask cannot leave a compiled region, so its index
+        # tensors are returned.
+        idx = plan_index(plan, q.device)
+        qp, kp = permute(q, plan, idx), permute(k, plan, idx)
+        bm = op_mask(qp, kp, plan, cfg, idx)[1]
+        return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+
+    kern = kernel_for(q, v, cfg, layer, backward=False).kernel
+    pairs = cfg.token_order is TokenOrder.PAIRS and kern is Kernel.FLASH
+    tc = time.perf_counter()
+    op_c = torch.compile(op, dynamic=False)
+    with torch.no_grad():
+        qp, kp, vp = (permute(z, plan) for z in (q, k, v))
+        idx = plan_index(plan, q.device)
+        density = pairs_density(qp, kp, plan, cfg, idx) if pairs else None
+        qp, bm = op_mask(qp, kp, plan, cfg, idx)
+        density = mask_density(bm, s) if density is None else density
+        out = op_c(q, k, v)
+        err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
+    cold_fwd_s = time.perf_counter() - tc
+
+    def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm, cfg=cfg, kern=kern):
+        opts = cfg.flex_kernel_options("cuda", backward=False)  # timed without gradients
+        if kern is Kernel.FLASH:
+            opts = {"BACKEND": "FLASH"}
+        return flex(qp, kp, vp, block_mask=bm, kernel_options=opts)
+
+    # The pairs formulation reads no FlexAttention mask: its kernel and planning run
+    # inside its op, timed as a whole.
+    kernel_ms = None if pairs else timer(kernel_only, False)
+    select_c = torch.compile(select_and_mask, dynamic=False)
+    select_ms = None if pairs else timer(select_c, False)
+    timed = {bwd: timer(lambda op_c=op_c: op_c(q, k, v), bwd) for bwd in (False, True)}
+    if compile_only:
+        print(f"compiled {common['grid']} B={common['batch']} {cname} layer {layer}", flush=True)
+        return []
+    prof = gpu_profile(lambda op_c=op_c: op_c(q, k, v))
+    for bwd in (False, True):
+        ms = timed[bwd]
+        rows.append(
+            dict(
+                common,
+                method=f"vmoba-{cname}-{cfg.partition_for(layer).value}",
+                kernel=kernel_for(q, v, cfg, layer, backward=bwd).kernel.value,
+                backward=bwd,
+                ms=ms,
+                density=density,
+                speedup=base["cudnn", bwd] / ms if ("cudnn", bwd) in base else None,
+                target=1.0 / density,
+                err_vs_dense=err,
+                kernel_alone_ms=None if bwd else kernel_ms,
+                outside_kernel_ms=None if bwd or kernel_ms is None else ms - kernel_ms,
+                select_mask_ms=select_ms,
+                cold_fwd_compile_s=cold_fwd_s,
+                **({} if bwd else prof),
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def bench_grid(
@@ -251,68 +349,9 @@ def bench_grid(
 
     for cname, cfg in configs.items():
         for layer in layers:
-            torch._dynamo.reset()  # past Dynamo's recompile limit (8) flex would run unfused
-            plan = plan_for(layout, cfg, layer)
-
-            def op(q, k, v, cfg=cfg, layer=layer):
-                return vmoba_attention(q, k, v, layout=layout, config=cfg, layer_index=layer)
-
-            def select_and_mask(cfg=cfg, plan=plan):
-                # The op's forward mask, built as the op builds it (cached index tensors, no
-                # query-side tables); a BlockMask cannot leave a compiled region, so its index
-                # tensors are returned.
-                idx = plan_index(plan, q.device)
-                qp, kp = permute(q, plan, idx), permute(k, plan, idx)
-                bm = op_mask(qp, kp, plan, cfg, idx)[1]
-                return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
-
-            tc = time.perf_counter()
-            op_c = torch.compile(op, dynamic=False)
-            with torch.no_grad():
-                qp, kp, vp = (permute(z, plan) for z in (q, k, v))
-                qp, bm = op_mask(qp, kp, plan, cfg, plan_index(plan, q.device))
-                density = mask_density(bm, s)
-                out = op_c(q, k, v)
-                err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
-            cold_fwd_s = time.perf_counter() - tc
-
-            kern = kernel_for(q, v, cfg, layer, backward=False).kernel
-
-            def kernel_only(qp=qp, kp=kp, vp=vp, bm=bm, cfg=cfg, kern=kern):
-                opts = cfg.flex_kernel_options("cuda", backward=False)  # timed without gradients
-                if kern is Kernel.FLASH:
-                    opts = {"BACKEND": "FLASH"}
-                return flex(qp, kp, vp, block_mask=bm, kernel_options=opts)
-
-            kernel_ms = timer(kernel_only, False)
-            select_c = torch.compile(select_and_mask, dynamic=False)
-            select_ms = timer(select_c, False)
-            timed = {bwd: timer(lambda op_c=op_c: op_c(q, k, v), bwd) for bwd in (False, True)}
-            if compile_only:
-                print(f"compiled {grid} B={batch} {cname} layer {layer}", flush=True)
-                continue
-            prof = gpu_profile(lambda op_c=op_c: op_c(q, k, v))
-            for bwd in (False, True):
-                ms = timed[bwd]
-                rows.append(
-                    dict(
-                        common,
-                        method=f"vmoba-{cname}-{cfg.partition_for(layer).value}",
-                        kernel=kernel_for(q, v, cfg, layer, backward=bwd).kernel.value,
-                        backward=bwd,
-                        ms=ms,
-                        density=density,
-                        speedup=base["cudnn", bwd] / ms if ("cudnn", bwd) in base else None,
-                        target=1.0 / density,
-                        err_vs_dense=err,
-                        kernel_alone_ms=None if bwd else kernel_ms,
-                        outside_kernel_ms=None if bwd else ms - kernel_ms,
-                        select_mask_ms=select_ms,
-                        cold_fwd_compile_s=cold_fwd_s,
-                        **({} if bwd else prof),
-                    )
-                )
-                print(json.dumps(rows[-1]), flush=True)
+            rows += _bench_layer(q, k, v, layout, cname, cfg, layer, flex=flex, timer=timer,
+                                 base=base, dense_out=dense_out, common=common,
+                                 compile_only=compile_only)  # fmt: skip
     return rows
 
 

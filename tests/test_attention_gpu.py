@@ -86,6 +86,20 @@ def test_flash_head_dims_match_reference(d):
     _check_case(layout, kw, hkv, torch.bfloat16, "flash", True, d=d)
 
 
+TOKEN_CASES = [i for i, (_, kw, _) in enumerate(CASES) if kw["granularity"] == "token"]
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES)
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager-call"])
+def test_token_pairs_match_reference(case, compiled):
+    """TOKEN granularity as (query, chunk) pairs on FA4 (``token_order="pairs"``, which
+    ``kernel="auto"`` runs on FA4): forward and gradients, text tokens, GQA, B = 2."""
+    if flash_unavailable():
+        pytest.skip(flash_unavailable())
+    layout, kw, hkv = CASES[case]
+    _check_case(layout, {**kw, "token_order": "pairs"}, hkv, torch.bfloat16, "auto", compiled)
+
+
 def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
     chunks = WHOLE_BLOCK_CHUNKS if layout.seq_len == 1024 else CHUNKS
     cfg = VMoBAConfig(block_size=128, kernel=kernel, **chunks, **kw)
@@ -93,9 +107,14 @@ def _check_case(layout, kw, hkv, dtype, kernel, compiled, d=64):
     fn = torch.compile(vmoba_attention, fullgraph=True) if compiled else vmoba_attention
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         _check_layers(layout, cfg, hkv, dtype, fn, d)
-    if kernel == "flash":  # the FA4 training op and its backward ran (not the Triton path)
+    ops = ()
+    if kw.get("token_order") == "pairs":  # the pairs op and its backward ran
+        ops = ("vmoba_compile::token_pairs", "vmoba_compile::token_pairs_backward")
+    elif kernel == "flash":  # the FA4 training op and its backward ran (not the Triton path)
+        ops = ("vmoba_compile::flash_block_train", "vmoba_compile::flash_block_train_backward")
+    if ops:
         names = {e.key for e in prof.key_averages()}
-        for op in ("vmoba_compile::flash_block_train", "vmoba_compile::flash_block_train_backward"):
+        for op in ops:
             assert op in names, (
                 f"{op} did not run; ops seen: {sorted(n for n in names if 'vmoba' in n)}"
             )

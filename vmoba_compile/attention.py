@@ -18,8 +18,9 @@ from . import _compat
 from .config import Granularity, Kernel, Partition, TokenOrder, VMoBAConfig
 from .kernels import KernelChoice, choose_kernel, flash_block_sparse, kernel_input
 from .layout import ChunkPlan, LayerPlan, PlanIndex, VideoLayout, make_plan, resolve_chunk
-from .masks import build_block_mask, mask_pieces, plan_index
+from .masks import build_block_mask, mask_pieces, plan_index, text_key_ok
 from .selection import chunk_keys, gates, select
+from .token_pairs import chunk_block_ranges, pair_attention
 from .token_rows import SortedRows, sort_rows, sorted_queries, unsort_rows
 
 __all__ = [
@@ -389,7 +390,7 @@ def vmoba_attention(
         raise RuntimeError(f"VMoBA layer {layer_index}: {choice.reason}. Use kernel='auto'.")
     idx = plan_index(plan, q.device)
     qp, kp, vp = (permute(x, plan, idx) for x in (q, k, v))
-    rows, sel = _kernel_selection(qp, kp, plan, config, idx)
+    rows, sel = _kernel_selection(qp, kp, plan, config, idx, _pairs(config, choice))
     if rows is not None:
         qp = sorted_queries(qp, rows)
     out = _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_mask,
@@ -410,22 +411,38 @@ def kernel_mask(
 ) -> tuple[SortedRows | None, BlockMask]:
     """The query rows' order (None: the padded chunk order) and the FlexAttention mask the op
     hands the kernel for permuted ``qp`` / ``kp`` (with ``token_order="sorted"`` the mask is
-    over the sorted rows; :func:`plan_blocks`'s mask is always in chunk order)."""
-    rows, sel = _kernel_selection(qp, kp, plan, config, idx)
+    over the sorted rows; :func:`plan_blocks`'s mask is always in chunk order). A
+    ``token_order="pairs"`` call on FA4 reads no such mask (:mod:`vmoba_compile.token_pairs`);
+    on a FlexAttention kernel it reads the sorted rows' one, returned here."""
+    rows, sel = _kernel_selection(qp, kp, plan, config, idx, pairs=False)
     q_real = None if rows is None else rows.q_real
     bm = build_block_mask(plan, idx, sel, **_mask_kwargs(config, text_key_mask, q_tables, q_real))
     return rows, bm
 
 
+def _pairs(config: VMoBAConfig, choice: KernelChoice) -> bool:
+    """Whether the call runs as (query, chunk) pairs (TOKEN granularity, ``token_order=
+    "pairs"``, on FA4)."""
+    return (
+        config.granularity is Granularity.TOKEN
+        and config.token_order is TokenOrder.PAIRS
+        and choice.kernel is Kernel.FLASH
+    )
+
+
 def _kernel_selection(
     qp: torch.Tensor, kp: torch.Tensor, plan: ChunkPlan | LayerPlan, config: VMoBAConfig,
-    idx: PlanIndex,
+    idx: PlanIndex, pairs: bool,
 ) -> tuple[SortedRows | None, torch.Tensor]:  # fmt: skip
     """The selection in the rows the kernel reads: with TOKEN granularity and
-    ``token_order="sorted"`` the query rows' sorted order and the selection on them, else None
-    and the selection in the padded chunk order."""
+    ``token_order="sorted"`` (or ``"pairs"`` on a FlexAttention kernel, ``pairs`` False) the
+    query rows' sorted order and the selection on them, else None and the selection in the
+    padded chunk order."""
     sel = _select(qp, kp, plan, config, idx)[0]
-    if config.granularity is Granularity.TOKEN and config.token_order is TokenOrder.SORTED:
+    order = config.token_order
+    if config.granularity is Granularity.TOKEN and (
+        order is TokenOrder.SORTED or (order is TokenOrder.PAIRS and not pairs)
+    ):
         rows = sort_rows(sel, idx.real, idx.onehot.sum(0), plan.block_size)
         return rows, rows.sel
     return None, sel
@@ -442,9 +459,27 @@ def _block_sparse(qp, kp, vp, plan, idx, sel, choice, config, scale, text_key_ma
                   q_real):  # fmt: skip
     """The block-sparse attention of permuted ``qp`` / ``kp`` / ``vp`` under selection ``sel``
     on the chosen kernel; ``q_real``: see :func:`~vmoba_compile.masks.mask_pieces`."""
+    if _pairs(config, choice):
+        return _pair_attention(qp, kp, vp, plan, idx, sel, text_key_mask, scale)
     kw = _mask_kwargs(config, text_key_mask, backward, q_real)
     if choice.kernel is Kernel.FLASH:
         pieces = mask_pieces(plan, idx, sel, **kw)
         return flash_block_sparse(qp, kp, vp, pieces, scale, slot_real=idx.real)
     bm = build_block_mask(plan, idx, sel, **kw)
     return _run_flex(qp, kp, vp, bm, scale, config.flex_kernel_options(qp.device.type, backward))
+
+
+def _pair_attention(qp, kp, vp, plan, idx, sel, text_key_mask, scale, backend="FLASH"):
+    """TOKEN granularity as (query, chunk) pairs (:func:`~vmoba_compile.token_pairs.
+    pair_attention`) of permuted ``qp`` / ``kp`` / ``vp``."""
+    b = qp.shape[0]
+    key_valid = idx.real.expand(b, -1)
+    if text_key_mask is not None:
+        key_valid = key_valid & text_key_ok(plan, text_key_mask, b, qp.device)
+    qp, kp, vp = (kernel_input(x, Kernel.FLASH) for x in (qp, kp, vp))
+    num_text = plan.num_blocks - plan.num_video_blocks - plan.num_pad_blocks
+    return pair_attention(
+        qp, kp, vp, sel, real=idx.real, chunk_blocks=chunk_block_ranges(idx.onehot),
+        key_valid=key_valid, num_video_blocks=plan.num_video_blocks, num_text_blocks=num_text,
+        block_size=plan.block_size, scale=scale, backend=backend,
+    )  # fmt: skip

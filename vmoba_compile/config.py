@@ -62,6 +62,9 @@ class TokenOrder(str, Enum):
 
     SORTED = "sorted"  # grouped by selection pattern per head: nearly uniform query blocks
     NATURAL = "natural"  # the padded chunk order (every block partial, union mask near dense)
+    # each (query, chosen chunk) a row of its own, outputs merged by log-sum-exp (MoBA's
+    # formulation): work equal to the token density, on FlashAttention-4 only
+    PAIRS = "pairs"
 
 
 class Kernel(str, Enum):
@@ -188,7 +191,13 @@ class VMoBAConfig:
             rows, where that makes the query blocks' unions cost fewer key blocks than the
             chunk order does) and puts the output rows back, so that the block mask approaches
             the token density (:mod:`vmoba_compile.token_rows`). The result is the same up to
-            float rounding. ``"natural"`` keeps the padded chunk order.
+            float rounding. ``"natural"`` keeps the padded chunk order. ``"pairs"``: every
+            (query, chosen chunk) pair is a row of its own and the outputs merge by
+            log-sum-exp (MoBA's formulation, :mod:`vmoba_compile.token_pairs`), so the kernel
+            computes the token density itself; it runs on FlashAttention-4 (``kernel="auto"``
+            picks FA4 for it wherever FA4 can run); on Triton the rows are sorted. Checked
+            against the reference on CPU with FA4's float64 stand-in; its GPU test and timings
+            are pending (docs/design.md), so it is not the default.
     """
 
     schedule: tuple[Partition, ...] = (Partition.D1, Partition.D2, Partition.D3)

@@ -209,7 +209,7 @@ def choose_kernel(
         TOKEN backward run faster in Triton). Shorter calls run Triton.
     """
     kernel, reason, possible = _choose_constant(
-        config.kernel.value, config.granularity.value, partition.value, config.block_size,
+        config.kernel.value, _granularity(config), partition.value, config.block_size,
         device.type, device.index, _DTYPE_NAMES.get(dtype, "other"), head_dim, head_dim_v,
         backward, seq_len, capability,
     )  # fmt: skip
@@ -221,6 +221,14 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 
 
 @torch.compiler.assume_constant_result
+def _granularity(config: VMoBAConfig) -> str:
+    """``"block"``, ``"token"``, or ``"token-pairs"`` (TOKEN granularity as (query, chunk)
+    pairs, :mod:`vmoba_compile.token_pairs`, which exists on FA4 only)."""
+    if config.granularity.value == "token" and config.token_order.value == "pairs":
+        return "token-pairs"
+    return config.granularity.value
+
+
 def _choose_constant(*args: Any) -> tuple[str, str, bool]:
     # Dynamo runs this natively and keeps the result (no tracing into importlib or CUDA
     # queries); its arguments are plain constants for that reason.
@@ -254,6 +262,8 @@ def _choose(
         return "flash", "kernel='flash'", True
     if obstacle is not None:
         return "triton", obstacle, True
+    if granularity == "token-pairs":
+        return "flash", "TOKEN granularity as (query, chunk) pairs: FA4 block-sparse", True
     if granularity == "token":
         if backward:
             return "triton", "TOKEN granularity backward: Triton is faster", True
