@@ -7,7 +7,7 @@
 #   attention benchmark's functions alongside the tests, for a later bench part on the same
 #   machine), bench (bench_attention.py), model (bench_model.py runs), demo (the demo's output on CUDA),
 #   stacks (fused QKV, group offloading with streams, first-block cache, input memory formats on
-#   Triton and FA4), probe (bench_model.py --probe).
+#   Triton and FA4; the offloading stacks' placement in float32), probe (bench_model.py --probe).
 # The tests run as parallel pytest processes (compiling is CPU-bound),
 # each in its own process so that a CUDA fault in one cannot poison the others. Logs go to $OUT.
 set -o pipefail
@@ -38,7 +38,7 @@ if [[ " $PARTS " == *" bench "* || " $PARTS " == *" warm "* ]]; then  # compile 
   warm=$!
 fi
 if [[ " $PARTS " == *" op "* ]]; then  # OP_SHARDS: pytest -k expressions, one per process, ';'-separated
-  IFS=';' read -ra shards <<< "${OP_SHARDS:-compiled and bf16;compiled and fp32;eager-call and bf16;eager-call and fp32}"
+  IFS=';' read -ra shards <<< "${OP_SHARDS:-compiled and bf16;compiled and fp32;eager-call and bf16;eager-call and fp32;token_pairs}"
   for k in "${shards[@]}"; do
     shard "op_${k// /_}" tests/test_attention_gpu.py "$k" & pids+=($!)
   done
@@ -49,6 +49,7 @@ if [[ " $PARTS " == *" pass "* ]]; then  # PASS_SHARDS likewise (default: one pr
 fi
 if [[ " $PARTS " == *" stacks "* ]]; then  # the CPU compat suite's CUDA shard, and input memory formats
   shard stacks tests/test_api_gpu.py "user_stacks" & pids+=($!)
+  shard offload_float32 tests/test_api_gpu.py "offloaded_placement" & pids+=($!)
   shard memory_formats tests/test_attention_gpu.py "memory_formats" & pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
