@@ -10,9 +10,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ATOL_F32, max_err
 from hypothesis import given, settings
-from test_token_sort import token_cases
+from test_token_sort import assert_matches_reference, token_cases
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_reference
 from vmoba_compile.attention import _pair_attention, _select, permute, plan_for, unpermute
@@ -42,14 +41,7 @@ def test_pairs_equal_the_reference_forward_and_gradients(case) -> None:
         return  # the op runs dense SDPA
     ref_in = [x.double().requires_grad_() for x in (q, k, v)]
     ref = vmoba_reference(*ref_in, **kw)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = _pairs(*leaves, **kw)
-    assert max_err(out, ref) < ATOL_F32, max_err(out, ref)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, g)
-    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
-    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
-        assert max_err(got, want) < ATOL_F32, (name, max_err(got, want))
+    assert_matches_reference(_pairs, (q, k, v), kw, ref, ref_in)
 
 
 def test_each_pair_row_attends_its_chunk_and_each_query_its_text_once() -> None:

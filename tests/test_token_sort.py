@@ -120,8 +120,14 @@ def test_sorted_rows_equal_the_reference_forward_and_backward(case) -> None:
     d = token_block_density(q, k, layout=kw["layout"], config=kw["config"],
                             layer_index=kw["layer_index"])  # fmt: skip
     assert d["block_sorted"] <= d["block_natural"], d  # ragged grids too
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = _sorted_attention(*leaves, **kw)
+    assert_matches_reference(_sorted_attention, (q, k, v), kw, ref, ref_in)
+
+
+def assert_matches_reference(fn, qkv, kw, ref, ref_in) -> None:
+    """``fn(q, k, v, **kw)`` equals the float64 reference ``ref`` (of leaves ``ref_in``) within
+    ATOL_F32, forward and the gradients of q, k and v."""
+    leaves = [x.clone().requires_grad_() for x in qkv]
+    out = fn(*leaves, **kw)
     assert max_err(out, ref) < ATOL_F32, max_err(out, ref)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, g)
