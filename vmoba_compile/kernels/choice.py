@@ -220,7 +220,6 @@ _KERNELS = {"flash": Kernel.FLASH, "triton": Kernel.TRITON}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-@torch.compiler.assume_constant_result
 def _granularity(config: VMoBAConfig) -> str:
     """``"block"``, ``"token"``, or ``"token-pairs"`` (TOKEN granularity as (query, chunk)
     pairs, :mod:`vmoba_compile.token_pairs`, which exists on FA4 only)."""
@@ -229,6 +228,7 @@ def _granularity(config: VMoBAConfig) -> str:
     return config.granularity.value
 
 
+@torch.compiler.assume_constant_result
 def _choose_constant(*args: Any) -> tuple[str, str, bool]:
     # Dynamo runs this natively and keeps the result (no tracing into importlib or CUDA
     # queries); its arguments are plain constants for that reason.
