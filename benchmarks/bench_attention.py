@@ -162,20 +162,17 @@ def pairs_density(qp, kp, plan, cfg, idx) -> float:
     """The block density the pairs formulation computes (:mod:`vmoba_compile.token_pairs`):
     key blocks its gathered query blocks attend over the dense block pairs of the call."""
     from vmoba_compile.attention import _select
-    from vmoba_compile.token_pairs import chunk_block_ranges, pair_rows
+    from vmoba_compile.token_pairs import chunk_block_ranges, pair_inputs, pair_rows
 
-    sel = _select(qp, kp, plan, cfg, idx)[0]
-    nvb, bs = plan.num_video_blocks, plan.block_size
-    ntb = plan.num_blocks - nvb - plan.num_pad_blocks
-    r = (nvb + ntb) * bs
-    b, h, u, c = sel.shape
-    if r > u:
-        sel = torch.cat([sel, sel.new_ones(b, h, r - u, c)], dim=2)
-    blocks = idx.real.expand(b, -1).reshape(b, -1, bs)
+    nvb, ntb, bs = plan.num_video_blocks, plan.num_text_blocks, plan.block_size
+    b = qp.shape[0]
+    key_valid = idx.real.expand(b, -1)
+    sel, meta = pair_inputs(_select(qp, kp, plan, cfg, idx)[0], idx.real,
+                            chunk_block_ranges(idx.onehot), key_valid, nvb, ntb, bs)  # fmt: skip
+    h = sel.shape[1]
     work = 0
     for head in range(h):  # one head at a time: the dense block maps are large
-        rows = pair_rows(sel[:, head : head + 1], idx.real[:r], chunk_block_ranges(idx.onehot),
-                         blocks.any(-1), blocks.all(-1), nvb, ntb, bs)  # fmt: skip
+        rows = pair_rows(sel[:, head : head + 1], *meta, nvb, ntb, bs)
         work += int(rows.tables[0].sum() + rows.tables[2].sum())
     return work / (b * h * (nvb + ntb) ** 2)
 

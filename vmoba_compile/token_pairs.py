@@ -34,7 +34,7 @@ import torch
 from .kernels.flash import _train_backward, _train_forward
 from .masks import dense_to_indices
 
-__all__ = ["PAIR_ROW_BUDGET", "PairRows", "pair_attention", "pair_rows"]
+__all__ = ["PAIR_ROW_BUDGET", "PairRows", "pair_attention", "pair_inputs", "pair_rows"]
 
 # Gathered rows x heads of one slice (a 2D layer at 55,296 tokens and density 0.2 has ~2.1 M pair
 # rows a head): the slice's gathered queries, outputs and merge buffers take ~1.5 KB a row.
@@ -134,9 +134,12 @@ def _take(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, slot[..., None].expand(*slot.shape, x.shape[-1]))
 
 
-def _slices(h: int, groups: int, rows: int) -> list[slice]:
-    """Query-head slices of whole KV groups with about :data:`PAIR_ROW_BUDGET` gathered rows."""
-    per = max(1, PAIR_ROW_BUDGET // max(rows, 1)) // groups * groups or groups
+def _slices(sel: torch.Tensor, groups: int) -> list[slice]:
+    """Query-head slices of whole KV groups with about :data:`PAIR_ROW_BUDGET` gathered rows
+    (``sel``: ``[B, H, R, C]``; a head gathers at most its selections plus ``R`` rows)."""
+    b, h, r, _ = sel.shape
+    rows = b * (int(sel.sum((2, 3)).max()) + r)
+    per = max(1, PAIR_ROW_BUDGET // rows) // groups * groups or groups
     return [slice(i, min(i + per, h)) for i in range(0, h, per)]
 
 
@@ -159,8 +162,7 @@ def _forward(q, k, v, sel, meta, key_valid, st: _Static):
     r, groups = sel.shape[2], h // k.shape[1]
     out = q.new_zeros(b, h, s_pad, v.shape[-1])
     lse = q.new_full((b, h, s_pad), float("-inf"), dtype=torch.float32)
-    est = int(sel.sum((2, 3)).max()) + r
-    for hs in _slices(h, groups, b * est):
+    for hs in _slices(sel, groups):
         kv = slice(hs.start // groups, hs.stop // groups)
         rows = _slice_rows(sel, meta, st, hs)
         part, part_lse = _train_forward(
@@ -183,12 +185,10 @@ def _forward(q, k, v, sel, meta, key_valid, st: _Static):
 
 
 def _backward(q, k, v, out, lse, grad_out, sel, meta, key_valid, st: _Static):
-    b, h, _, _ = q.shape
-    r, groups = sel.shape[2], h // k.shape[1]
+    groups = q.shape[1] // k.shape[1]
     dq = torch.zeros_like(q, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    est = int(sel.sum((2, 3)).max()) + r
-    for hs in _slices(h, groups, b * est):
+    for hs in _slices(sel, groups):
         kv = slice(hs.start // groups, hs.stop // groups)
         rows = _slice_rows(sel, meta, st, hs)
         live = rows.live[..., None]
@@ -199,7 +199,7 @@ def _backward(q, k, v, out, lse, grad_out, sel, meta, key_valid, st: _Static):
             rows.tables, key_valid, st.block_size, st.scale, st.backend,
         )  # fmt: skip
         idx = rows.slot[..., None].expand(*rows.slot.shape, q.shape[-1])
-        dq[:, hs].scatter_add_(2, idx, dqs.float() * live)
+        dq[:, hs].scatter_add_(2, idx, dqs.float())  # 0 on padding rows: their dO' is 0
     return dq.to(q.dtype), dk, dv
 
 
@@ -302,18 +302,33 @@ def pair_attention(
     Returns:
         ``[B, H, S_pad, Dv]``; rows of padding slots are 0.
     """
-    b, h, u, c = sel.shape
-    bs = block_size
-    r = (num_video_blocks + num_text_blocks) * bs
-    if r > u:  # text query rows attend every chunk
-        sel = torch.cat([sel, sel.new_ones(b, h, r - u, c)], dim=2)
-    blocks = key_valid.reshape(b, -1, bs)
-    meta = [real[:r].contiguous(), chunk_blocks, blocks.any(-1), blocks.all(-1)]
+    sel, meta = pair_inputs(sel, real, chunk_blocks, key_valid, num_video_blocks,
+                            num_text_blocks, block_size)  # fmt: skip
     scale = None if scale is None else float(scale)
-    out, _ = _pairs_op(q.contiguous(), k.contiguous(), v.contiguous(), sel.contiguous(), meta,
-                       key_valid.contiguous(), num_video_blocks, num_text_blocks, bs, scale,
-                       backend)  # fmt: skip
+    out, _ = _pairs_op(q.contiguous(), k.contiguous(), v.contiguous(), sel, meta,
+                       key_valid.contiguous(), num_video_blocks, num_text_blocks, block_size,
+                       scale, backend)  # fmt: skip
     return out
+
+
+def pair_inputs(
+    sel: torch.Tensor,
+    real: torch.Tensor,
+    chunk_blocks: torch.Tensor,
+    key_valid: torch.Tensor,
+    num_video_blocks: int,
+    num_text_blocks: int,
+    block_size: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The selection over every query row (text rows attend every chunk) and the tensors
+    :func:`pair_rows` reads after it (``row_real``, ``chunk_blocks``, ``block_ok``,
+    ``block_full``), from :func:`pair_attention`'s arguments."""
+    b, h, u, c = sel.shape
+    r = (num_video_blocks + num_text_blocks) * block_size
+    if r > u:
+        sel = torch.cat([sel, sel.new_ones(b, h, r - u, c)], dim=2)
+    blocks = key_valid.reshape(b, -1, block_size)
+    return sel.contiguous(), [real[:r].contiguous(), chunk_blocks, blocks.any(-1), blocks.all(-1)]
 
 
 def chunk_block_ranges(onehot: torch.Tensor) -> torch.Tensor:
