@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -78,6 +79,39 @@ def parse_options(text: str) -> dict:
             low, int(low) if low.lstrip("-").isdigit() else value
         )
     return out
+
+
+def _field_value(text: str) -> object:
+    """One ``--configs`` value: ``true``/``false``, an int, a float, ``a/b`` a tuple (schedule
+    ``2d/3d``, chunk ``3/4``), else the string."""
+    if "/" in text:
+        return tuple(_field_value(v) for v in text.split("/"))
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(low)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def config_of(spec: str, **base: object) -> vc.VMoBAConfig:
+    """A ``--configs`` entry: an optional preset name and ``field=value`` overrides, on top
+    of ``base`` (the run's block size and kernel)."""
+    name, fields = None, dict(base)
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if eq:
+            fields[key.strip()] = _field_value(value)
+        elif name is None:
+            name = key
+        else:
+            raise SystemExit(f"--configs {spec!r}: two preset names ({name}, {key})")
+    if name is None:
+        return vc.VMoBAConfig(**fields)  # type: ignore[arg-type]
+    return vc.VMoBAConfig.preset(name, **fields)
 
 
 def wan_inputs(grid: str, device, dtype, text_dim: int, text: int = 512) -> dict:
@@ -393,6 +427,7 @@ def run_variant(
     torch._dynamo.reset()
     model, wrapped = make_model()
     row = {"variant": name}
+    first = graphs_compiled()  # the counter spans the process's runs
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if forward:
@@ -427,7 +462,7 @@ def run_variant(
         step()
         sync(device)
         row["train_cold_s"] = time.perf_counter() - t0
-        row["graphs_compiled"] = graphs_compiled()  # > 1 per variant: graph breaks
+        row["graphs_compiled"] = graphs_compiled() - first  # > 1 per variant: graph breaks
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = graphs_compiled()
@@ -447,6 +482,7 @@ def run_variant(
         if memory and device == "cuda":
             print(memory_at_peak(step, dump=dump), flush=True)
     if isinstance(wrapped, vc.VMoBAModule):
+        row["config"] = repr(wrapped.config_vmoba)
         row["rewritten_calls"] = len(wrapped.report.rewritten)
         kernels = [c.kernel for c in wrapped.report.rewritten]
         row["kernels"] = {k: kernels.count(k) for k in sorted(set(map(str, kernels)))}
@@ -488,6 +524,10 @@ def _run_name(args: dict, variant: str) -> str:
         return name + (", FlashAttention-4" if args.get("dense_attention") == "fa4" else "")
     kernel = args.get("kernel", "auto")
     suffix = "" if kernel == "auto" else f', kernel="{kernel}"'
+    spec = variant.partition("[")[2].rstrip("]")
+    if spec:  # a --configs entry: the preset / fields the run set
+        fields = [f"VMoBAConfig.preset({i!r})" if "=" not in i else i for i in spec.split(",")]
+        suffix += ", " + ", ".join(fields)
     if args.get("whole_model"):
         return f"`optimize(regional=False{suffix})`"
     if args.get("regional"):
@@ -609,6 +649,12 @@ def parse_args() -> argparse.Namespace:
         help="VMoBAConfig.kernel of the vmoba variant (auto: FlashAttention-4 where installed)",
     )  # fmt: skip
     p.add_argument(
+        "--configs", default="",
+        help="';'-separated VMoBA configs of the vmoba variant, one run each: a preset name "
+        "(VMoBAConfig.preset: fast, balanced, quality) and/or comma-separated field=value "
+        "overrides, e.g. 'fast;threshold=0.25;selection=topk,topk=8' (default: the defaults)",
+    )  # fmt: skip
+    p.add_argument(
         "--dense-attention", choices=["sdpa", "fa4"], default="sdpa",
         help="the dense variant's attention: SDPA's own choice (cuDNN or FlashAttention-2), or "
         "fa4: FlashAttention-4's own forward and backward for every unmasked SDPA call",
@@ -647,7 +693,9 @@ def variants_of(args, cfg, device, dtype) -> list:
     compiled one."""
     from diffusers import WanTransformer3DModel
 
-    config = vc.VMoBAConfig(block_size=16 if args.tiny else 128, kernel=args.kernel)
+    base = dict(block_size=16 if args.tiny else 128, kernel=args.kernel)
+    specs = args.configs.split(";") if args.configs else [""]
+    configs = {spec.strip(): config_of(spec, **base) for spec in specs}
     lowering = "aot_eager" if args.tiny else "inductor"
     # Both variants start from the same inductor options: the dense baseline needs the
     # mix-order workaround as much as optimize (its scale_shift_table gradients are garbage
@@ -677,14 +725,16 @@ def variants_of(args, cfg, device, dtype) -> list:
             return m, m
         return m, torch.compile(m, dynamic=False, backend=backend, **inductor)
 
-    def vmoba():
+    def vmoba(config):
         m = build()
         regional = True if args.regional else (False if args.whole_model else None)
         return m, vc.optimize(m, config, lowering=lowering, regional=regional, **inductor)
 
-    variants = [("dense torch.compile", dense), ("vmoba optimize", vmoba)]
-    if args.variant != "both":
-        variants = variants[:1] if args.variant == "dense" else variants[1:]
+    variants = [("dense torch.compile", dense)] if args.variant != "vmoba" else []
+    if args.variant != "dense":
+        for spec, config in configs.items():
+            name = "vmoba optimize" + (f" [{spec}]" if spec else "")
+            variants.append((name, functools.partial(vmoba, config)))
     return variants
 
 

@@ -75,3 +75,31 @@ def test_bench_model_density_spy_reads_the_masks_block_density(monkeypatch) -> N
         bench_model._record_density(pieces.tensors())
         want = 1 - block_mask_from_pieces(pieces).sparsity() / 100
         assert abs(bench_model._MASKS[0] - want) < 1e-6 and 0 < want < 1, (backward, want)
+
+
+def test_bench_model_configs_parse_presets_and_fields(monkeypatch) -> None:
+    """``--configs`` entries: a preset and field overrides on top of the run's base, tuples
+    written with '/', and a clear exit on two preset names."""
+    import pytest
+
+    monkeypatch.syspath_prepend("benchmarks")
+    import bench_model
+
+    from vmoba_compile import VMoBAConfig
+
+    got = bench_model.config_of("fast, threshold=0.3", block_size=16, kernel="triton")
+    assert got == VMoBAConfig.preset("fast", threshold=0.3, block_size=16, kernel="triton")
+    got = bench_model.config_of("schedule=2d/3d,selection=topk,topk=8,chunk_2d=3/4")
+    assert got == VMoBAConfig(schedule=("2d", "3d"), selection="topk", topk=8, chunk_2d=(3, 4))
+    assert bench_model.config_of("") == VMoBAConfig()
+    with pytest.raises(SystemExit, match="two preset names"):
+        bench_model.config_of("fast,quality")
+
+
+def test_bench_model_md_names_the_config_of_each_run(monkeypatch) -> None:
+    monkeypatch.syspath_prepend("benchmarks")
+    import bench_model
+
+    run = _run("vmoba optimize [fast,threshold=0.3]", {"regional": True}, forward_ms=10.0)
+    line = bench_model.markdown_table([run]).splitlines()[2]
+    assert "optimize(regional=True, VMoBAConfig.preset('fast'), threshold=0.3)" in line

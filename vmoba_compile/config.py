@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 __all__ = [
     "CUDA_INFERENCE_KERNEL_OPTIONS",
     "CUDA_KERNEL_OPTIONS",
+    "PRESETS",
     "Granularity",
     "Kernel",
     "Partition",
@@ -148,6 +149,22 @@ def _literal(name: str, value: object) -> str:
 
 CUDA_KERNEL_OPTIONS: dict[str, int | bool] = {"USE_TMA": True}
 CUDA_INFERENCE_KERNEL_OPTIONS: dict[str, int | bool] = {**CUDA_KERNEL_OPTIONS, "PRESCALE_QK": True}
+
+# Named points of the density/quality frontier (VMoBAConfig.preset). Quality: samples of the two
+# 2,184-step models of benchmarks/quality against their dense samples, training-free, 16,384
+# tokens (PSNR; first model / seed-1 model); end-to-end speed: benchmarks/bench_model.py
+# --configs "fast;balanced;quality". "balanced" is the defaults.
+PRESETS: dict[str, dict[str, object]] = {
+    # 0.42-0.46 block density; 27.1 / 24.2 dB (head / query scope).
+    "quality": {"threshold": 0.6},
+    # 0.26-0.27; 23.5 / 20.4 dB.
+    "balanced": {},
+    # 0.16-0.17: the 2D partition alone at threshold 0.25 keeps the defaults' quality on the
+    # seed-1 model (20.3 dB) and loses 0.8 dB on the first (22.8, head scope) at 0.6x their
+    # density; the recurrent schedule at 0.25 loses 3.6-3.8 dB. Not trained with: for
+    # training-free use.
+    "fast": {"schedule": ("2d",), "threshold": 0.25},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +317,18 @@ class VMoBAConfig:
                 continue
             shown.append(f"{f.name}={_literal(f.name, value)}")
         return f"{type(self).__name__}({', '.join(shown)})"
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> VMoBAConfig:
+        """The named point of the density/quality frontier (:data:`PRESETS`: ``"fast"``,
+        ``"balanced"`` = the defaults, ``"quality"``), with ``overrides`` of any field on top,
+        e.g. ``VMoBAConfig.preset("fast", kernel="triton")``."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"VMoBAConfig.preset: unknown preset {name!r}; expected one of "
+                f'{", ".join(sorted(PRESETS))} (docs/usage.md, "Presets").'
+            )
+        return cls(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]
 
     def flex_kernel_options(
         self, device_type: str = "cuda", backward: bool = True
