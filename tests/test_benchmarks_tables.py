@@ -103,3 +103,34 @@ def test_bench_model_md_names_the_config_of_each_run(monkeypatch) -> None:
     run = _run("vmoba optimize [fast,threshold=0.3]", {"regional": True}, forward_ms=10.0)
     line = bench_model.markdown_table([run]).splitlines()[2]
     assert "optimize(regional=True, VMoBAConfig.preset('fast'), threshold=0.3)" in line
+
+
+def test_frontier_joins_speed_runs_with_the_sweeps_by_config(monkeypatch, tmp_path) -> None:
+    """A bench_model run's config (short repr) meets the sweep row of the same config (full
+    repr with enum reprs), whatever kernel it ran on; a config no sweep ran has no quality."""
+    monkeypatch.syspath_prepend("benchmarks/quality")
+    import frontier
+
+    sweep = {"rows": [
+        {"cfg": "VMoBAConfig(schedule=(<Partition.D2: '2d'>,), threshold=0.25, "
+                "scope=<Scope.QUERY: 'query'>, block_size=128)", "psnr_db": 20.3,
+         "mean_density": 0.156},
+        {"cfg": "VMoBAConfig(threshold=0.6)", "psnr_db": 24.2, "mean_density": 0.41},
+    ]}  # fmt: skip
+    (tmp_path / "eval_a.json").write_text(json.dumps(sweep))
+    runs = [
+        _run("dense torch.compile", {}, forward_ms=1000.0),
+        _run("dense torch.compile", {"dense_attention": "fa4"}, forward_ms=800.0),
+        _run("vmoba optimize [fast]", {}, forward_ms=400.0,
+             config="VMoBAConfig(schedule=('2d',), threshold=0.25, kernel='flash')"),
+        _run("vmoba optimize [threshold=0.3]", {}, forward_ms=500.0,
+             config="VMoBAConfig(threshold=0.3)"),
+    ]  # fmt: skip
+    lines = frontier.frontier(runs, frontier.quality_rows(str(tmp_path)))
+    fast, other = lines[2], lines[3]
+    assert "| 2.00x |" in fast and "20.30 (eval_a.json)" in fast and "0.156" in fast
+    assert "| 1.60x |" in other and other.endswith("| - | - |")
+    import pytest
+
+    with pytest.raises(ValueError, match="not a VMoBAConfig repr"):
+        frontier.config_from_repr("__import__('os')")

@@ -121,37 +121,22 @@ def test_repr_shows_only_the_fields_that_differ_from_the_defaults():
         assert shown == differ, (text, differ)
 
 
-def _measured_configs() -> list[tuple[VMoBAConfig, dict, str]]:
-    """(config, row, file) of every row of the quality sweeps (benchmarks/quality/results),
-    the config rebuilt from the repr the row recorded (enums written as ``<Scope.HEAD: 'head'>``
-    there)."""
-    import glob
-    import json
-    import os
-
-    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality", "results")
-    out = []
-    for path in sorted(glob.glob(os.path.join(root, "**", "eval*.json"), recursive=True)):
-        with open(path) as f:
-            for row in json.load(f)["rows"]:
-                text = re.sub(r"<\w+\.\w+: '([^']*)'>", r"'\1'", row["cfg"])
-                out.append((eval(text, {"VMoBAConfig": VMoBAConfig}), row, path))
-    return out
-
-
-def test_presets_are_measured_points_of_the_quality_sweeps():
+def test_presets_are_measured_points_of_the_quality_sweeps(monkeypatch):
     """Each preset is a configuration the quality sweeps ran (so its stated quality is a
     measurement), the presets' densities are ordered as their names say, and "fast" keeps
     the defaults' PSNR within 1 dB on every model where both ran."""
+    monkeypatch.syspath_prepend("benchmarks/quality")
+    from frontier import quality_rows
+
     from vmoba_compile.config import PRESETS
 
     assert VMoBAConfig.preset("balanced") == VMoBAConfig()
-    measured = _measured_configs()
+    measured = quality_rows("benchmarks/quality/results")
     rows = {}
     for name in PRESETS:
-        hits = [(row, path) for cfg, row, path in measured if cfg == VMoBAConfig.preset(name)]
+        hits = measured.get(VMoBAConfig.preset(name), [])
         assert hits, f"preset {name!r} was never run by benchmarks/quality/evaluate.py"
-        rows[name] = {path: row for row, path in hits}
+        rows[name] = {row["source"]: row for row in hits}
     for path in rows["fast"]:
         fast, balanced = rows["fast"][path], rows["balanced"][path]
         quality = rows["quality"].get(path)
