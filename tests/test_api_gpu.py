@@ -247,9 +247,19 @@ def _group_offload(model: torch.nn.Module) -> None:
     )
 
 
+_LEAF = "calls placed by their frame's local module are wrong on CUDA (LOCAL_PLACEMENT_CUDA)"
+
+
 @pytest.mark.parametrize(
     "tool",
-    [_leaf_offload_streams, _leaf_offload, _group_offload_streams, _group_offload],
+    [
+        # Measured wrong on an H100 (torch 2.11.0+cu130): 2.3e-2 / 8.8e-3 from the reference in
+        # float32, so LOCAL_PLACEMENT_CUDA stays; strict, so a fix that makes them pass says so.
+        pytest.param(_leaf_offload_streams, marks=pytest.mark.xfail(strict=True, reason=_LEAF)),
+        pytest.param(_leaf_offload, marks=pytest.mark.xfail(strict=True, reason=_LEAF)),
+        _group_offload_streams,
+        _group_offload,
+    ],
     ids=["leaf_streams", "leaf", "block_streams", "block"],
 )
 def test_offloaded_placement_matches_reference_in_float32(tool, monkeypatch) -> None:

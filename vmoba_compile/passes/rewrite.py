@@ -731,7 +731,8 @@ def _check_mask(
 
 # The devices on which a call placed by its frame's local module was measured to give the
 # reference's output (tests/test_compat.py on CPU). tests/test_api_gpu.py
-# ::test_offloaded_placement_matches_reference_in_float32 measures CUDA with "cuda" added here.
+# ::test_offloaded_placement_matches_reference_in_float32 measures CUDA with "cuda" added here:
+# on an H100 it was 8.8e-3 / 2.3e-2 from the reference in float32 (docs/design.md), so not yet.
 LOCAL_PLACEMENT_PROVEN_ON = frozenset({"cpu"})
 
 
