@@ -98,8 +98,8 @@ def _layer_plan(layout_key: tuple, plan_key: tuple, partition: str) -> LayerPlan
     )  # fmt: skip
     p = _schedule_plans(layout, config)[Partition(partition)]
     return LayerPlan(
-        p.key, p.block_size, p.num_chunks, p.num_blocks, p.num_video_blocks, p.num_pad_blocks,
-        p.video_padded, p.is_identity, p.columns,
+        p.key, p.block_size, p.num_chunks, p.num_blocks, p.num_video_blocks, p.num_text_blocks,
+        p.num_pad_blocks, p.video_padded, p.is_identity, p.columns,
     )  # fmt: skip
 
 
@@ -477,9 +477,9 @@ def _pair_attention(qp, kp, vp, plan, idx, sel, text_key_mask, scale, backend="F
     if text_key_mask is not None:
         key_valid = key_valid & text_key_ok(plan, text_key_mask, b, qp.device)
     qp, kp, vp = (kernel_input(x, Kernel.FLASH) for x in (qp, kp, vp))
-    num_text = plan.num_blocks - plan.num_video_blocks - plan.num_pad_blocks
     return pair_attention(
         qp, kp, vp, sel, real=idx.real, chunk_blocks=chunk_block_ranges(idx.onehot),
-        key_valid=key_valid, num_video_blocks=plan.num_video_blocks, num_text_blocks=num_text,
-        block_size=plan.block_size, scale=scale, backend=backend,
+        key_valid=key_valid, num_video_blocks=plan.num_video_blocks,
+        num_text_blocks=plan.num_text_blocks, block_size=plan.block_size, scale=scale,
+        backend=backend,
     )  # fmt: skip

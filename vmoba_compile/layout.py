@@ -189,8 +189,9 @@ class LayerPlan(NamedTuple):
     Python constants only, so that Dynamo takes them as one constant
     (:func:`~vmoba_compile.attention.layer_plan`).
 
-    ``permute``, ``unpermute``, ``plan_blocks``, ``build_block_mask`` and ``plan_index`` read
-    only these attributes, which a ``ChunkPlan`` has under the same names.
+    ``permute``, ``unpermute``, ``plan_blocks``, ``build_block_mask``, ``plan_index`` and the
+    (query, chunk) pairs read only these attributes, which a ``ChunkPlan`` has under the same
+    names.
     """
 
     key: str
@@ -198,6 +199,7 @@ class LayerPlan(NamedTuple):
     num_chunks: int
     num_blocks: int
     num_video_blocks: int
+    num_text_blocks: int
     num_pad_blocks: int
     video_padded: int
     is_identity: bool
