@@ -32,8 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vmoba_compile import VideoLayout, VMoBAConfig, vmoba_attention
 from vmoba_compile._compat import compiled_flex_attention
+from vmoba_compile.attention import _pairs as runs_as_pairs
 from vmoba_compile.attention import kernel_for, kernel_mask, permute, plan_for
-from vmoba_compile.config import Kernel, TokenOrder
+from vmoba_compile.config import Kernel
 from vmoba_compile.diagnostics import mask_density
 from vmoba_compile.kernels import flash_unavailable
 from vmoba_compile.masks import plan_index
@@ -226,8 +227,8 @@ def _bench_layer(q, k, v, layout, cname, cfg, layer, *, flex, timer, base, dense
         bm = op_mask(qp, kp, plan, cfg, idx)[1]
         return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
 
-    kern = kernel_for(q, v, cfg, layer, backward=False).kernel
-    pairs = cfg.token_order is TokenOrder.PAIRS and kern is Kernel.FLASH
+    choice = kernel_for(q, v, cfg, layer, backward=False)
+    kern, pairs = choice.kernel, runs_as_pairs(cfg, choice)
     tc = time.perf_counter()
     op_c = torch.compile(op, dynamic=False)
     with torch.no_grad():
