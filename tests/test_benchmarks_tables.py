@@ -130,6 +130,11 @@ def test_frontier_joins_speed_runs_with_the_sweeps_by_config(monkeypatch, tmp_pa
     fast, other = lines[2], lines[3]
     assert "| 2.00x |" in fast and "20.30 (eval_a.json)" in fast and "0.156" in fast
     assert "| 1.60x |" in other and other.endswith("| - | - |")
+    pts = frontier.points(runs, frontier.quality_rows(str(tmp_path)))
+    assert [round(p["speedup"], 2) for p in pts] == [2.0, 1.6]
+    png = tmp_path / "frontier.png"
+    assert frontier.plot(pts, str(png), "test") == 1  # only the run a sweep ran has quality
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import pytest
 
     with pytest.raises(ValueError, match="not a VMoBAConfig repr"):
