@@ -139,3 +139,9 @@ def test_frontier_joins_speed_runs_with_the_sweeps_by_config(monkeypatch, tmp_pa
 
     with pytest.raises(ValueError, match="not a VMoBAConfig repr"):
         frontier.config_from_repr("__import__('os')")
+    old = [
+        _run("dense torch.compile", {}, forward_ms=1000.0),
+        _run("vmoba optimize", {}, forward_ms=5.0),
+    ]
+    with pytest.raises(SystemExit, match="records no config"):
+        frontier.points(old, {})

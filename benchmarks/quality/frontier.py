@@ -61,6 +61,11 @@ def points(runs: list[dict], quality: dict[VMoBAConfig, list[dict]]) -> list[dic
     for r in rows:
         if r["variant"].startswith("dense") or not r.get("forward_ms"):
             continue
+        if not r.get("config"):
+            raise SystemExit(
+                f"frontier: the row {r['variant']!r} records no config (bench_model.py rows "
+                "carry one since its --configs option); rerun it with --configs"
+            )
         cfg = config_from_repr(r["config"])
         out.append(
             dict(
